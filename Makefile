@@ -1,0 +1,29 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   -- runs the main job on the embedded default world
+#   make test   -- passes the test suite
+# Both create .venv and install tbps from pyproject.toml when needed.
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: install demo test bench clean
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tbps synth --out runs/demo-world --seed 0
+	$(BIN)/tbps info runs/demo-world/benchmark/reid_raw.json --image-root runs/demo-world/benchmark/imgs
+	$(BIN)/tbps info runs/demo-world/pool/pool.json --image-root runs/demo-world/pool/images
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

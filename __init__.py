@@ -1,0 +1,16 @@
+"""tbps: text-based person search with the Filtering-WoRA paradigm.
+
+Score image-caption pairs (``tbps.curate``), select the decisive subset, fine-tune with WoRA
+(``tbps.train``) and evaluate text-to-image retrieval (``tbps.eval``).
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from tbps.errors import TbpsError
+
+try:
+    __version__ = version("tbps")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0"
+
+__all__ = ["TbpsError", "__version__"]

@@ -1,0 +1,5 @@
+"""``python -m tbps``."""
+
+from tbps.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Evaluation: text-to-image retrieval metrics, reports and search."""

@@ -1,0 +1,264 @@
+"""Model loading: the shipped ``tbps-tiny`` config, open_clip names, checkpoints and runs.
+
+A model *spec* is one string, as typed after ``--model``:
+
+``tbps-tiny``                      an open_clip config name alone: random weights (seeded)
+``ViT-B-16:openai``                an open_clip name with a pretrained tag (from the local cache)
+``ViT-B-16:/ckpt/epoch_5.pt``      an open_clip name with a local checkpoint file
+``/path/model.pt``                 a checkpoint written by ``tbps export`` (it names its config)
+``/path/run``                      a run directory written by ``tbps train``
+
+tbps never downloads at run time unless ``TBPS_ALLOW_DOWNLOAD=1`` is set: a pretrained tag
+whose weights are not in the local cache fails at once with a message saying how to get them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+# Decided before open_clip (and with it huggingface_hub) is imported: offline unless asked.
+if os.environ.get("TBPS_ALLOW_DOWNLOAD") != "1":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import open_clip  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision import transforms as T  # noqa: E402
+
+from tbps.errors import TbpsError  # noqa: E402
+
+TINY = "tbps-tiny"
+_CONFIG_DIR = Path(__file__).resolve().parent
+open_clip.add_model_config(_CONFIG_DIR / f"{TINY}.json")
+
+# A checkpoint written by ``tbps export`` carries this key with the model name and config.
+CHECKPOINT_KEY = "tbps_model"
+RUN_MARKER = "run.json"
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model with what it takes to feed it.
+
+    Attributes:
+        model: the open_clip ``CLIP`` module (eval mode).
+        name: the open_clip config name.
+        tokenizer: open_clip's tokenizer for the model.
+        preprocess: PIL image -> normalised tensor at the model's input size.
+        image_size: (height, width) of the model's input.
+        context_length: the text context in tokens.
+        identity: what made the weights (spec, source, content hash), for provenance.
+    """
+
+    model: torch.nn.Module
+    name: str
+    tokenizer: Callable[..., torch.Tensor]
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    image_size: tuple[int, int]
+    context_length: int
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else int(
+            self.model.visual.output_dim
+        )
+
+
+def pedestrian_transform(image_size: tuple[int, int], mean, std) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize straight to the model's (height, width), no crop: pedestrians fill the frame.
+
+    Args:
+        image_size: (height, width) of the model's input.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation std.
+
+    Returns:
+        A callable from a PIL image to a float tensor of shape (3, height, width).
+    """
+    return T.Compose(
+        [
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def file_hash(path: str | Path, algo: str = "blake2b", digest_size: int = 16) -> str:
+    """A hex content hash of a file, read in 1 MiB blocks."""
+    h = hashlib.blake2b(digest_size=digest_size) if algo == "blake2b" else hashlib.new(algo)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """Silence open_clip's root-logger warning that random weights were used: tbps means it."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _wrap(model: torch.nn.Module, name: str, identity: dict[str, Any]) -> LoadedModel:
+    model.eval()
+    pp = open_clip.get_model_preprocess_cfg(model)
+    size = pp.get("size", model.visual.image_size)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    tokenizer = open_clip.get_tokenizer(name)
+    context = int(getattr(tokenizer, "context_length", getattr(model, "context_length", 77)))
+    return LoadedModel(
+        model=model,
+        name=name,
+        tokenizer=tokenizer,
+        preprocess=pedestrian_transform(size, pp["mean"], pp["std"]),
+        image_size=size,
+        context_length=context,
+        identity=identity,
+    )
+
+
+def create(name: str = TINY, seed: int = 0) -> LoadedModel:
+    """A model from an open_clip config name with seeded random weights.
+
+    Args:
+        name: an open_clip config name (``tbps-tiny`` is shipped with tbps).
+        seed: the seed of the random initialisation.
+
+    Returns:
+        The model, in eval mode.
+    """
+    if name not in open_clip.list_models():
+        raise TbpsError(
+            "unknown model config",
+            field="--model",
+            value=name,
+            hint=f"use {TINY}, an open_clip name such as ViT-B-16 (see open_clip.list_models()), a checkpoint or a run directory",
+        )
+    with torch.random.fork_rng(), _quiet_open_clip():
+        torch.manual_seed(seed)
+        model = open_clip.create_model(name, pretrained=None)
+    return _wrap(model, name, {"spec": name, "weights": f"random(seed={seed})"})
+
+
+def save_checkpoint(loaded: LoadedModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write a plain open_clip state dict that names its own config, for ``load``.
+
+    Args:
+        loaded: the model to save (adapters must already be merged).
+        path: the file to write (written to a temporary file, then renamed).
+        extra: more provenance to store beside the config.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        CHECKPOINT_KEY: {
+            "name": loaded.name,
+            "config": open_clip.get_model_config(loaded.name),
+            "identity": loaded.identity,
+            **(extra or {}),
+        },
+        "state_dict": {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _load_exported(path: Path) -> LoadedModel:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    meta = payload[CHECKPOINT_KEY]
+    name = meta["name"]
+    if name not in open_clip.list_models():
+        # A checkpoint of a config this installation does not know: register it from the file.
+        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"tbps-config-{name}.json"
+        tmp.write_text(__import__("json").dumps(meta["config"]))
+        open_clip.add_model_config(tmp)
+    with _quiet_open_clip():
+        model = open_clip.create_model(name, pretrained=None)
+    model.load_state_dict(payload["state_dict"])
+    return _wrap(model, name, {"spec": str(path), "weights": str(path), "sha": file_hash(path)})
+
+
+def load(spec: str, seed: int = 0) -> LoadedModel:
+    """Load a model from a spec string (see the module docstring).
+
+    Args:
+        spec: ``NAME``, ``NAME:TAG``, ``NAME:/path/file.pt``, an exported checkpoint or a run directory.
+        seed: the seed for random initialisation (``NAME`` alone).
+
+    Returns:
+        The model with its tokenizer and preprocessing, in eval mode.
+
+    Raises:
+        TbpsError: the spec names nothing loadable, or the weights are not available offline.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / RUN_MARKER).exists():
+            raise TbpsError("not a tbps run directory", path=path, hint=f"a run directory holds {RUN_MARKER}")
+        from tbps.train.checkpoint import load_run_model  # a run is the training package's format
+
+        return load_run_model(path)
+    if path.is_file():
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+            raise TbpsError(f"cannot read checkpoint: {exc}", path=path) from exc
+        if not (isinstance(payload, dict) and CHECKPOINT_KEY in payload):
+            raise TbpsError(
+                "checkpoint does not name its model config",
+                path=path,
+                hint=f"pass it as NAME:{path} with the open_clip config name it was trained with",
+            )
+        return _load_exported(path)
+    name, sep, pretrained = spec.partition(":")
+    if not sep:
+        if os.sep in spec or spec.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            raise TbpsError("model file not found", path=spec)
+        return create(name, seed=seed)
+    if name not in open_clip.list_models():
+        raise TbpsError("unknown open_clip model name", field="--model", value=name)
+    is_file = Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"} or os.sep in pretrained
+    if is_file and not Path(pretrained).is_file():
+        raise TbpsError("checkpoint file not found", path=pretrained)
+    if not is_file and not open_clip.get_pretrained_cfg(name, pretrained):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise TbpsError(f"open_clip has no pretrained tag {pretrained!r} for {name}", hint=f"known tags: {tags}")
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained)
+    except Exception as exc:  # noqa: BLE001 - offline hub misses surface as many exception types
+        raise TbpsError(
+            f"weights for {spec} are not available offline ({type(exc).__name__})",
+            hint=(
+                "download them once with network access (TBPS_ALLOW_DOWNLOAD=1 tbps ...) into the "
+                "Hugging Face / open_clip cache, or pass a local file as NAME:/path/to/weights.pt"
+            ),
+        ) from exc
+    identity = {"spec": spec, "weights": pretrained}
+    if is_file:
+        identity["sha"] = file_hash(pretrained)
+    return _wrap(model, name, identity)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

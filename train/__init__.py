@@ -1,0 +1,1 @@
+"""Training: WoRA/DoRA/LoRA adapters and the fine-tuning loop."""
