@@ -13,4 +13,17 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
-__all__ = ["TbpsError", "__version__"]
+# Public functions re-exported lazily: ``import tbps`` stays cheap (no torch) until one is used.
+_LAZY = {
+    "retrieval_metrics": "tbps.eval.metrics",
+}
+
+__all__ = ["TbpsError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tbps' has no attribute {name!r}")

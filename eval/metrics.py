@@ -1,0 +1,274 @@
+"""Text-to-image retrieval metrics under the standard TBPS protocol.
+
+Each query (a caption) ranks the whole gallery (the images) by similarity, highest first. A
+gallery item *matches* a query when both have the same person id. The metrics are those of
+IRRA's ``rank`` function (Jiang & Ye, CVPR 2023), in percent:
+
+``R1``, ``R5``, ``R10``
+    the share of queries with a match within the first 1 / 5 / 10 ranked items (CMC).
+``mAP``
+    the mean over queries of the average precision over the *full* ranking:
+    ``AP = mean_k (k / r_k)`` where ``r_k`` is the 1-based rank of the k-th match.
+``mINP``
+    the mean over queries of the inverse negative penalty ``m / r_m``: the number of matches
+    divided by the rank of the last (hardest) match (Ye et al., TPAMI 2021).
+
+Tied scores are ordered deterministically: among gallery items with exactly equal similarity,
+the one with the lower gallery index ranks first. This is the order a *stable* sort by
+descending score gives (``np.argsort(-s, kind="stable")``); IRRA's unstable ``torch.argsort``
+leaves it to the sorting kernel.
+
+A query without any match in the gallery has no defined AP or INP (IRRA would divide by zero).
+Such queries are skipped and counted: the result carries ``queries`` (evaluated) and
+``queries_without_match`` (skipped), and every metric is averaged over the evaluated queries.
+
+The computation never builds a ranking: per block of queries it sorts the scores of each row
+(values only) and finds the rank of every matching item by binary search, so its memory is one
+block of rows and its cost about one sort of the similarity matrix.
+:func:`retrieval_metrics_from_embeddings` also computes the similarity block by block, so a
+100,000 x 100,000 evaluation never holds the dense matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+
+from tbps.errors import TbpsError
+
+METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
+_CMC_KS = (1, 5, 10)
+# Default block: about 2**26 similarity values (256 MiB in float32) per block of query rows.
+_BLOCK_ELEMENTS = 1 << 26
+
+
+def _to_numpy(x: Any, what: str) -> np.ndarray:
+    """A numpy view or copy of a numpy array, a torch tensor (any device/dtype) or a sequence."""
+    if type(x).__module__.startswith("torch"):
+        x = x.detach()
+        if x.is_floating_point() and x.dtype not in (_torch_dtype("float32"), _torch_dtype("float64")):
+            x = x.float()  # bf16/fp16 have no numpy counterpart that sorts exactly alike
+        return x.cpu().numpy()
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise TbpsError(f"cannot read {what} as an array: {exc}", field=what) from exc
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _pid_codes(query_pids: Any, gallery_pids: Any, n_queries: int, n_gallery: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes for the person ids, shared by queries and gallery (ids may be str or int)."""
+    q = _to_numpy(query_pids, "query_pids").reshape(-1)
+    g = _to_numpy(gallery_pids, "gallery_pids").reshape(-1)
+    if len(q) != n_queries:
+        raise TbpsError(
+            f"query_pids has {len(q)} entries but the similarity has {n_queries} query rows", field="query_pids"
+        )
+    if len(g) != n_gallery:
+        raise TbpsError(
+            f"gallery_pids has {len(g)} entries but the similarity has {n_gallery} gallery columns",
+            field="gallery_pids",
+        )
+    if q.dtype.kind != g.dtype.kind and {q.dtype.kind, g.dtype.kind} != {"i", "u"}:
+        # Mixed kinds (e.g. int vs str) would never match silently: compare as strings instead.
+        q, g = q.astype(str), g.astype(str)
+    both = np.concatenate([q, g])
+    if both.dtype == object:
+        if any(v is None for v in both):
+            raise TbpsError("person ids contain null values", field="person_id")
+        both = both.astype(str)
+    _, codes = np.unique(both, return_inverse=True)
+    codes = codes.reshape(-1)
+    return codes[: len(q)], codes[len(q) :]
+
+
+class _Accumulator:
+    """Sums per-query CMC hits, AP and INP over blocks of queries."""
+
+    def __init__(self, query_codes: np.ndarray, gallery_codes: np.ndarray) -> None:
+        n_codes = int(max(query_codes.max(initial=-1), gallery_codes.max(initial=-1))) + 1
+        # Gallery indices grouped by person id (CSR layout): the matches of a query are one slice.
+        self.order = np.argsort(gallery_codes, kind="stable")
+        self.starts = np.searchsorted(gallery_codes[self.order], np.arange(n_codes + 1))
+        self.query_codes = query_codes
+        self.n_gallery = len(gallery_codes)
+        self.hits = np.zeros(len(_CMC_KS), dtype=np.int64)
+        # Per-query AP and INP, summed once at the end: the result does not depend on the blocks.
+        self.ap = np.zeros(len(query_codes))
+        self.inp = np.zeros(len(query_codes))
+        self.evaluated = 0
+        self.skipped = 0
+
+    def add(self, start: int, sim: np.ndarray) -> None:
+        """Account for the queries ``start .. start + len(sim)`` given their similarity rows."""
+        import torch
+
+        if not np.isfinite(sim).all():
+            bad = int(np.argwhere(~np.isfinite(sim))[0, 0]) + start
+            raise TbpsError("similarity contains NaN or infinite values", record=f"query {bad}")
+        codes = self.query_codes[start : start + len(sim)]
+        n_match = self.starts[codes + 1] - self.starts[codes]
+        has = n_match > 0
+        self.skipped += int((~has).sum())
+        self.evaluated += int(has.sum())
+        if not has.any():
+            return
+        # One flat entry per (query, matching gallery item) of this block, grouped by query.
+        row = np.repeat(np.arange(len(sim)), n_match)
+        slot = np.arange(len(row)) - np.repeat(np.cumsum(n_match) - n_match, n_match)
+        col = self.order[np.repeat(self.starts[codes], n_match) + slot]
+        value = sim[row, col]
+
+        sorted_rows = np.sort(sim, axis=1)  # ascending values; ranks come from binary search
+        t_sorted = torch.from_numpy(sorted_rows)
+        per_row = np.zeros((len(sim), int(n_match.max())), dtype=sim.dtype)
+        per_row[row, slot] = value
+        t_vals = torch.from_numpy(per_row)
+        right = torch.searchsorted(t_sorted, t_vals, right=True).numpy()[row, slot]
+        left = torch.searchsorted(t_sorted, t_vals, right=False).numpy()[row, slot]
+        greater = self.n_gallery - right
+        # Exact ties with other items: those with a lower gallery index rank first (stable order).
+        rank0 = greater.astype(np.int64)
+        tied = np.flatnonzero(right - left > 1)
+        for lo in range(0, len(tied), 256):
+            # Blocks of tied entries: each needs a pass over its row, bounded to 256 rows at a time.
+            t = tied[lo : lo + 256]
+            rows = sim[row[t]]
+            before = (rows == value[t, None]) & (np.arange(self.n_gallery)[None, :] < col[t, None])
+            rank0[t] += np.count_nonzero(before, axis=1)
+
+        # Order each query's matches by rank; k-th match (1-based) at 1-based rank r: precision k / r.
+        # Sorting by (row, rank) keeps the rows' groups in place, so ``slot`` is the k-1 of each entry.
+        rank_s = rank0[np.lexsort((rank0, row))] + 1
+        k = slot + 1
+        ap = np.bincount(row, weights=k / rank_s, minlength=len(sim))[has] / n_match[has]
+        idx = start + np.flatnonzero(has)
+        self.ap[idx] = ap
+        last = np.cumsum(n_match)[has] - 1
+        self.inp[idx] = n_match[has] / rank_s[last]
+        best = rank_s[np.cumsum(n_match)[has] - n_match[has]]
+        for i, top in enumerate(_CMC_KS):
+            self.hits[i] += int((best <= top).sum())
+
+    def result(self) -> dict[str, Any]:
+        if self.evaluated == 0:
+            raise TbpsError(
+                f"no query has a matching gallery item (all {self.skipped} queries skipped)",
+                field="person_id",
+                hint="queries and gallery must share person ids",
+            )
+        res = {f"R{top}": 100.0 * int(h) / self.evaluated for top, h in zip(_CMC_KS, self.hits)}
+        res["mAP"] = 100.0 * float(self.ap.sum()) / self.evaluated
+        res["mINP"] = 100.0 * float(self.inp.sum()) / self.evaluated
+        res["queries"] = self.evaluated
+        res["queries_without_match"] = self.skipped
+        res["gallery"] = self.n_gallery
+        return res
+
+
+def _block_rows(chunk_size: int | None, n_gallery: int) -> int:
+    if chunk_size is None:
+        return max(1, _BLOCK_ELEMENTS // max(1, n_gallery))
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise TbpsError("chunk_size must be a positive integer", field="chunk_size", value=chunk_size)
+    return int(chunk_size)
+
+
+def retrieval_metrics(
+    similarity: Any, query_pids: Any, gallery_pids: Any, *, chunk_size: int | None = None
+) -> dict[str, Any]:
+    """R@1/5/10, mAP and mINP (percent) of text-to-image retrieval from a similarity matrix.
+
+    Args:
+        similarity: [queries x gallery] scores, higher = more similar; numpy array or torch
+            tensor (any device and float dtype; bf16/fp16 are compared in float32).
+        query_pids: the person id of each query (length = rows), ints or strings.
+        gallery_pids: the person id of each gallery item (length = columns).
+        chunk_size: query rows processed at a time (memory: about 3 x rows x gallery values);
+            default: about 2**26 values per block.
+
+    Returns:
+        ``{"R1", "R5", "R10", "mAP", "mINP"}`` as floats in percent, plus ``queries`` (queries
+        evaluated), ``queries_without_match`` (skipped: no gallery item with their id) and
+        ``gallery`` (gallery size). Ties are ranked by gallery index (see the module docstring).
+
+    Raises:
+        TbpsError: shapes disagree, the matrix is empty or not finite, or no query has a match.
+    """
+    sim = _to_numpy(similarity, "similarity")
+    if sim.ndim != 2 or sim.shape[0] == 0 or sim.shape[1] == 0:
+        raise TbpsError("similarity must be a non-empty [queries x gallery] matrix", value=tuple(sim.shape))
+    if sim.dtype.kind not in "fiu":
+        raise TbpsError("similarity must be numeric", value=str(sim.dtype))
+    if sim.dtype not in (np.float32, np.float64):
+        sim = sim.astype(np.float32)
+    q_codes, g_codes = _pid_codes(query_pids, gallery_pids, sim.shape[0], sim.shape[1])
+    acc = _Accumulator(q_codes, g_codes)
+    rows = _block_rows(chunk_size, sim.shape[1])
+    for start in range(0, sim.shape[0], rows):
+        # Blocks of query rows bound the sorted copy's memory.
+        acc.add(start, np.ascontiguousarray(sim[start : start + rows]))
+    return acc.result()
+
+
+def _similarity_blocks(text_emb: Any, image_emb: Any, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, text_emb[rows] @ image_emb.T) blocks, on the tensors' device when torch."""
+    is_torch = type(text_emb).__module__.startswith("torch") and type(image_emb).__module__.startswith("torch")
+    if is_torch:
+        t, g = text_emb.detach().float(), image_emb.detach().float().to(text_emb.device)
+        for start in range(0, t.shape[0], rows):
+            # A block's matrix product runs where the embeddings are (GPU when they are there).
+            yield start, (t[start : start + rows] @ g.T).cpu().numpy()
+        return
+    t = np.ascontiguousarray(_to_numpy(text_emb, "text_emb"), dtype=np.float32)
+    g = np.ascontiguousarray(_to_numpy(image_emb, "image_emb"), dtype=np.float32)
+    gt = np.ascontiguousarray(g.T)
+    for start in range(0, t.shape[0], rows):
+        # One block of the similarity at a time: the dense matrix never exists.
+        yield start, t[start : start + rows] @ gt
+
+
+def retrieval_metrics_from_embeddings(
+    text_emb: Any,
+    image_emb: Any,
+    query_pids: Any,
+    gallery_pids: Any,
+    chunk_size: int | None = None,
+) -> dict[str, Any]:
+    """The metrics of :func:`retrieval_metrics` for ``text_emb @ image_emb.T``, block by block.
+
+    Memory stays at a few blocks of ``chunk_size x gallery`` values, so 100,000 x 100,000 runs
+    without the dense 40 GB matrix. Pass L2-normalised embeddings for cosine similarity.
+
+    Args:
+        text_emb: [queries x dim] query (caption) embeddings, numpy or torch.
+        image_emb: [gallery x dim] gallery (image) embeddings, numpy or torch.
+        query_pids: the person id of each query.
+        gallery_pids: the person id of each gallery item.
+        chunk_size: query rows per block; default about 2**26 similarity values per block.
+
+    Returns:
+        The same dict as :func:`retrieval_metrics`.
+
+    Raises:
+        TbpsError: the shapes disagree or are empty, or no query has a match.
+    """
+    for name, emb in (("text_emb", text_emb), ("image_emb", image_emb)):
+        if len(getattr(emb, "shape", ())) != 2 or emb.shape[0] == 0:
+            raise TbpsError("embeddings must be a non-empty [n x dim] matrix", field=name, value=tuple(getattr(emb, "shape", ())))
+    if text_emb.shape[1] != image_emb.shape[1]:
+        raise TbpsError(
+            f"text and image embeddings differ in width ({text_emb.shape[1]} vs {image_emb.shape[1]})",
+            field="image_emb",
+        )
+    q_codes, g_codes = _pid_codes(query_pids, gallery_pids, text_emb.shape[0], image_emb.shape[0])
+    acc = _Accumulator(q_codes, g_codes)
+    for start, block in _similarity_blocks(text_emb, image_emb, _block_rows(chunk_size, image_emb.shape[0])):
+        acc.add(start, block)
+    return acc.result()

@@ -1,0 +1,163 @@
+"""Retrieval metrics against hand-computed cases and a brute-force stable ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tbps
+from tbps.errors import TbpsError
+from tbps.eval.metrics import retrieval_metrics, retrieval_metrics_from_embeddings
+
+
+def brute_force(sim: np.ndarray, qp, gp) -> dict:
+    """IRRA's rank function with a stable sort, one query at a time, skipping match-less queries."""
+    qp, gp = np.asarray(qp), np.asarray(gp)
+    r1 = r5 = r10 = ap = inp = 0.0
+    n = 0
+    for i in range(sim.shape[0]):
+        order = np.argsort(-sim[i], kind="stable")
+        matches = gp[order] == qp[i]
+        if not matches.any():
+            continue
+        n += 1
+        ranks = np.flatnonzero(matches) + 1
+        r1 += ranks[0] <= 1
+        r5 += ranks[0] <= 5
+        r10 += ranks[0] <= 10
+        ap += np.mean(np.arange(1, len(ranks) + 1) / ranks)
+        inp += len(ranks) / ranks[-1]
+    return {k: 100 * v / n for k, v in zip(("R1", "R5", "R10", "mAP", "mINP"), (r1, r5, r10, ap, inp))}
+
+
+def close(res: dict, expected: dict) -> bool:
+    return all(res[k] == pytest.approx(v, abs=1e-9) for k, v in expected.items())
+
+
+HAND_CASES = [
+    # (similarity, query pids, gallery pids, expected) -- each worked out by hand in the comment.
+    pytest.param(
+        # q0 (A) ranks g0 A, g2 A, g3, g1: matches at 1, 2 -> AP 1, INP 1.
+        # q1 (C) ranks g1 B, g3 C, g0, g2: match at 2 -> AP 1/2, INP 1/2.
+        [[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.1, 0.7]],
+        ["A", "C"],
+        ["A", "B", "A", "C"],
+        {"R1": 50.0, "R5": 100.0, "R10": 100.0, "mAP": 75.0, "mINP": 75.0, "queries": 2, "queries_without_match": 0},
+        id="two-queries",
+    ),
+    pytest.param(
+        # The only match scores lowest of 12: rank 12 -> no hit at 10, AP = INP = 1/12.
+        [[float(12 - j) for j in range(11)] + [-5.0]],
+        [7],
+        [1] * 11 + [7],
+        {"R1": 0.0, "R5": 0.0, "R10": 0.0, "mAP": 100 / 12, "mINP": 100 / 12},
+        id="match-last",
+    ),
+    pytest.param(
+        # Matches at ranks 2, 5, 9 of 10: AP = (1/2 + 2/5 + 3/9) / 3, INP = 3/9.
+        [[10, 9, 8, 7, 6, 5, 4, 3, 2, 1]],
+        [1],
+        [0, 1, 0, 0, 1, 0, 0, 0, 1, 0],
+        {"R1": 0.0, "R5": 100.0, "R10": 100.0, "mAP": 100 * (1 / 2 + 2 / 5 + 3 / 9) / 3, "mINP": 100 * 3 / 9},
+        id="several-matches",
+    ),
+    pytest.param(
+        # All scores tie: gallery order decides, matches at ranks 2 and 4 -> AP (1/2 + 2/4)/2, INP 2/4.
+        [[0.5, 0.5, 0.5, 0.5]],
+        ["A"],
+        ["B", "A", "C", "A"],
+        {"R1": 0.0, "R5": 100.0, "R10": 100.0, "mAP": 50.0, "mINP": 50.0},
+        id="all-tied",
+    ),
+    pytest.param(
+        # q0 (A): g1 (D) and g2 (A) tie behind g0; the lower index g1 goes first -> match at rank 3.
+        # q1 (C): the match g0 ties with g2 and has the lower index -> rank 1.
+        [[0.9, 0.4, 0.4, 0.1], [0.3, 0.2, 0.3, 0.1]],
+        ["A", "C"],
+        ["C", "D", "A", "E"],
+        {"R1": 50.0, "R5": 100.0, "R10": 100.0, "mAP": 100 * (1 / 3 + 1) / 2, "mINP": 100 * (1 / 3 + 1) / 2},
+        id="tie-before-match",
+    ),
+    pytest.param(
+        # q1 (Z) has no match: skipped and counted; q0 hits at rank 1.
+        [[0.9, 0.1], [0.2, 0.8]],
+        ["A", "Z"],
+        ["A", "B"],
+        {"R1": 100.0, "mAP": 100.0, "mINP": 100.0, "queries": 1, "queries_without_match": 1, "gallery": 2},
+        id="no-match-skipped",
+    ),
+]
+
+
+@pytest.mark.parametrize("sim, qp, gp, expected", HAND_CASES)
+def test_hand_computed(sim, qp, gp, expected):
+    res = retrieval_metrics(np.asarray(sim, dtype=np.float32), qp, gp)
+    assert close(res, expected), res
+    assert close(res, brute_force(np.asarray(sim, dtype=np.float32), qp, gp))
+
+
+def test_top_level_export_and_keys():
+    res = tbps.retrieval_metrics(np.eye(3), [0, 1, 2], [0, 1, 2])
+    assert {"R1", "R5", "R10", "mAP", "mINP"} <= set(res)
+    assert res["R1"] == res["mAP"] == res["mINP"] == 100.0
+
+
+def _random_case(seed: int, n_q: int = 60, n_g: int = 40, ids: int = 12):
+    rng = np.random.default_rng(seed)
+    # Scores on a coarse grid: many exact ties, so the tie rule is exercised everywhere.
+    sim = rng.integers(0, 6, size=(n_q, n_g)).astype(np.float32) / 4
+    qp = rng.integers(0, ids + 3, size=n_q)  # some ids absent from the gallery
+    gp = rng.integers(0, ids, size=n_g)
+    return sim, qp, gp
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_against_brute_force_and_chunked(seed):
+    sim, qp, gp = _random_case(seed)
+    expected = brute_force(sim, qp, gp)
+    dense = retrieval_metrics(sim, qp, gp)
+    assert close(dense, expected)
+    for chunk in (1, 7, 1000):
+        assert retrieval_metrics(sim, qp, gp, chunk_size=chunk) == dense
+
+
+def test_numpy_and_torch_inputs_agree():
+    sim, qp, gp = _random_case(3)
+    ref = retrieval_metrics(sim, qp, gp)
+    assert retrieval_metrics(torch.from_numpy(sim), torch.from_numpy(qp), torch.from_numpy(gp)) == ref
+    assert retrieval_metrics(sim.astype(np.float64), list(qp), list(gp)) == ref
+    assert retrieval_metrics(torch.from_numpy(sim).to(torch.bfloat16), qp, gp) == ref  # grid values are exact in bf16
+    # String ids give the same result as the integer ids they spell.
+    assert retrieval_metrics(sim, qp.astype(str), gp.astype(str)) == ref
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 5, 64])
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_from_embeddings_equals_dense(chunk, as_torch):
+    rng = np.random.default_rng(4)
+    # Small integers: every dot product is exact in float32, so block and dense products are equal.
+    text = rng.integers(-2, 3, size=(50, 8)).astype(np.float32)
+    image = rng.integers(-2, 3, size=(30, 8)).astype(np.float32)
+    qp, gp = rng.integers(0, 10, size=50), rng.integers(0, 10, size=30)
+    dense = retrieval_metrics(text @ image.T, qp, gp)
+    if as_torch:
+        text, image = torch.from_numpy(text), torch.from_numpy(image)
+    assert retrieval_metrics_from_embeddings(text, image, qp, gp, chunk_size=chunk) == dense
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: retrieval_metrics(np.zeros((2, 3)), [1, 2, 3], [1, 2, 3]), "query_pids has 3 entries"),
+        (lambda: retrieval_metrics(np.zeros((2, 3)), [1, 2], [1, 2]), "gallery_pids has 2 entries"),
+        (lambda: retrieval_metrics(np.zeros((0, 3)), [], [1, 2, 3]), "non-empty"),
+        (lambda: retrieval_metrics(np.array([[np.nan, 1.0]]), [1], [1, 2]), "NaN"),
+        (lambda: retrieval_metrics(np.ones((2, 2)), [1, 2], [3, 4]), "no query has a matching"),
+        (lambda: retrieval_metrics(np.ones((1, 1)), [1], [1], chunk_size=0), "chunk_size"),
+        (lambda: retrieval_metrics_from_embeddings(np.ones((2, 4)), np.ones((2, 3)), [1, 2], [1, 2]), "width"),
+    ],
+)
+def test_bad_input(call, message):
+    with pytest.raises(TbpsError, match=message):
+        call()
