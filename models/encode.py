@@ -1,0 +1,238 @@
+"""Batched image and caption encoding, shared by score, eval, search and validation.
+
+Images are decoded in DataLoader worker processes (``tbps.data.images.open_image``: a bad file
+becomes a status, never an exception) while the main process runs the model. Embeddings come
+back as float32 numpy arrays, L2-normalised; rows of images that could not be decoded are zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tbps.columns import STATUS_OK
+from tbps.errors import UsageError
+from tbps.models import LoadedModel
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast runs natively (fast) on this device."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # Without AVX512-BF16 or AMX, oneDNN emulates bf16 and it is slower than fp32.
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a ``--precision`` value, or None for plain fp32.
+
+    Args:
+        precision: ``auto`` (bf16 where the device supports it natively), ``fp32`` or ``bf16``.
+        device: where the model runs.
+
+    Returns:
+        ``torch.bfloat16`` or None.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}", field="--precision", value=precision)
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_supported(device) else None
+
+
+@dataclass
+class ImageBatch:
+    """One decoded batch: positions in the input list, pixels, and per-image outcome."""
+
+    index: torch.Tensor  # (n,) positions in the path list
+    pixels: torch.Tensor  # (n, 3, H, W); zeros where the image could not be decoded
+    ok: torch.Tensor  # (n,) bool
+    status: list[str]
+    error: list[str | None]
+    image_hash: list[str | None]
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[str | None], preprocess, image_size: tuple[int, int], max_pixels: int | None):
+        self.paths = paths
+        self.preprocess = preprocess
+        self.image_size = image_size
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from tbps.data.images import open_image
+
+        path = self.paths[i]
+        res = open_image(path, max_pixels=self.max_pixels)
+        if res.image is None:
+            return i, torch.zeros(3, *self.image_size), False, res.status, res.error, res.image_hash
+        return i, self.preprocess(res.image), True, STATUS_OK, None, res.image_hash
+
+
+def _collate(items) -> ImageBatch:
+    idx, pix, ok, status, error, hashes = zip(*items)
+    return ImageBatch(
+        index=torch.tensor(idx),
+        pixels=torch.stack(pix),
+        ok=torch.tensor(ok),
+        status=list(status),
+        error=list(error),
+        image_hash=list(hashes),
+    )
+
+
+def iter_image_batches(
+    loaded: LoadedModel,
+    paths: Sequence[str | None],
+    *,
+    batch_size: int = 256,
+    workers: int = 2,
+    max_pixels: int | None = None,
+) -> Iterator[ImageBatch]:
+    """Decode and preprocess images in DataLoader workers, in input order.
+
+    Args:
+        loaded: the model whose preprocessing to apply.
+        paths: image file paths (None for rows refused earlier; they decode as missing).
+        batch_size: images per batch.
+        workers: DataLoader worker processes (0 decodes in this process).
+        max_pixels: a decompression-bomb limit below Pillow's default, if any.
+
+    Returns:
+        An iterator of :class:`ImageBatch`, in the order of ``paths``.
+    """
+    ds = _ImageFiles(paths, loaded.preprocess, loaded.image_size, max_pixels)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    yield from loader
+
+
+@torch.no_grad()
+def embed_pixels(loaded: LoadedModel, pixels: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None) -> np.ndarray:
+    """Image embeddings (float32, L2-normalised) of a preprocessed batch."""
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        feats = loaded.model.encode_image(pixels.to(device, non_blocking=True))
+    feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+    return feats.cpu().numpy()
+
+
+def caption_truncated(loaded: LoadedModel, captions: Sequence[str]) -> np.ndarray:
+    """Whether each caption has more tokens than the model's context (start/end tokens included)."""
+    encode = getattr(loaded.tokenizer, "encode", None)
+    if encode is None:  # Hugging Face tokenizers: tokenise without truncation
+        return np.array([len(loaded.tokenizer.tokenizer(c)["input_ids"]) > loaded.context_length for c in captions])
+    return np.array([len(encode(c)) + 2 > loaded.context_length for c in captions], dtype=bool)
+
+
+@torch.no_grad()
+def encode_texts(
+    loaded: LoadedModel,
+    captions: Sequence[str],
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> np.ndarray:
+    """Caption embeddings, float32 and L2-normalised; captions longer than the context are truncated.
+
+    Args:
+        loaded: the model.
+        captions: the captions.
+        batch_size: captions per forward pass.
+        device: where the model runs.
+        precision: ``auto``, ``fp32`` or ``bf16`` (autocast).
+
+    Returns:
+        An array of shape (len(captions), embed_dim).
+    """
+    device = torch.device(device)
+    dtype = autocast_dtype(precision, device)
+    out = np.zeros((len(captions), loaded.embed_dim), dtype=np.float32)
+    for start in range(0, len(captions), batch_size):
+        tokens = loaded.tokenizer(list(captions[start : start + batch_size])).to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            feats = loaded.model.encode_text(tokens)
+        out[start : start + len(tokens)] = torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+    return out
+
+
+@dataclass
+class ImageEncoding:
+    """Embeddings of a list of images with each image's outcome."""
+
+    embeddings: np.ndarray  # (n, D) float32; zero rows where status != ok
+    status: list[str]
+    error: list[str | None]
+    image_hash: list[str | None]
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([s == STATUS_OK for s in self.status], dtype=bool)
+
+
+def encode_images(
+    loaded: LoadedModel,
+    paths: Sequence[str | None],
+    *,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    max_pixels: int | None = None,
+) -> ImageEncoding:
+    """Embed every image of a list (for galleries: eval, search, validation).
+
+    Args:
+        loaded: the model.
+        paths: image file paths.
+        batch_size: images per forward pass.
+        workers: DataLoader worker processes decoding images.
+        device: where the model runs.
+        precision: ``auto``, ``fp32`` or ``bf16`` (autocast).
+        max_pixels: a decompression-bomb limit below Pillow's default, if any.
+
+    Returns:
+        An :class:`ImageEncoding` in the order of ``paths``.
+    """
+    device = torch.device(device)
+    dtype = autocast_dtype(precision, device)
+    n = len(paths)
+    emb = np.zeros((n, loaded.embed_dim), dtype=np.float32)
+    status: list[str] = [STATUS_OK] * n
+    error: list[str | None] = [None] * n
+    hashes: list[str | None] = [None] * n
+    for batch in iter_image_batches(loaded, paths, batch_size=batch_size, workers=workers, max_pixels=max_pixels):
+        idx = batch.index.numpy()
+        ok = batch.ok.numpy()
+        if ok.any():
+            emb[idx[ok]] = embed_pixels(loaded, batch.pixels[batch.ok], device=device, dtype=dtype)
+        for j, i in enumerate(idx):
+            status[i], error[i], hashes[i] = batch.status[j], batch.error[j], batch.image_hash[j]
+    return ImageEncoding(emb, status, error, hashes)
