@@ -108,6 +108,7 @@ def iter_image_batches(
     batch_size: int = 256,
     workers: int = 2,
     max_pixels: int | None = None,
+    groups: Sequence[int] | None = None,
 ) -> Iterator[ImageBatch]:
     """Decode and preprocess images in DataLoader workers, in input order.
 
@@ -117,15 +118,21 @@ def iter_image_batches(
         batch_size: images per batch.
         workers: DataLoader worker processes (0 decodes in this process).
         max_pixels: a decompression-bomb limit below Pillow's default, if any.
+        groups: sizes of consecutive groups of ``paths`` that batches must not cross (so a
+            group's batches, and with them its float results, do not depend on its neighbours).
 
     Returns:
         An iterator of :class:`ImageBatch`, in the order of ``paths``.
     """
     ds = _ImageFiles(paths, loaded.preprocess, loaded.image_size, max_pixels)
+    sizes = list(groups) if groups is not None else [len(paths)]
+    batches, start = [], 0
+    for size in sizes:
+        batches += [list(range(s, min(s + batch_size, start + size))) for s in range(start, start + size, batch_size)]
+        start += size
     loader = DataLoader(
         ds,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=batches,
         num_workers=workers,
         collate_fn=_collate,
         persistent_workers=False,

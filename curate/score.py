@@ -1,0 +1,589 @@
+"""``tbps score``: the cross-modal relevance of every image-caption pair, into Parquet.
+
+For each pair: ``score``, the cosine of the L2-normalised image and caption embeddings, and
+``bank_rank``, how many captions of a reference bank score *strictly* higher against the image
+than the pair's own caption (0 = the own caption beats the whole bank).
+
+The paper's rules, in bank ranks. With a bank of 10,000 captions the own caption is one of
+10,001 scores. The paper keeps a pretraining pair when the own caption sorts above index 49 of
+those 10,001 scores (0-based, descending), i.e. at most 48 bank captions beat it:
+``bank_rank <= 48`` (``tbps select --rule paper-pretrain``); a fine-tuning pair when it sorts
+above index 1800: ``bank_rank <= 1799`` (``--rule paper-finetune``).
+
+The engine:
+
+* Pairs are sorted by image path and cut into parts of about ``chunk_size`` pairs that never
+  split an image's pairs, so every distinct image is decoded and embedded once. Captions are
+  embedded once per distinct caption within a part.
+* One DataLoader decodes all images of this process's parts in worker processes while the main
+  process runs the model; embeddings never accumulate beyond one part.
+* The bank rank is a chunked matrix product against the bank embeddings, compared in fp32.
+* Each part is written atomically (temporary file, then rename); a re-run skips the parts that
+  exist, so a killed run resumes and ends with the table an uninterrupted run writes. A run with
+  other parameters into the same directory is refused.
+* ``torchrun`` ranks (or ``--shard i/N``) take parts ``k`` with ``k % N == i``; whichever process
+  sees the last part written finalises ``score.json``.
+
+Output directory::
+
+    OUT/params.json            the parameters that fix the result (checked on resume)
+    OUT/bank.parquet           the sampled bank captions
+    OUT/scores/part-NNNNNN.parquet      columns.SCORE_SCHEMA, one row per input pair
+    OUT/embeddings/part-NNNNNN.parquet  columns.embedding_schema(D), ok pairs only (float16)
+    OUT/score.json             provenance, counts, timings (written when every part exists)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from tbps import columns as C
+from tbps.errors import TbpsError, UsageError
+
+PARAMS_FILE = "params.json"
+RECORD_FILE = "score.json"
+BANK_FILE = "bank.parquet"
+SCORES_DIR = "scores"
+EMBEDDINGS_DIR = "embeddings"
+
+# The paper's keep rules as bank ranks for a 10,000-caption bank (see the module docstring).
+PAPER_BANK_SIZE = 10_000
+PAPER_RULES = {"paper-pretrain": 48, "paper-finetune": 1799}
+# "Strictly higher" means higher by more than float32 noise: the own caption's cosine and the
+# bank's come from different kernels, and a bank caption equal to the own caption must tie.
+TIE_EPS = 1e-6
+
+
+@dataclass
+class ScoreConfig:
+    """Parameters of ``tbps score``; field names equal the CLI option names.
+
+    Attributes:
+        data: the dataset to score (any format the readers support).
+        model: a model spec (see ``tbps.models.load``).
+        bank: the reference bank: a dataset or a text file with one caption per line.
+        out: the output directory.
+        format: the dataset format; auto-detected when None.
+        image_root: where image paths resolve; the reader's default when None.
+        image_col: image column of a generic table.
+        caption_col: caption column of a generic table.
+        id_col: person id column of a generic table.
+        bank_size: captions sampled from the bank.
+        seed: seed of the bank sample (and of random model weights).
+        batch_size: images per forward pass.
+        workers: DataLoader worker processes decoding images.
+        precision: ``auto`` (bf16 where supported natively), ``fp32`` or ``bf16``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        chunk_size: pairs per output part (the unit of resume).
+        shard: ``i/N`` to score only shard i of N (schedulers without torchrun).
+        max_pixels: a decompression-bomb limit below Pillow's default, if any.
+    """
+
+    data: str
+    model: str
+    bank: str
+    out: str
+    format: str | None = None
+    image_root: str | None = None
+    image_col: str | None = None
+    caption_col: str | None = None
+    id_col: str | None = None
+    bank_size: int = PAPER_BANK_SIZE
+    seed: int = 0
+    batch_size: int = 256
+    workers: int = 2
+    precision: str = "auto"
+    device: str = "auto"
+    chunk_size: int = 16_384
+    shard: str | None = None
+    max_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("bank_size", "batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1", value=getattr(self, name))
+        if self.workers < 0:
+            raise UsageError("--workers must be 0 or more", value=self.workers)
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise UsageError("--precision must be auto, fp32 or bf16", value=self.precision)
+        if self.shard is not None:
+            self.shard_index, self.shard_count = parse_shard(self.shard)
+
+    def reader_options(self) -> dict:
+        return {
+            "format": self.format,
+            "image_root": self.image_root,
+            "image_col": self.image_col,
+            "caption_col": self.caption_col,
+            "id_col": self.id_col,
+        }
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N), checked."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError("--shard must look like i/N, e.g. 0/4", value=text) from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError("--shard i/N needs 0 <= i < N", value=text)
+    return i, n
+
+
+@dataclass
+class ScoreSummary:
+    """What a ``tbps score`` process did."""
+
+    out: Path
+    rows: int
+    parts_total: int
+    parts_done_here: int
+    parts_skipped: int
+    status_counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    pairs_per_second: float = 0.0
+    complete: bool = False
+    bank_size: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Pure pieces: table -> table, arrays -> arrays.
+
+
+def bank_rank(image_emb: torch.Tensor, own: torch.Tensor, bank_emb: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """How many bank captions score strictly higher against each image than its own caption.
+
+    Args:
+        image_emb: (n, D) L2-normalised image embeddings.
+        own: (n,) the cosine of each image with its own caption.
+        bank_emb: (K, D) L2-normalised bank caption embeddings.
+        chunk: images per matrix product (bounds memory at chunk x K floats).
+
+    Returns:
+        (n,) int32 ranks in [0, K]. Compared in fp32 whatever the inputs' dtype (bf16 products
+        tie often and would make ranks coarse); "higher" means by more than ``TIE_EPS``.
+    """
+    bank_t = bank_emb.float().T.contiguous()
+    ranks = torch.empty(len(own), dtype=torch.int32)
+    for start in range(0, len(own), chunk):
+        sims = image_emb[start : start + chunk].float() @ bank_t
+        ranks[start : start + chunk] = (sims > own[start : start + chunk].float().unsqueeze(1) + TIE_EPS).sum(1, dtype=torch.int32)
+    return ranks
+
+
+def check_unique_ids(pairs: pl.DataFrame, path: str) -> None:
+    """Refuse duplicate ``pair_id``s before any work starts."""
+    dups = pairs.group_by(C.PAIR_ID).len().filter(pl.col("len") > 1)
+    if dups.height:
+        shown = dups.sort(C.PAIR_ID).head(5)[C.PAIR_ID].to_list()
+        raise TbpsError(
+            f"{dups.height} pair_id values occur more than once; every pair needs its own id",
+            path=path,
+            field=C.PAIR_ID,
+            value=shown,
+        )
+
+
+def order_pairs(pairs: pl.DataFrame) -> pl.DataFrame:
+    """Sort pairs by image path (refused rows last), then pair id: an image's pairs become adjacent."""
+    return pairs.sort([C.IMAGE_PATH, C.PAIR_ID], nulls_last=True)
+
+
+def plan_parts(image_paths: list[str | None], chunk_size: int) -> list[tuple[int, int]]:
+    """Cut sorted rows into parts of about ``chunk_size`` rows that never split an image's rows.
+
+    Args:
+        image_paths: the image path of each row, sorted so equal paths are adjacent.
+        chunk_size: the target rows per part.
+
+    Returns:
+        (start, end) row ranges covering every row once, in order.
+    """
+    n = len(image_paths)
+    parts, start = [], 0
+    while start < n:
+        end = min(start + chunk_size, n)
+        # Extend to the end of the image group the cut fell into (nulls are no group).
+        while end < n and image_paths[end] is not None and image_paths[end] == image_paths[end - 1]:
+            end += 1
+        parts.append((start, end))
+        start = end
+    return parts
+
+
+def sample_bank(captions: list[str], size: int, seed: int) -> list[str]:
+    """The distinct non-blank captions, sampled to ``size`` with a fixed seed (in sample order)."""
+    distinct = sorted({c.strip() for c in captions if c and c.strip()})
+    if not distinct:
+        raise TbpsError("the reference bank has no non-empty captions", field="--bank")
+    if len(distinct) <= size:
+        return distinct
+    pick = np.random.default_rng(seed).choice(len(distinct), size=size, replace=False)
+    return [distinct[i] for i in pick]
+
+
+def frame_hash(frame: pl.DataFrame) -> str:
+    """A content hash of a table (row hashes in order, with the column names)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(frame.columns).encode())
+    if frame.height:
+        h.update(frame.hash_rows(seed=0).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def part_name(k: int) -> str:
+    return f"part-{k:06d}.parquet"
+
+
+# --------------------------------------------------------------------------------------------
+# The run: reading, parts, resume, distribution.
+
+
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, initialised here) under torchrun; (0, 1, False) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return dist.get_rank(), dist.get_world_size(), False
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _check_params(out: Path, params: dict) -> None:
+    """Write params.json, or refuse when the directory holds a run with other parameters."""
+    path = out / PARAMS_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+        if changed:
+            diffs = "; ".join(f"{k}: {old.get(k)!r} -> {params.get(k)!r}" for k in changed)
+            raise TbpsError(
+                "the output directory holds a score run with other parameters",
+                path=out,
+                hint=f"changed: {diffs}. Use a new --out, or delete the directory to start over",
+            )
+        return
+    from tbps.provenance import write_json_atomic
+
+    write_json_atomic(path, params)
+
+
+def _write_parquet(table: pa.Table, path: Path, metadata: dict[str, str]) -> None:
+    """Write one part atomically: a temporary file in the same directory, then rename."""
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def _part_tables(
+    rows: pl.DataFrame,
+    image_emb: np.ndarray,
+    image_status: list[str],
+    image_error: list[str | None],
+    image_hash: list[str | None],
+    image_of_row: np.ndarray,
+    text_emb: np.ndarray,
+    caption_of_row: np.ndarray,
+    truncated: np.ndarray,
+    bank_t: torch.Tensor,
+) -> tuple[pa.Table, pa.Table]:
+    """The score table and embeddings of one part (no I/O).
+
+    ``image_of_row`` / ``caption_of_row`` index each row's distinct image / caption (-1: none).
+    """
+    n = rows.height
+    status = rows[C.STATUS].to_list()
+    error = rows[C.ERROR].to_list()
+    hashes: list[str | None] = [None] * n
+    for r in range(n):
+        i = image_of_row[r]
+        if i < 0:
+            continue
+        hashes[r] = image_hash[i]
+        # A row the reader accepted takes its image's outcome.
+        if status[r] == C.STATUS_OK and image_status[i] != C.STATUS_OK:
+            status[r], error[r] = image_status[i], image_error[i]
+    ok = np.array([s == C.STATUS_OK for s in status], dtype=bool)
+    ok_rows = np.flatnonzero(ok)
+    score = np.full(n, np.nan, dtype=np.float32)
+    rank = np.zeros(n, dtype=np.int32)
+    trunc = np.zeros(n, dtype=bool)
+    img = torch.from_numpy(image_emb[image_of_row[ok_rows]])
+    txt = torch.from_numpy(text_emb[caption_of_row[ok_rows]])
+    own = (img * txt).sum(1)
+    score[ok_rows] = own.numpy()
+    rank[ok_rows] = bank_rank(img, own, bank_t).numpy()
+    trunc[ok_rows] = truncated[caption_of_row[ok_rows]]
+    bank_size = bank_t.shape[0]
+    scores = pa.table(
+        {
+            C.PAIR_ID: rows[C.PAIR_ID].to_arrow(),
+            C.IMAGE_PATH: rows[C.IMAGE_PATH].to_arrow(),
+            C.CAPTION: rows[C.CAPTION].to_arrow(),
+            C.PERSON_ID: rows[C.PERSON_ID].to_arrow(),
+            C.SOURCE: rows[C.SOURCE].to_arrow(),
+            C.IMAGE_HASH: pa.array(hashes, pa.string()),
+            C.SCORE: pa.array(score, pa.float32(), mask=~ok),
+            C.BANK_RANK: pa.array(rank, pa.int32(), mask=~ok),
+            C.BANK_PERCENTILE: pa.array(rank.astype(np.float32) * (100.0 / bank_size), pa.float32(), mask=~ok),
+            C.TRUNCATED: pa.array(trunc, pa.bool_()),
+            C.STATUS: pa.array(status, pa.string()),
+            C.ERROR: pa.array(error, pa.string()),
+        },
+        schema=C.SCORE_SCHEMA,
+    )
+    dim = image_emb.shape[1]
+    vec = pa.list_(pa.float16(), dim)
+
+    def as_list(a: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.astype(np.float16).ravel(), pa.float16()), dim).cast(vec)
+
+    emb = pa.table(
+        {
+            C.PAIR_ID: rows[C.PAIR_ID].to_arrow().take(pa.array(ok_rows)),
+            C.IMAGE_EMB: as_list(img.numpy()),
+            C.TEXT_EMB: as_list(txt.numpy()),
+        },
+        schema=C.embedding_schema(dim),
+    )
+    return scores, emb
+
+
+@dataclass
+class _Part:
+    k: int
+    rows: pl.DataFrame
+    images: list[str]  # distinct image paths of ok rows, in order
+    image_of_row: np.ndarray
+
+
+def _prepare_part(k: int, rows: pl.DataFrame) -> _Part:
+    paths = rows[C.IMAGE_PATH].to_list()
+    ok = rows[C.STATUS].to_list()
+    images: list[str] = []
+    index: dict[str, int] = {}
+    image_of_row = np.full(len(paths), -1, dtype=np.int64)
+    for r, (p, s) in enumerate(zip(paths, ok)):
+        if p is None or s != C.STATUS_OK:
+            continue
+        if p not in index:
+            index[p] = len(images)
+            images.append(p)
+        image_of_row[r] = index[p]
+    return _Part(k, rows, images, image_of_row)
+
+
+def _iter_part_images(parts: list[_Part], loaded, config: ScoreConfig, device, dtype) -> Iterator[tuple[_Part, np.ndarray, list, list, list]]:
+    """Yield each part with its image embeddings, from one DataLoader over all parts' images."""
+    from tbps.models.encode import embed_pixels, iter_image_batches
+
+    flat = [p for part in parts for p in part.images]
+    # Batches never cross parts: a part's floats must not depend on which parts run beside it.
+    batches = iter_image_batches(
+        loaded, flat, batch_size=config.batch_size, workers=config.workers, max_pixels=config.max_pixels,
+        groups=[len(part.images) for part in parts],
+    )
+    pending = iter(parts)
+    buf_emb: list[np.ndarray] = []
+    buf_meta: tuple[list, list, list] = ([], [], [])
+    have = 0
+
+    def flush_ready():
+        nonlocal have, buf_emb, buf_meta
+        while current[0] is not None and have >= len(current[0].images):
+            need = len(current[0].images)
+            emb = np.concatenate(buf_emb) if buf_emb else np.zeros((0, loaded.embed_dim), np.float32)
+            yield current[0], emb[:need], buf_meta[0][:need], buf_meta[1][:need], buf_meta[2][:need]
+            buf_emb = [emb[need:]]
+            buf_meta = tuple(m[need:] for m in buf_meta)
+            have -= need
+            current[0] = next(pending, None)
+
+    current = [next(pending, None)]
+    yield from flush_ready()
+    for batch in batches:
+        emb = np.zeros((len(batch.status), loaded.embed_dim), np.float32)
+        if batch.ok.any():
+            emb[batch.ok.numpy()] = embed_pixels(loaded, batch.pixels[batch.ok], device=device, dtype=dtype)
+        buf_emb.append(emb)
+        for m, v in zip(buf_meta, (batch.status, batch.error, batch.image_hash)):
+            m.extend(v)
+        have += len(batch.status)
+        yield from flush_ready()
+
+
+def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None) -> ScoreSummary:
+    """Score every pair of ``config.data`` into ``config.out`` (see the module docstring).
+
+    Args:
+        config: the run's parameters.
+        progress: called as ``progress(done_pairs, total_pairs)`` after each part.
+        log: called with one-line messages (resume, skipped parts, finalisation).
+
+    Returns:
+        A :class:`ScoreSummary`; ``complete`` when every part of the table exists.
+    """
+    from tbps import models
+    from tbps.data.readers import read_captions, read_dataset
+    from tbps.models.encode import autocast_dtype, caption_truncated, encode_texts, resolve_device
+
+    log = log or (lambda _msg: None)
+    t0 = time.perf_counter()
+    rank, world, owns_group = _distributed()
+    if world > 1 and config.shard is not None:
+        raise UsageError("--shard cannot be combined with torchrun: torchrun already shards by rank", field="--shard")
+    shard_index, shard_count = (rank, world) if world > 1 else (getattr(config, "shard_index", 0), getattr(config, "shard_count", 1))
+    out = Path(config.out)
+
+    pairs = read_dataset(config.data, **config.reader_options())
+    if pairs.height == 0:
+        raise TbpsError("the dataset has no pairs", path=config.data)
+    check_unique_ids(pairs, config.data)
+    pairs = order_pairs(pairs)
+    parts_plan = plan_parts(pairs[C.IMAGE_PATH].to_list(), config.chunk_size)
+
+    device = resolve_device(config.device)
+    dtype = autocast_dtype(config.precision, device)
+    loaded = models.load(config.model, seed=config.seed)
+    loaded.model.to(device)
+    bank = sample_bank(read_captions(config.bank), config.bank_size, config.seed)
+    bank_frame = pl.DataFrame({"bank_index": np.arange(len(bank), dtype=np.int32), C.CAPTION: bank})
+
+    params = {
+        "data": str(Path(config.data).resolve()),
+        "data_hash": frame_hash(pairs),
+        "rows": pairs.height,
+        "model": loaded.identity,
+        "bank": str(Path(config.bank).resolve()),
+        "bank_hash": frame_hash(bank_frame),
+        "bank_size": len(bank),
+        "seed": config.seed,
+        "chunk_size": config.chunk_size,
+        "parts": len(parts_plan),
+        "precision": "bf16" if dtype is not None else "fp32",
+        "embed_dim": loaded.embed_dim,
+        "reader": config.reader_options(),
+    }
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SCORES_DIR).mkdir(exist_ok=True)
+        (out / EMBEDDINGS_DIR).mkdir(exist_ok=True)
+        _check_params(out, params)
+        if not (out / BANK_FILE).exists():
+            tmp = out / f".{BANK_FILE}.tmp"
+            bank_frame.write_parquet(tmp)
+            os.replace(tmp, out / BANK_FILE)
+    _barrier(world)
+    if rank != 0:
+        _check_params(out, params)
+
+    metadata = {"tbps.model": json.dumps(loaded.identity, sort_keys=True), "tbps.bank_size": str(len(bank))}
+    mine = [k for k in range(len(parts_plan)) if k % shard_count == shard_index]
+    todo = [k for k in mine if not (out / SCORES_DIR / part_name(k)).exists()]
+    skipped = len(mine) - len(todo)
+    if skipped:
+        log(f"resuming: {skipped} of {len(mine)} parts already written, {len(todo)} to score")
+
+    bank_emb = torch.from_numpy(encode_texts(loaded, bank, device=device, precision=config.precision))
+    parts = [_prepare_part(k, pairs.slice(s, e - s)) for k in todo for s, e in [parts_plan[k]]]
+    total = sum(p.rows.height for p in parts)
+    done = 0
+    t_work = time.perf_counter()
+    for part, img_emb, img_status, img_error, img_hash in _iter_part_images(parts, loaded, config, device, dtype):
+        rows = part.rows
+        # Captions are embedded once per distinct caption of the part's usable rows.
+        usable = [c if s == C.STATUS_OK else None for c, s in zip(rows[C.CAPTION].to_list(), rows[C.STATUS].to_list())]
+        distinct = sorted({c for c in usable if c is not None})
+        where = {c: i for i, c in enumerate(distinct)}
+        caption_of_row = np.array([where.get(c, -1) if c is not None else -1 for c in usable], dtype=np.int64)
+        txt = encode_texts(loaded, distinct, device=device, precision=config.precision)
+        scores, emb = _part_tables(
+            rows, img_emb, img_status, img_error, img_hash, part.image_of_row, txt, caption_of_row,
+            caption_truncated(loaded, distinct), bank_emb,
+        )
+        # Embeddings first: a score part on disk means its embeddings are there too.
+        _write_parquet(emb, out / EMBEDDINGS_DIR / part_name(part.k), metadata)
+        _write_parquet(scores, out / SCORES_DIR / part_name(part.k), metadata)
+        done += rows.height
+        if progress:
+            progress(done, total)
+    elapsed = time.perf_counter() - t_work
+
+    _barrier(world)
+    summary = ScoreSummary(
+        out=out,
+        rows=pairs.height,
+        parts_total=len(parts_plan),
+        parts_done_here=len(todo),
+        parts_skipped=skipped,
+        seconds=time.perf_counter() - t0,
+        pairs_per_second=done / elapsed if elapsed > 0 and done else 0.0,
+        bank_size=len(bank),
+    )
+    present = [k for k in range(len(parts_plan)) if (out / SCORES_DIR / part_name(k)).exists()]
+    summary.complete = len(present) == len(parts_plan)
+    if summary.complete:
+        counts = pl.scan_parquet(out / SCORES_DIR / "*.parquet").group_by(C.STATUS).len().collect()
+        summary.status_counts = dict(sorted(zip(counts[C.STATUS].to_list(), counts["len"].to_list())))
+        if rank == 0:
+            _finalise(out, config, params, summary)
+            log(f"finalised {out / RECORD_FILE}")
+    if owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return summary
+
+
+def _finalise(out: Path, config: ScoreConfig, params: dict, summary: ScoreSummary) -> None:
+    from tbps.provenance import record, write_json_atomic
+
+    rows = sum(summary.status_counts.values())
+    if rows != params["rows"]:
+        raise TbpsError(f"the score table has {rows} rows for {params['rows']} input pairs", path=out)
+    write_json_atomic(
+        out / RECORD_FILE,
+        record(
+            config,
+            params=params,
+            rows=rows,
+            status_counts=summary.status_counts,
+            last_process={"seconds": summary.seconds, "pairs_per_second": summary.pairs_per_second, "parts_scored": summary.parts_done_here},
+            schema=str(C.SCORE_SCHEMA),
+        ),
+    )
+
+
+def read_score_table(path: str | Path) -> pl.LazyFrame:
+    """The score table of a score run directory, a parts directory or a single file, lazily."""
+    path = Path(path)
+    if (path / SCORES_DIR).is_dir():
+        path = path / SCORES_DIR
+    if path.is_dir():
+        return pl.scan_parquet(path / "*.parquet")
+    if path.is_file():
+        return pl.scan_parquet(path)
+    raise TbpsError("no score table here", path=path)

@@ -1,0 +1,244 @@
+"""tbps score: correctness against open_clip, bank ranks, bad input, resume, refusal, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tbps import columns as C
+from tbps.cli import app
+from tbps.curate.score import TIE_EPS, ScoreConfig, bank_rank, plan_parts, read_score_table, run_score
+from tbps.errors import TbpsError, UsageError
+
+COLOURS = ["red", "blue", "green", "black", "white", "yellow"]
+RGB = {"red": (200, 30, 30), "blue": (30, 40, 200), "green": (30, 160, 60), "black": (15, 15, 15), "white": (235, 235, 235), "yellow": (230, 210, 40)}
+
+
+def make_world(root: Path, n_images: int = 12, captions_per_image: int = 2) -> Path:
+    """A CUHK-PEDES reid_raw.json with small two-colour figures, and a bank text file."""
+    imgs = root / "imgs"
+    records = []
+    for i in range(n_images):
+        up, low = COLOURS[i % 6], COLOURS[(i * 5 + 1) % 6]
+        im = Image.new("RGB", (32, 96), (120, 120, 120))
+        im.paste(RGB[up], (8, 20, 24, 50))
+        im.paste(RGB[low], (8, 50, 24, 85))
+        rel = f"p{i // 2:03d}/{i:03d}.jpg"
+        (imgs / rel).parent.mkdir(parents=True, exist_ok=True)
+        im.save(imgs / rel, quality=95)
+        caps = [f"a person in a {up} shirt and {low} trousers", f"someone wearing {low} pants with a {up} top"][:captions_per_image]
+        records.append({"split": "train", "captions": caps, "file_path": rel, "processed_tokens": [c.split() for c in caps], "id": i // 2 + 1})
+    (root / "reid_raw.json").write_text(json.dumps(records))
+    bank = [f"a person in a {a} jacket and {b} shorts carrying a bag" for a in COLOURS for b in COLOURS]
+    (root / "bank.txt").write_text("\n".join(bank) + "\n")
+    return root
+
+
+@pytest.fixture()
+def world(tmp_path: Path) -> Path:
+    return make_world(tmp_path / "world")
+
+
+def config(world: Path, out: Path, **kw) -> ScoreConfig:
+    base = dict(data=str(world / "reid_raw.json"), model="tbps-tiny", bank=str(world / "bank.txt"), out=str(out),
+                precision="fp32", workers=0, batch_size=5, chunk_size=7, device="cpu")
+    return ScoreConfig(**{**base, **kw})
+
+
+def table(out: Path) -> pl.DataFrame:
+    return read_score_table(out).collect().sort(C.PAIR_ID)
+
+
+def test_bank_rank_equals_brute_force_with_ties():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=1)
+    bank = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    own = (img @ bank[:50].T).diagonal().clone()  # own caption equal to a bank caption: a tie, not "higher"
+    own[::3] = torch.rand(17, generator=g)
+    got = bank_rank(img, own, bank, chunk=7)
+    img64, bank64, own64 = img.double(), bank.double(), own.double()
+    brute = [sum(1 for k in range(300) if float(img64[i] @ bank64[k]) > float(own64[i]) + TIE_EPS) for i in range(50)]
+    assert got.tolist() == brute
+
+
+@pytest.mark.parametrize(
+    "paths, size, expected",
+    [
+        (["a", "a", "b", "b", "c"], 1, [(0, 2), (2, 4), (4, 5)]),
+        (["a", "a", "a", "b"], 2, [(0, 3), (3, 4)]),
+        (["a", "b", None, None, None], 2, [(0, 2), (2, 4), (4, 5)]),
+        ([], 3, []),
+    ],
+)
+def test_plan_parts_covers_rows_without_splitting_images(paths, size, expected):
+    assert plan_parts(paths, size) == expected
+
+
+def test_scores_equal_a_direct_open_clip_forward(world, tmp_path):
+    from tbps import models
+
+    s = run_score(config(world, tmp_path / "out"))
+    assert s.complete and s.rows == 24 and s.status_counts == {"ok": 24}
+    got = table(tmp_path / "out")
+    loaded = models.load("tbps-tiny", seed=0)
+    records = json.loads((world / "reid_raw.json").read_text())
+    bank = (world / "bank.txt").read_text().split("\n")[:-1]
+    with torch.no_grad():
+        for row in got.iter_rows(named=True):
+            rec, cap = (int(x) for x in row[C.PAIR_ID].split(":"))
+            pixels = loaded.preprocess(Image.open(world / "imgs" / records[rec]["file_path"])).unsqueeze(0)
+            im = torch.nn.functional.normalize(loaded.model.encode_image(pixels), dim=-1)
+            tx = torch.nn.functional.normalize(loaded.model.encode_text(loaded.tokenizer([records[rec]["captions"][cap]])), dim=-1)
+            own = float(im @ tx.T)
+            assert abs(row[C.SCORE] - own) <= 1e-4
+            bk = torch.nn.functional.normalize(loaded.model.encode_text(loaded.tokenizer(bank)), dim=-1)
+            assert row[C.BANK_RANK] == int(((im @ bk.T) > own + TIE_EPS).sum())
+            assert row[C.BANK_PERCENTILE] == pytest.approx(100 * row[C.BANK_RANK] / len(bank))
+    # Embeddings written next to the table: float16, normalised, one row per ok pair.
+    emb = pl.read_parquet(tmp_path / "out" / "embeddings" / "*.parquet")
+    assert emb.height == 24 and set(emb[C.PAIR_ID]) == set(got[C.PAIR_ID])
+    vec = np.asarray(emb[C.IMAGE_EMB].to_list(), dtype=np.float32)
+    assert np.allclose(np.linalg.norm(vec, axis=1), 1, atol=2e-3)
+    meta = json.loads((tmp_path / "out" / "score.json").read_text())
+    assert meta["rows"] == 24 and meta["params"]["bank_size"] == len(bank)
+
+
+def test_every_bad_input_row_gets_a_status(world, tmp_path):
+    imgs = world / "imgs"
+    (imgs / "zero.jpg").write_bytes(b"")
+    (imgs / "text.jpg").write_text("not an image")
+    good = (imgs / "p000" / "000.jpg").read_bytes()
+    (imgs / "trunc.jpg").write_bytes(good[: len(good) // 2])
+    Image.new("CMYK", (32, 96), (0, 200, 0, 0)).save(imgs / "cmyk.jpg")
+    Image.new("RGBA", (32, 96), (0, 200, 0, 100)).save(imgs / "rgba.png")
+    Image.new("P", (32, 96), 3).save(imgs / "pal.png")
+    Image.fromarray(np.full((96, 32), 40000, dtype=np.uint16)).save(imgs / "i16.png")
+    Image.new("RGB", (400, 400)).save(imgs / "bomb.png")
+    long_caption = " ".join(["a person with a red coat and blue trousers"] * 20)
+    rows = [
+        ("missing.jpg", "a person"), ("zero.jpg", "a person"), ("text.jpg", "a person"), ("trunc.jpg", "a person"),
+        ("cmyk.jpg", "a person"), ("rgba.png", "a person"), ("pal.png", "a person"), ("i16.png", "a person"),
+        ("bomb.png", "a person"), ("p000/000.jpg", "   "), ("p000/000.jpg", long_caption), ("../outside.jpg", "a person"),
+    ]
+    records = [{"split": "train", "captions": [c], "file_path": p, "processed_tokens": [c.split()], "id": 1} for p, c in rows]
+    (world / "bad.json").write_text(json.dumps(records))
+    s = run_score(config(world, tmp_path / "out", data=str(world / "bad.json"), format="cuhk-pedes", image_root=str(imgs), max_pixels=100_000))
+    got = table(tmp_path / "out")
+    assert got.height == len(rows) == s.rows
+    status = dict(zip(got[C.PAIR_ID], got[C.STATUS]))
+    expect = {
+        "0:0": C.STATUS_MISSING_IMAGE, "1:0": C.STATUS_EMPTY_FILE, "2:0": C.STATUS_BAD_IMAGE, "3:0": C.STATUS_BAD_IMAGE,
+        "4:0": "ok", "5:0": "ok", "6:0": "ok", "7:0": "ok", "8:0": C.STATUS_DECOMPRESSION_BOMB,
+        "9:0": C.STATUS_EMPTY_CAPTION, "10:0": "ok", "11:0": C.STATUS_PATH_OUTSIDE_ROOT,
+    }
+    assert status == expect
+    bad = got.filter(pl.col(C.STATUS) != "ok")
+    assert bad[C.SCORE].null_count() == bad.height and bad[C.ERROR].null_count() == 0
+    assert got.filter(pl.col(C.PAIR_ID) == "10:0")[C.TRUNCATED].item() is True
+    assert got.filter(pl.col(C.PAIR_ID) == "4:0")[C.TRUNCATED].item() is False
+
+
+def test_duplicate_pair_ids_are_refused_before_work(world, tmp_path):
+    csv = world / "pairs.csv"
+    csv.write_text("id,image,caption\n1,imgs/p000/000.jpg,a red shirt\n1,imgs/p000/001.jpg,a blue shirt\n")
+    pl.read_csv(csv).write_parquet(world / "pairs.parquet")
+    pairs = pl.DataFrame({C.PAIR_ID: ["x", "x"], "image": ["imgs/p000/000.jpg"] * 2, "caption": ["a", "b"]})
+    pairs.write_parquet(world / "dup.parquet")
+    from tbps.data import readers
+
+    frame = readers.read_dataset(world / "dup.parquet", image_col="image", caption_col="caption")
+    if frame[C.PAIR_ID].n_unique() == frame.height:
+        pytest.skip("the parquet reader assigns row ids, so duplicates cannot arise from this file")
+    with pytest.raises(TbpsError, match="more than once"):
+        run_score(config(world, tmp_path / "out", data=str(world / "dup.parquet"), image_col="image", caption_col="caption"))
+    assert not (tmp_path / "out" / "scores").exists()
+
+
+def test_changed_parameters_are_refused(world, tmp_path):
+    run_score(config(world, tmp_path / "out"))
+    with pytest.raises(TbpsError, match="bank_size"):
+        run_score(config(world, tmp_path / "out", bank_size=5))
+    with pytest.raises(UsageError):
+        config(world, tmp_path / "out", shard="3/2")
+
+
+def test_resume_after_lost_parts_gives_the_same_table(world, tmp_path):
+    run_score(config(world, tmp_path / "a"))
+    run_score(config(world, tmp_path / "b"))
+    parts = sorted((tmp_path / "b" / "scores").glob("*.parquet"))
+    assert len(parts) >= 3
+    for p in parts[1::2]:
+        p.unlink()
+    s = run_score(config(world, tmp_path / "b"))
+    assert s.parts_skipped == len(parts) - len(parts[1::2]) and s.complete
+    assert table(tmp_path / "a").equals(table(tmp_path / "b"))
+
+
+def test_shards_together_equal_one_run(world, tmp_path):
+    run_score(config(world, tmp_path / "one"))
+    first = run_score(config(world, tmp_path / "two", shard="0/2"))
+    assert not first.complete
+    second = run_score(config(world, tmp_path / "two", shard="1/2"))
+    assert second.complete and (tmp_path / "two" / "score.json").exists()
+    assert table(tmp_path / "one").equals(table(tmp_path / "two"))
+
+
+def test_cli_scores_and_reports(world, tmp_path):
+    res = CliRunner().invoke(app, ["score", str(world / "reid_raw.json"), "--model", "tbps-tiny", "--bank", str(world / "bank.txt"),
+                                   "--out", str(tmp_path / "out"), "--workers", "0", "--precision", "fp32", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "complete" in res.output and table(tmp_path / "out").height == 24
+    res = CliRunner().invoke(app, ["score", str(world / "nope.json"), "--model", "tbps-tiny", "--bank", str(world / "bank.txt"),
+                                   "--out", str(tmp_path / "x"), "--quiet"])
+    assert res.exit_code == 1
+    res = CliRunner().invoke(app, ["score", str(world / "reid_raw.json"), "--model", "tbps-tiny", "--bank", str(world / "bank.txt"),
+                                   "--out", str(tmp_path / "y"), "--precision", "fp8"])
+    assert res.exit_code == 2
+
+
+def _score_cmd(world: Path, out: Path, chunk: int) -> list[str]:
+    return ["score", str(world / "reid_raw.json"), "--model", "tbps-tiny", "--bank", str(world / "bank.txt"), "--out", str(out),
+            "--workers", "0", "--precision", "fp32", "--batch-size", "2", "--chunk-size", str(chunk), "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9(tmp_path):
+    world = make_world(tmp_path / "w", n_images=80)
+    run_score(config(world, tmp_path / "ref", chunk_size=4, batch_size=2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tbps", *_score_cmd(world, tmp_path / "out", 4)], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "out" / "scores").glob("part-*.parquet"))) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = len(list((tmp_path / "out" / "scores").glob("part-*.parquet")))
+    assert 3 <= written < 40, "the kill must land mid-run"
+    s = run_score(config(world, tmp_path / "out", chunk_size=4, batch_size=2))
+    assert s.parts_skipped == written and s.complete
+    assert table(tmp_path / "ref").equals(table(tmp_path / "out"))
+    assert not list((tmp_path / "out").rglob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(world, tmp_path):
+    run_score(config(world, tmp_path / "one", chunk_size=4))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m", "tbps",
+           *_score_cmd(world, tmp_path / "two", 4)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "two" / "score.json").exists()
+    assert table(tmp_path / "one").equals(table(tmp_path / "two"))
