@@ -1,0 +1,153 @@
+"""``tbps eval`` end to end on a tiny synthetic world with random tbps-tiny weights.
+
+With random weights the numbers are near chance: the tests check structure, ranges,
+determinism, row accounting and equality with ``retrieval_metrics`` on the same embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from tbps import columns as C
+from tbps.cli import app
+from tbps.errors import TbpsError, UsageError
+from tbps.eval.evaluate import EvalConfig, build_protocol, evaluate, run_eval, select_split
+from tbps.eval.metrics import retrieval_metrics
+
+from _eval_world import make_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from tbps.data.synth import SynthConfig, synthesize
+
+    out = tmp_path_factory.mktemp("world")
+    synthesize(SynthConfig(out=out, seed=0, identities=6, split="2:1:3", images_per_id=2, pool_identities=3, pool_size=4, workers=1))
+    return out / "benchmark" / "reid_raw.json"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tbps.models import create
+
+    return create("tbps-tiny", seed=0)
+
+
+def test_evaluate_structure_and_equals_retrieval_metrics(world, tiny):
+    from tbps.data.readers import read_dataset
+    from tbps.models.encode import encode_images, encode_texts
+
+    pairs = read_dataset(world)
+    rows, split = select_split(pairs, None)
+    assert split == "test" and rows.height == 12  # 3 test identities x 2 images x 2 captions
+
+    res = evaluate(tiny, rows, workers=0, device="cpu")
+    m = res["metrics"]
+    assert set(m) >= {"R1", "R5", "R10", "mAP", "mINP"}
+    assert all(0.0 <= m[k] <= 100.0 for k in ("R1", "R5", "R10", "mAP", "mINP"))
+    assert m["R1"] <= m["R5"] <= m["R10"] == 100.0  # 6 gallery images: every match is within 10
+    assert (m["queries"], m["gallery"], m["queries_without_match"]) == (12, 6, 0)
+    assert res["counts"]["person_ids"] == 3 and res["counts"]["images_failed"] == {}
+
+    # The same numbers from the model's embeddings and a dense similarity matrix.
+    images = rows.get_column(C.IMAGE_PATH).unique(maintain_order=True).to_list()
+    pid_of = dict(rows.select(C.IMAGE_PATH, C.PERSON_ID).iter_rows())
+    img = encode_images(tiny, images, workers=0).embeddings
+    txt = encode_texts(tiny, rows.get_column(C.CAPTION).to_list())
+    ref = retrieval_metrics(txt @ img.T, rows.get_column(C.PERSON_ID).to_list(), [pid_of[p] for p in images])
+    for key in ("R1", "R5", "R10", "mAP", "mINP"):
+        assert m[key] == pytest.approx(ref[key], abs=1e-9)
+
+    again = evaluate(tiny, rows, workers=0, device="cpu")
+    assert again["metrics"] == m and again["data_hash"] == res["data_hash"]  # deterministic
+
+
+def test_rows_are_accounted_for(tmp_path, tiny):
+    from tbps.data.readers import read_dataset
+
+    csv = make_world(tmp_path, persons=3)
+    pairs = read_dataset(csv)
+    rows, _ = select_split(pairs, "test")
+    # One row loses its person id, one image is corrupted, one row has a reader status.
+    broken = rows[2, C.IMAGE_PATH]
+    open(broken, "wb").write(b"not a jpeg")
+    rows = rows.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0).then(None).otherwise(pl.col(C.PERSON_ID)).alias(C.PERSON_ID),
+        pl.when(pl.int_range(pl.len()) == 1).then(pl.lit(C.STATUS_EMPTY_CAPTION)).otherwise(pl.col(C.STATUS)).alias(C.STATUS),
+    )
+    res = evaluate(tiny, rows, workers=0, device="cpu")
+    c = res["counts"]
+    assert c["rows"] == 8 and c["rows_without_person_id"] == 1 and c["rows_skipped"] == {C.STATUS_EMPTY_CAPTION: 1}
+    assert c["queries_total"] == 6 and res["metrics"]["queries"] + res["metrics"]["queries_without_match"] == 6
+    # Image 0 of person 1 lost both its rows, image 1 does not decode: person 1's two remaining
+    # captions have no match left in the gallery.
+    assert c["images_total"] == 3 and c["images_failed"] == {C.STATUS_BAD_IMAGE: 1}
+    assert res["metrics"]["gallery"] == 2 and res["metrics"]["queries_without_match"] == 2
+
+
+def test_bad_input(tmp_path, world):
+    from tbps.data.readers import read_dataset
+
+    pairs = read_dataset(world)
+    with pytest.raises(TbpsError, match="eval needs person ids"):
+        build_protocol(pairs.with_columns(pl.lit(None, dtype=pl.String).alias(C.PERSON_ID)))
+    with pytest.raises(TbpsError, match="no rows of split 'dev'"):
+        select_split(pairs, "dev")
+    with pytest.raises(TbpsError, match="no 'test' split"):
+        select_split(pairs.filter(pl.col(C.SPLIT) != "test"), None)
+    clash = pairs.with_columns(pl.when(pl.col(C.PAIR_ID) == "0:1").then(pl.lit("99")).otherwise(pl.col(C.PERSON_ID)).alias(C.PERSON_ID))
+    with pytest.raises(TbpsError, match="several person ids"):
+        build_protocol(clash)
+    with pytest.raises(UsageError, match="batch-size"):
+        EvalConfig(data=world, model="tbps-tiny", batch_size=0)
+
+
+def test_cli_eval_json_and_compare(tmp_path, world):
+    runner = CliRunner()
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for path, seed_model in ((a, "tbps-tiny"), (b, "tbps-tiny")):
+        res = runner.invoke(app, ["eval", str(world), "--model", seed_model, "--workers", "0", "--device", "cpu", "--out", str(path), "-q"])
+        assert res.exit_code == 0, res.output
+        assert "R1" in res.stdout and "mINP" in res.stdout
+    rec = json.loads(a.read_text())
+    assert rec["model"]["spec"] == "tbps-tiny" and rec["data"]["split"] == "test"
+    assert len(rec["data_hash"]) == 32 and rec["counts"]["rows_other_splits"] == 12
+    assert rec["metrics"] == json.loads(b.read_text())["metrics"]
+
+    res = runner.invoke(app, ["eval", "--compare", str(a), str(b)])
+    assert res.exit_code == 0, res.output
+    assert "a.json" in res.stdout and "b.json" in res.stdout and "DIFFERENT" not in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--model", "/no/such/model.pt"], 1, "model file not found"),
+        (["--model", "tbps-tiny", "--split", "dev"], 1, "no rows of split"),
+        ([], 2, "--model"),
+    ],
+)
+def test_cli_bad_input(world, args, code, message):
+    res = CliRunner().invoke(app, ["eval", str(world), "--workers", "0", *args])
+    assert res.exit_code == code, res.output
+    assert message in res.output
+
+
+def test_cli_eval_without_person_ids(tmp_path):
+    csv = make_world(tmp_path, persons=2)
+    pl.read_csv(csv).drop("person_id").write_csv(csv)
+    res = CliRunner().invoke(app, ["eval", str(csv), "--model", "tbps-tiny", "--workers", "0"])
+    assert res.exit_code == 1 and "eval needs person ids" in res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)  # a handled error, not a crash
+
+
+def test_cli_compare_rejects_other_json(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    res = CliRunner().invoke(app, ["eval", "--compare", str(bad)])
+    assert res.exit_code == 1 and "not a tbps eval record" in res.output
