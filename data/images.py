@@ -1,0 +1,166 @@
+"""Decoding one image file into RGB, with a status instead of an exception for bad files.
+
+:func:`open_image` reads the file's bytes once, hashes them (blake2b, 16-byte digest, hex:
+the ``image_hash`` column used for exact de-duplication) and decodes them fully, so a file
+that is truncated half-way fails here and not later inside a model's batch.
+
+Outcomes (statuses from :mod:`tbps.columns`):
+
+=========================  ============================================================
+``ok``                     decoded; ``image`` is an RGB ``PIL.Image``
+``missing-image``          no file at the path
+``empty-file``             the file has zero bytes
+``bad-image``              not an image, truncated, unreadable, or a directory
+``decompression-bomb``     more pixels than the limit (see below); never decoded
+=========================  ============================================================
+
+Colour modes are converted, not rejected:
+
+- RGBA, LA, PA and palette images with a transparent colour are composited on **white**
+  (a transparent background reads as an empty background rather than black);
+- CMYK, YCbCr, LAB, HSV, 1-bit, greyscale and opaque palette images: Pillow's ``convert("RGB")``;
+- 16-bit (``I;16*``) and 32-bit integer/float greyscale (``I``, ``F``): scaled to 8 bits
+  (``I;16*`` divided by 257; ``I``/``F`` kept as they are when within 0-255, otherwise divided
+  by 257 and clipped), then greyscale to RGB. Pillow's plain ``convert`` clips instead,
+  which turns most 16-bit images white.
+
+Multi-frame files (GIF, TIFF) give their first frame. EXIF orientation is not applied.
+
+Decompression bombs: with ``max_pixels=None`` the limit is Pillow's own
+``PIL.Image.MAX_IMAGE_PIXELS`` (read, never changed), and Pillow's
+``DecompressionBombWarning`` is turned into a refusal inside this call only, so anything
+above the limit (not only above twice the limit, where Pillow itself raises) is refused.
+With ``max_pixels`` given, the header's width x height is compared with it before any pixel
+is decoded. tbps never sets ``ImageFile.LOAD_TRUNCATED_IMAGES``; if other code in the same
+process does, Pillow pads truncated files and they are not detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+from tbps.columns import (
+    STATUS_BAD_IMAGE,
+    STATUS_DECOMPRESSION_BOMB,
+    STATUS_EMPTY_FILE,
+    STATUS_MISSING_IMAGE,
+    STATUS_OK,
+)
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_WIDE_GREY = {"I", "F"}
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What :func:`open_image` found.
+
+    Attributes:
+        image: the decoded RGB image, or ``None`` when the status is not ``ok``.
+        status: ``ok`` or a ``STATUS_*`` kind from :mod:`tbps.columns`.
+        error: the reason when the status is not ``ok``, else ``None``.
+        image_hash: blake2b-128 hex digest of the file's bytes; ``None`` when the file
+            could not be read.
+    """
+
+    image: Image.Image | None
+    status: str
+    error: str | None
+    image_hash: str | None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the image decoded."""
+        return self.status == STATUS_OK
+
+
+def hash_bytes(data: bytes) -> str:
+    """The ``image_hash`` of a file's bytes: blake2b with a 16-byte digest, as hex."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB (see the module docstring for the rules)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in _WIDE_GREY:
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16") or (arr.size and (arr.max() > 255 or arr.min() < 0)):
+            arr = arr / 257.0
+        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
+def _bad(status: str, error: str, image_hash: str | None = None) -> ImageResult:
+    return ImageResult(image=None, status=status, error=error, image_hash=image_hash)
+
+
+def open_image(path: str | None, max_pixels: int | None = None) -> ImageResult:
+    """Read, hash and fully decode one image file into RGB; never raises for a bad file.
+
+    Args:
+        path: the (already resolved) image path.
+        max_pixels: refuse images with more pixels (width x height) than this, as
+            ``decompression-bomb``; ``None`` uses Pillow's ``MAX_IMAGE_PIXELS``.
+
+    Returns:
+        An :class:`ImageResult` with the RGB image or the status and reason.
+
+    Raises:
+        ValueError: ``max_pixels`` is not a positive integer (a programming error, not a
+            bad file).
+    """
+    if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels <= 0):
+        raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+    if path is None:
+        return _bad(STATUS_MISSING_IMAGE, "no image path")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return _bad(STATUS_MISSING_IMAGE, f"{path}: no such file")
+    except IsADirectoryError:
+        return _bad(STATUS_BAD_IMAGE, f"{path}: is a directory, not an image file")
+    except OSError as exc:
+        return _bad(STATUS_BAD_IMAGE, f"{path}: cannot be read ({exc.strerror or exc})")
+    image_hash = hash_bytes(data)
+    if not data:
+        return _bad(STATUS_EMPTY_FILE, f"{path}: the file is empty (0 bytes)", image_hash)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between MAX_IMAGE_PIXELS and twice that; here the warning refuses.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            if max_pixels is not None:
+                pixels = max(1, im.size[0]) * max(1, im.size[1])
+                if pixels > max_pixels:
+                    return _bad(
+                        STATUS_DECOMPRESSION_BOMB,
+                        f"{path}: {im.size[0]}x{im.size[1]} = {pixels} pixels exceeds the limit of {max_pixels}",
+                        image_hash,
+                    )
+            im.load()  # decode every pixel now, so truncation is caught here
+            rgb = _to_rgb(im)
+            rgb.load()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        return _bad(STATUS_DECOMPRESSION_BOMB, f"{path}: {exc}", image_hash)
+    except Image.UnidentifiedImageError:
+        return _bad(STATUS_BAD_IMAGE, f"{path}: not an image Pillow can identify", image_hash)
+    except Exception as exc:  # noqa: BLE001 -- any decoder failure is a bad file, never a crash
+        return _bad(STATUS_BAD_IMAGE, f"{path}: cannot be decoded ({type(exc).__name__}: {exc})", image_hash)
+    return ImageResult(image=rgb, status=STATUS_OK, error=None, image_hash=image_hash)
