@@ -14,9 +14,9 @@ cuhk-pedes      ``reid_raw.json`` (also ``CUHK-PEDES.json``,          ``imgs/`` 
 icfg-pedes      ``ICFG-PEDES.json``: the same fields as CUHK-PEDES    same
 rstpreid        ``data_captions.json``: ``{"id", "img_path",          same
                 "captions": [...], "split"}``
-aptm            APTM/MALS processed json: ``{"image", "caption",      the json's folder
-                "image_id", "label"}``, ``caption`` a string
-                (training files) or a list (test files);
+aptm            APTM/MALS processed json: ``{"image", "caption",      ``images/`` next to
+                "image_id", "label"}``, ``caption`` a string          the json if it exists,
+                (training files) or a list (test files);             else the json's folder
                 ``image_id`` is the person id
 csv / jsonl /   a table with an image column and a caption column    the file's folder
 parquet         (``--image-col`` / ``--caption-col``, guessed from
@@ -132,8 +132,9 @@ JSON_SPECS = {
     RSTPREID: _JsonSpec("img_path", "captions", "id", ("id", "img_path", "captions", "split")),
     APTM: _JsonSpec("image", "caption", "image_id", ("image", "caption", "image_id", "label")),
 }
-# Default image folder next to the json, for the formats whose releases ship one.
-_IMGS_DIR = {CUHK_PEDES: "imgs", ICFG_PEDES: "imgs", RSTPREID: "imgs"}
+# Default image folder next to the json: the releases of CUHK-PEDES, ICFG-PEDES and RSTPReid
+# ship ``imgs/``; ``tbps synth`` writes its APTM-format pool beside ``images/``.
+_IMGS_DIR = {CUHK_PEDES: "imgs", ICFG_PEDES: "imgs", RSTPREID: "imgs", APTM: "images"}
 
 
 @dataclass

@@ -162,6 +162,10 @@ def test_aptm_training_and_test_files(tmp_path):
     ])
     frame = read_dataset(test)
     assert frame.select(PAIR_ID, CAPTION, PERSON_ID).rows() == [("0:0", "first", "3"), ("0:1", "second", "3")]
+    # with an images/ folder beside the json (as tbps synth writes its pool), that is the root
+    _img(tmp_path / "pool" / "images" / "g000" / "000000.jpg")
+    pool = _json(tmp_path / "pool" / "pool.json", [{"image": "g000/000000.jpg", "caption": "c", "image_id": "g000_000000"}])
+    assert read_dataset(pool).get_column(IMAGE_PATH).to_list() == [_real(tmp_path / "pool/images/g000/000000.jpg")]
 
 
 def test_csv_with_guessed_columns_keeps_ids_as_written(tmp_path):
