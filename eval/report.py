@@ -1,0 +1,259 @@
+"""Self-contained HTML pages: the ``tbps inspect --html`` report and the ``tbps search --html`` page.
+
+One file, no external URL: styles are inline, histograms are inline SVG, and every picture is
+a base64 JPEG thumbnail in a ``data:`` URI, so the page works offline and can be emailed.
+Images that cannot be opened (missing, corrupt, a decompression bomb) show a grey placeholder
+with the reason instead of a broken picture. All user text (captions, paths, sources) is
+HTML-escaped.
+
+When the page has loaded, a small inline script counts the pictures that decoded and writes
+``data-images-loaded="N/M"`` on ``<body>`` (what the headless-browser test reads).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from tbps import columns as C
+
+THUMB_SIZE = (64, 128)  # (width, height): pedestrian crops are about 1:2 to 1:3
+
+_CSS = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h3{font-size:15px;margin:16px 0 6px}
+.meta{color:#666;margin-bottom:16px}
+table.grid{border-collapse:collapse;margin:6px 0}
+table.grid th,table.grid td{border:1px solid #ddd;padding:3px 8px;text-align:right}
+table.grid th:first-child,table.grid td:first-child{text-align:left}
+table.grid th{background:#f0f0f0}
+.charts{display:flex;flex-wrap:wrap;gap:24px}
+.sheet{display:flex;flex-wrap:wrap;gap:10px}
+.card{width:150px;background:#fff;border:1px solid #ddd;border-radius:4px;padding:6px;font-size:12px}
+.card img,.card .noimg{display:block;width:64px;height:128px;margin:0 auto 4px;object-fit:contain;background:#eee}
+.card .noimg{display:flex;align-items:center;justify-content:center;text-align:center;color:#888;font-size:10px}
+.card .num{font-weight:600}
+.card .cap{color:#333;max-height:6.2em;overflow:hidden}
+.card .id{color:#999;font-size:10px;word-break:break-all}
+"""
+
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = document.images, ok = 0;
+  for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++; }
+  document.body.setAttribute('data-images-loaded', ok + '/' + imgs.length);
+});
+"""
+
+
+def esc(value: Any) -> str:
+    """HTML-escaped text of any value (``None`` as an empty string)."""
+    return "" if value is None else html.escape(str(value), quote=True)
+
+
+def thumbnail_uri(path: str | None, size: tuple[int, int] = THUMB_SIZE) -> tuple[str | None, str | None]:
+    """A base64 JPEG ``data:`` URI of an image, shrunk to fit ``size``.
+
+    Args:
+        path: the image file.
+        size: (width, height) bound of the thumbnail.
+
+    Returns:
+        (uri, None) when the image decoded, else (None, the reason).
+    """
+    from tbps.data.images import open_image
+
+    res = open_image(path)
+    if not res.ok:
+        return None, f"{res.status}: {res.error}"
+    im = res.image.copy()
+    im.thumbnail(size)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
+
+
+def card(row: dict[str, Any], fields: Iterable[tuple[str, Any]]) -> str:
+    """One contact-sheet card: thumbnail, the given numbers, the caption and the pair id."""
+    uri, why = thumbnail_uri(row.get(C.IMAGE_PATH))
+    pic = (
+        f'<img src="{uri}" alt="{esc(Path(str(row.get(C.IMAGE_PATH))).name)}">'
+        if uri
+        else f'<div class="noimg" title="{esc(why)}">image unavailable<br>{esc((why or "").split(":")[0])}</div>'
+    )
+    nums = " · ".join(f'{esc(k)} <span class="num">{esc(_num(v))}</span>' for k, v in fields)
+    ident = row.get(C.PAIR_ID) or Path(str(row.get(C.IMAGE_PATH))).name
+    return (
+        f'<div class="card">{pic}<div>{nums}</div>'
+        f'<div class="cap" title="{esc(row.get(C.CAPTION))}">{esc(row.get(C.CAPTION))}</div>'
+        f'<div class="id">{esc(ident)}</div></div>'
+    )
+
+
+def _num(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:,.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def contact_sheet(rows: list[dict[str, Any]], fields: tuple[str, ...] = (C.SCORE, C.BANK_RANK)) -> str:
+    """A wrap of cards, one per row, each showing ``fields`` (score, rank) above the caption."""
+    if not rows:
+        return "<p>(none)</p>"
+    labels = {C.SCORE: "score", C.BANK_RANK: "rank"}
+    cards = [card(r, [(labels.get(f, f), r.get(f)) for f in fields if f in r]) for r in rows]
+    return '<div class="sheet">' + "".join(cards) + "</div>"
+
+
+def grid_table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    """A plain HTML table of escaped cells."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(_num(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="grid"><tr>{head}</tr>{body}</table>'
+
+
+def svg_histogram(hist: Any, threshold: Any = None, width: int = 520, height: int = 220) -> str:
+    """An inline SVG bar chart of a :class:`tbps.eval.inspect.Histogram`, threshold as a red line.
+
+    Args:
+        hist: the histogram (edges, counts, ``log`` for power-of-two bins drawn at equal width).
+        threshold: a :class:`tbps.eval.inspect.Threshold`; drawn when it is on this column.
+        width, height: the chart size in pixels.
+
+    Returns:
+        The ``<svg>`` element as text.
+    """
+    left, right, top, bottom = 48, 12, 24, 40
+    pw, ph = width - left - right, height - top - bottom
+    n = len(hist.counts)
+    peak = max(hist.counts) if hist.counts and max(hist.counts) > 0 else 1
+    bw = pw / max(n, 1)
+    parts = [
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="histogram of {esc(hist.column)}">',
+        f'<text x="{left}" y="15" font-size="13" font-weight="600">{esc(hist.column)}'
+        f'{" (log2 bins)" if hist.log else ""} · ok rows</text>',
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#888"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#888"/>',
+        f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{peak:,}</text>',
+        f'<text x="{left - 4}" y="{top + ph}" font-size="10" text-anchor="end">0</text>',
+    ]
+    for i, count in enumerate(hist.counts):
+        h = ph * count / peak
+        lo, hi = hist.edges[i], hist.edges[i + 1]
+        parts.append(
+            f'<rect x="{left + i * bw + 0.5:.1f}" y="{top + ph - h:.1f}" width="{max(bw - 1, 0.5):.1f}" '
+            f'height="{h:.1f}" fill="#4a7bb7"><title>[{_num(lo)}, {_num(hi)}): {count:,}</title></rect>'
+        )
+    ticks = range(0, n + 1, max(1, n // 6)) if not hist.log else range(0, n + 1, max(1, math.ceil(n / 8)))
+    for i in ticks:
+        x = left + i * bw
+        parts.append(f'<line x1="{x:.1f}" y1="{top + ph}" x2="{x:.1f}" y2="{top + ph + 4}" stroke="#888"/>')
+        parts.append(f'<text x="{x:.1f}" y="{top + ph + 16}" font-size="10" text-anchor="middle">{esc(_tick(hist.edges[i]))}</text>')
+    if threshold is not None and threshold.column == hist.column:
+        x = _x_of(hist, threshold.value, left, bw)
+        parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{top + ph}" stroke="#d62728" stroke-width="2" stroke-dasharray="5,3"/>')
+        anchor = "start" if x < left + pw * 0.7 else "end"
+        dx = 4 if anchor == "start" else -4
+        parts.append(
+            f'<text x="{x + dx:.1f}" y="{top + 10}" font-size="11" fill="#d62728" text-anchor="{anchor}">{esc(threshold.label)}</text>'
+        )
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 6}" font-size="11" text-anchor="middle" fill="#555">{esc(hist.column)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _tick(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def _x_of(hist: Any, value: float, left: float, bw: float) -> float:
+    """The x position of a value: linear within its bin (log2 within a power-of-two bin)."""
+    edges = hist.edges
+    # Keep/drop rules on ranks are "<= value": the line sits at the right edge of value's unit.
+    v = value + 1 if hist.log and threshold_is_integer(value) else value
+    if v <= edges[0]:
+        return left
+    for i in range(len(edges) - 1):
+        lo, hi = edges[i], edges[i + 1]
+        if v <= hi:
+            if hist.log and lo > 0:
+                frac = (math.log2(v) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+            else:
+                frac = (v - lo) / (hi - lo) if hi > lo else 0.0
+            return left + (i + frac) * bw
+    return left + len(edges[:-1]) * bw
+
+
+def threshold_is_integer(value: float) -> bool:
+    return float(value).is_integer()
+
+
+def page(title: str, subtitle: str, body: str) -> str:
+    """A complete HTML document: inline style, inline script, no external resource."""
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head>"
+        f'<body><h1>{esc(title)}</h1><div class="meta">{esc(subtitle)}</div>{body}'
+        f"<script>{_SCRIPT}</script></body></html>\n"
+    )
+
+
+def render_html(report: Any) -> str:
+    """The ``tbps inspect --html`` page of a :class:`tbps.eval.inspect.TableReport`.
+
+    Args:
+        report: the summary to show.
+
+    Returns:
+        The HTML document as text.
+    """
+    from tbps.eval.inspect import QUANTILES
+
+    sections = []
+    overview = [("rows", report.rows)] + [(f"status {k}", v) for k, v in report.status_counts.items()]
+    if report.threshold is not None:
+        overview.append(("selection", report.threshold.label))
+    sections.append("<h2>Overview</h2>" + grid_table(["", "value"], overview))
+    cols = list(report.quantiles)
+    sections.append(
+        "<h3>Quantiles (ok rows)</h3>"
+        + grid_table(["quantile", *cols], [[f"{q:g}", *(report.quantiles[c].get(q) for c in cols)] for q in QUANTILES])
+    )
+    charts = "".join(svg_histogram(h, report.threshold) for h in report.histograms)
+    sections.append(f'<h2>Histograms</h2><div class="charts">{charts}</div>')
+    sections.append(
+        f"<h2>Lowest scored pairs ({report.bottom.height})</h2>"
+        "<p>The pairs the model finds least consistent: candidates for removal.</p>"
+        + contact_sheet(report.bottom.to_dicts())
+    )
+    sections.append(f"<h2>Highest scored pairs ({report.top.height})</h2>" + contact_sheet(report.top.to_dicts()))
+    src = report.sources
+    sections.append("<h2>Per source</h2>" + grid_table(src.columns, src.iter_rows()))
+    if report.dropped is not None:
+        total = sum(n for n, _ in report.dropped.values())
+        drops = [f"<h2>Dropped by the selection ({total:,} rows)</h2>"]
+        drops.append(grid_table(["reason", "rows"], [(r, n) for r, (n, _) in report.dropped.items()]))
+        for reason, (n, sample) in report.dropped.items():
+            drops.append(f"<h3>{esc(reason)}: {n:,} rows (showing {sample.height})</h3>" + contact_sheet(sample.to_dicts()))
+        sections.append("".join(drops))
+    subtitle = f"{report.kind} · {report.rows:,} rows · {report.ok_rows:,} ok"
+    return page(f"tbps inspect: {Path(report.path).name}", f"{report.path} · {subtitle}", "".join(sections))
+
+
+def write_html(path: str | Path, text: str) -> Path:
+    """Write a page atomically (temporary file beside it, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

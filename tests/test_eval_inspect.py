@@ -1,0 +1,190 @@
+"""``tbps inspect``: terminal summary, the self-contained HTML report and bad input.
+
+The HTML page is opened in a real headless Chromium (Debian's ``chromium`` package, installed
+by CI); without it that test is skipped and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from tbps import columns as C
+from tbps.cli import app
+from tbps.errors import TbpsError
+from tbps.eval.inspect import InspectConfig, open_table, run_inspect, summarize, terminal_histogram, threshold_from_sidecar
+from tbps.eval.report import render_html
+
+from _eval_world import COLOURS, make_score_table
+
+CHROMIUM = shutil.which("chromium") or (shutil.which("chromium-browser"))
+
+
+@pytest.fixture
+def table(tmp_path) -> Path:
+    return make_score_table(tmp_path / "run")
+
+
+def make_manifest(root: Path) -> Path:
+    """A manifest (kept rows), its sidecar with a bank-rank threshold, and the dropped rows by reason."""
+    rows = pl.read_parquet(root / "scores")
+    ok = rows.filter(pl.col(C.STATUS) == C.STATUS_OK)
+    kept = ok.filter(pl.col(C.BANK_RANK) <= 300)
+    manifest = root / "manifest.parquet"
+    kept.write_parquet(manifest)
+    dropped = pl.concat(
+        [
+            ok.filter(pl.col(C.BANK_RANK) > 300).with_columns(pl.lit("bank_rank > 300").alias("reason")),
+            rows.filter(pl.col(C.STATUS) != C.STATUS_OK).with_columns(pl.lit("status bad-image").alias("reason")),
+        ]
+    )
+    dropped.write_parquet(root / "manifest.dropped.parquet")
+    sidecar = {"rule": "custom", "threshold": {"column": C.BANK_RANK, "max": 300}, "kept": kept.height, "dropped": "manifest.dropped.parquet"}
+    (root / "manifest.json").write_text(json.dumps(sidecar))
+    return manifest
+
+
+def test_summary_of_a_score_table(table):
+    for path in (table, table / "scores", table / "scores" / "part-000000.parquet"):
+        report = summarize(open_table(path), top=3)
+        assert report.kind == "score table" and report.rows == 12
+        assert report.status_counts == {C.STATUS_OK: 11, C.STATUS_BAD_IMAGE: 1}
+    assert report.quantiles[C.SCORE][0.0] == pytest.approx(0.05) and report.quantiles[C.SCORE][1.0] == pytest.approx(0.35)
+    assert report.quantiles[C.BANK_RANK][0.5] == pytest.approx(280)  # median of 80, 120, ..., 480
+    assert report.top.get_column(C.SCORE).to_list() == pytest.approx([0.35, 0.32, 0.29])
+    assert report.bottom.get_column(C.SCORE).to_list() == pytest.approx([0.05, 0.08, 0.11])
+    score_hist, rank_hist = report.histograms
+    assert sum(score_hist.counts) == 11 and sum(rank_hist.counts) == 11  # ok rows only
+    assert rank_hist.edges[:4] == [0, 1, 2, 4] and rank_hist.edges[-1] > 480
+    sources = dict(report.sources.select(C.SOURCE, "rows").iter_rows())
+    assert sources == {"alpha": 8, "beta": 4} and report.dropped is None and report.threshold is None
+
+
+def test_terminal_histogram_draws_bars_and_threshold(table):
+    report = summarize(open_table(table))
+    source = open_table(make_manifest(table))
+    text = terminal_histogram(report.histograms[1], threshold_from_sidecar(source.sidecar))
+    lines = text.splitlines()
+    assert lines[0].startswith(C.BANK_RANK) and len(lines) == len(report.histograms[1].counts) + 1
+    assert "█" in text and sum("◀ threshold" in line for line in lines) == 1
+    assert "◀ threshold" in next(line for line in lines if "[256, 512)" in line)
+
+
+def test_manifest_threshold_and_drops(table):
+    report = summarize(open_table(make_manifest(table)), top=5)
+    assert report.kind == "manifest" and report.rows == 6
+    assert report.threshold.column == C.BANK_RANK and report.threshold.value == 300 and "custom" in report.threshold.label
+    assert {k: n for k, (n, _) in report.dropped.items()} == {"bank_rank > 300": 5, "status bad-image": 1}
+    assert report.dropped["bank_rank > 300"][1].height == 5
+
+
+@pytest.mark.parametrize(
+    "sidecar, expected",
+    [
+        ({"threshold": {"column": "bank_rank", "max": 48}}, ("bank_rank", 48.0, "max")),
+        ({"rule": {"name": "paper-finetune", "max_bank_rank": 1799}}, ("bank_rank", 1799.0, "max")),
+        ({"config": {"min_score": 0.25}}, ("score", 0.25, "min")),
+        ({"threshold": {"column": "score", "value": 0.3, "kind": "min"}}, ("score", 0.3, "min")),
+        ({"kept": 10}, None),
+        (None, None),
+    ],
+)
+def test_threshold_from_sidecar(sidecar, expected):
+    th = threshold_from_sidecar(sidecar)
+    assert (th and (th.column, th.value, th.kind)) == expected or (th is None and expected is None)
+
+
+def test_html_is_self_contained(table):
+    manifest = make_manifest(table)
+    page = render_html(summarize(open_table(manifest), top=4))
+    assert not re.search(r"(src|href)\s*=\s*[\"'](?!data:|#)", page)  # every resource is inline
+    assert "http://" not in page and "https://" not in page
+    assert page.count("data:image/jpeg;base64,") == 4 + 4 + 4 + 0  # bottom, top, first drop reason
+    assert page.count("image unavailable") == 1  # the undecodable row of the second reason
+    assert page.count("<svg") == 2 and 'stroke="#d62728"' in page  # both histograms, threshold drawn
+    assert "bank_rank &gt; 300" in page  # user text is escaped
+
+
+def test_cli_inspect(table, tmp_path):
+    out = tmp_path / "report.html"
+    res = CliRunner().invoke(app, ["inspect", str(table), "--html", str(out), "--top", "3"])
+    assert res.exit_code == 0, res.output
+    assert "status bad-image" in res.stdout and "highest scores (3)" in res.stdout and "█" in res.stdout
+    assert out.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_bad_input(tmp_path):
+    other = tmp_path / "other.parquet"
+    pl.DataFrame({"a": [1], "caption": ["x"]}).write_parquet(other)
+    with pytest.raises(TbpsError, match="not a score table") as err:
+        open_table(other)
+    assert "pair_id" in str(err.value) and "bank_rank" in str(err.value)
+    empty = tmp_path / "empty.parquet"
+    pl.DataFrame(schema=C.polars_schema(C.SCORE_SCHEMA)).write_parquet(empty)
+    with pytest.raises(TbpsError, match="empty"):
+        summarize(open_table(empty))
+    text = tmp_path / "t.parquet"
+    text.write_text("not parquet")
+    with pytest.raises(TbpsError, match="cannot read as Parquet"):
+        open_table(text)
+    with pytest.raises(TbpsError, match="no such file"):
+        open_table(tmp_path / "nope")
+    with pytest.raises(TbpsError, match="no Parquet files"):
+        open_table(_empty_dir(tmp_path))
+    res = CliRunner().invoke(app, ["inspect", str(other)])
+    assert res.exit_code == 1 and "not a score table" in res.output
+
+
+def _empty_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "emptydir"
+    d.mkdir()
+    return d
+
+
+def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    profile = tmp_path / "chromium-profile"
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}", *args,
+    ]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install chromium); the HTML report is not browser-tested")
+def test_html_report_renders_in_headless_chromium(table, tmp_path):
+    html_path = tmp_path / "report.html"
+    run_inspect(InspectConfig(table=make_manifest(table), html=html_path, top=4))
+    url = html_path.resolve().as_uri()
+
+    # After the load event the page's own script counts the pictures that decoded.
+    dom = _chromium(["--virtual-time-budget=5000", "--dump-dom", url], tmp_path)
+    found = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom.stdout)
+    assert found, f"no load marker in the DOM: {dom.stderr[-2000:]}"
+    loaded, total = map(int, found.groups())
+    assert total == 12 and loaded == total
+
+    shot = tmp_path / "shot.png"
+    res = _chromium([f"--screenshot={shot}", "--window-size=1200,1600", "--virtual-time-budget=5000", url], tmp_path)
+    assert shot.is_file(), res.stderr[-2000:]
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
+    assert pixels.shape[:2] == (1600, 1200)
+    assert pixels.std() > 20  # not a blank page
+    # The thumbnails are on screen: the test images' green and yellow coats (colours the page
+    # itself never uses) show up as pixels.
+    for name in ("green", "yellow"):
+        close = np.abs(pixels - np.array(COLOURS[name])).max(axis=2) < 40
+        assert close.sum() > 50, f"no {name} pixels: thumbnails not drawn"
