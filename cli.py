@@ -8,12 +8,14 @@ A bad combination of options is a usage error: exit 2, naming the options.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
+from rich.table import Table
 from typer.core import TyperGroup
 
 from tbps.errors import TbpsError, UsageError
@@ -25,14 +27,15 @@ err = Console(stderr=True)  # progress, logs and errors
 class _Group(TyperGroup):
     """Turns tbps errors into one printed line and an exit code, for every command."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UsageError as exc:
-            raise click.UsageError(str(exc), ctx) from None
+            # typer's own exception types (it vendors click): exit 2 with the usage line.
+            raise typer.BadParameter(str(exc), ctx=ctx) from None
         except TbpsError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise click.exceptions.Exit(1) from None
+            raise typer.Exit(1) from None
 
 
 app = typer.Typer(
@@ -55,6 +58,42 @@ IdColOpt = typer.Option(None, "--id-col", help="Person id column of a CSV/JSONL/
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or logs on stderr.")
 
 
+@contextlib.contextmanager
+def progress_bar(description: str, unit: str = "pairs", quiet: bool = False):
+    """A rich progress bar on stderr; yields ``update(done, total)`` for core code to call.
+
+    Example: ``with progress_bar("scoring", quiet=quiet) as update: run_score(cfg, progress=update)``
+    """
+    if quiet:
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(description, total=None, rate="")
+        start = time.perf_counter()
+
+        def update(done: int, total: int) -> None:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} {unit}/s")
+
+        yield update
+
+
+def log_line(quiet: bool):
+    """A logger for core code: one line to stderr, or nothing with --quiet."""
+    return (lambda msg: None) if quiet else (lambda msg: err.print(msg, highlight=False))
+
+
 @app.command()
 def version() -> None:
     """Print the tbps, torch and open_clip versions.
@@ -65,6 +104,257 @@ def version() -> None:
 
     for name, value in versions().items():
         out.print(f"{name} {value}")
+
+
+@app.command()
+def score(
+    data: str = typer.Argument(..., help="The pairs to score: any dataset the readers support."),
+    model: str = typer.Option(..., "--model", help="tbps-tiny, NAME:TAG, NAME:/file.pt, an exported checkpoint or a run dir."),
+    bank: str = typer.Option(..., "--bank", help="Reference bank: a dataset or a .txt file, one caption per line."),
+    out_dir: str = typer.Option(..., "--out", help="Output directory (re-run the same command to resume)."),
+    format: Optional[str] = FormatOpt,
+    image_root: Optional[str] = ImageRootOpt,
+    image_col: Optional[str] = ImageColOpt,
+    caption_col: Optional[str] = CaptionColOpt,
+    id_col: Optional[str] = IdColOpt,
+    bank_size: int = typer.Option(10_000, "--bank-size", help="Bank captions sampled with --seed."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bank sample (and of random model weights)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader processes decoding images."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where native), fp32 or bf16."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    chunk_size: int = typer.Option(16_384, "--chunk-size", help="Pairs per output part (the unit of resume)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/N: score shard i of N (SLURM arrays)."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Score every pair: image-caption cosine and rank against a reference caption bank.
+
+    Writes OUT/scores/part-*.parquet (one row per input pair), OUT/embeddings/ and OUT/score.json.
+
+    Example: tbps score world/pool/pool.json --model tbps-tiny --bank world/benchmark/reid_raw.json --out runs/scores
+    """
+    from tbps.curate.score import ScoreConfig, run_score
+
+    cfg = ScoreConfig(
+        data=data, model=model, bank=bank, out=out_dir, format=format, image_root=image_root, image_col=image_col,
+        caption_col=caption_col, id_col=id_col, bank_size=bank_size, seed=seed, batch_size=batch_size, workers=workers,
+        precision=precision, device=device, chunk_size=chunk_size, shard=shard,
+    )
+    with progress_bar("scoring", quiet=quiet) as update:
+        s = run_score(cfg, progress=update, log=log_line(quiet))
+    table = Table(title=f"tbps score -> {s.out}", show_header=False)
+    for key, value in [("rows", f"{s.rows:,}"), ("parts", f"{s.parts_total} ({s.parts_done_here} scored here, {s.parts_skipped} resumed)"),
+                       ("bank captions", f"{s.bank_size:,}"), ("throughput", f"{s.pairs_per_second:,.1f} pairs/s"),
+                       ("complete", str(s.complete))] + [(f"status {k}", f"{v:,}") for k, v in s.status_counts.items()]:
+        table.add_row(key, value)
+    out.print(table)
+
+
+@app.command()
+def info(
+    data: Path = typer.Argument(..., help="A dataset file or folder, in any format the readers support."),
+    format: Optional[str] = FormatOpt,
+    image_root: Optional[Path] = ImageRootOpt,
+    image_col: Optional[str] = ImageColOpt,
+    caption_col: Optional[str] = CaptionColOpt,
+    id_col: Optional[str] = typer.Option(None, "--id-col", help="Person id column of a table; 'folder' for an image folder."),
+    head: int = typer.Option(5, "--head", help="How many first rows to show."),
+) -> None:
+    """Read a dataset and print its format, rows, statuses, splits, persons, images and first rows.
+
+    Formats: cuhk-pedes, icfg-pedes, rstpreid, aptm, csv, jsonl, parquet, image-folder, captions-txt.
+
+    Example: tbps info runs/demo-world/benchmark/reid_raw.json --image-root runs/demo-world/benchmark/imgs
+    """
+    from tbps.data.readers import ReadConfig, describe
+
+    config = ReadConfig(data=data, format=format, image_root=image_root, image_col=image_col, caption_col=caption_col, id_col=id_col)
+    for part in describe(config, head=head).renderables():
+        out.print(part)
+
+
+# --- eval, inspect, search (tbps.eval) ---------------------------------------------------
+
+
+@app.command("eval")
+def eval_(
+    data: Optional[list[Path]] = typer.Argument(None, help="The test dataset (with person ids); with --compare: eval JSON records."),
+    model: Optional[str] = typer.Option(None, "--model", help="A run dir, an exported checkpoint, NAME:TAG, NAME:/file.pt or tbps-tiny."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default: test when the data has splits, else all rows)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="JSON record to write (default: eval-<model>-<data>-<split>.json)."),
+    compare: bool = typer.Option(False, "--compare", help="Print the eval JSON records given as arguments side by side."),
+    format: Optional[str] = FormatOpt,
+    image_root: Optional[Path] = ImageRootOpt,
+    image_col: Optional[str] = ImageColOpt,
+    caption_col: Optional[str] = CaptionColOpt,
+    id_col: Optional[str] = IdColOpt,
+    batch_size: int = typer.Option(256, "--batch-size", help="Images / captions per forward pass."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader processes decoding images."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (reproducible), bf16 or auto."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Text-to-image retrieval (R@1/5/10, mAP, mINP): every test caption queries every test image.
+
+    Example: tbps eval runs/demo-world/benchmark/reid_raw.json --model runs/train --split test
+    """
+    from tbps.eval.evaluate import EvalConfig, load_records, metrics_table, run_eval
+
+    if compare:
+        out.print(metrics_table(load_records(data or []), names=[p.name for p in data or []]))
+        return
+    if not data or len(data) != 1 or model is None:
+        raise UsageError("give one DATA and --model, or --compare A.json B.json ...", field="DATA / --model")
+    cfg = EvalConfig(data=data[0], model=model, split=split, out=out_file, format=format, image_root=image_root, image_col=image_col,
+                     caption_col=caption_col, id_col=id_col, batch_size=batch_size, workers=workers, device=device, precision=precision)
+    rec = run_eval(cfg, log=log_line(quiet))
+    out.print(metrics_table([rec]))
+    err.print(f"wrote {rec['out']}", highlight=False)
+
+
+@app.command()
+def inspect(
+    table: Path = typer.Argument(..., help="A score run dir (DIR/scores/*.parquet), a Parquet score table, or a manifest."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report (thumbnails, histograms)."),
+    top: int = typer.Option(10, "--top", help="Pairs shown at each end by score, and per drop reason."),
+    bins: int = typer.Option(20, "--bins", help="Bins of the score histogram."),
+) -> None:
+    """Summarise a score table or manifest: counts, quantiles, histograms, extreme pairs, sources, drops.
+
+    Example: tbps inspect runs/scores --html runs/scores/report.html --top 24
+    """
+    from tbps.eval.inspect import InspectConfig, run_inspect
+
+    report = run_inspect(InspectConfig(table=table, html=html, top=top, bins=bins))
+    for part in report.renderables():
+        out.print(part)
+    if html is not None:
+        err.print(f"wrote {html}", highlight=False)
+
+
+# --- train, export (tbps.train) ------------------------------------------------------------
+
+
+@app.command()
+def train(
+    run_dir: str = typer.Option(..., "--out", help="Run directory to write (or to continue with --resume)."),
+    model: str = typer.Option(..., "--model", help="Base model: tbps-tiny, NAME:TAG, NAME:/file.pt or an exported checkpoint."),
+    manifest: Optional[str] = typer.Option(None, "--manifest", help="Manifest Parquet written by `tbps select`."),
+    data: Optional[str] = typer.Option(None, "--data", help="Or: a dataset any reader supports (instead of --manifest)."),
+    format: Optional[str] = FormatOpt,
+    image_root: Optional[str] = ImageRootOpt,
+    image_col: Optional[str] = ImageColOpt,
+    caption_col: Optional[str] = CaptionColOpt,
+    id_col: Optional[str] = IdColOpt,
+    train_split: Optional[str] = typer.Option("train", "--train-split", help="Split of --data to train on (when it has splits)."),
+    val: Optional[str] = typer.Option(None, "--val", help="Validation dataset; picks the best checkpoint (never use test)."),
+    val_split: Optional[str] = typer.Option("val", "--val-split", help="Split of --val to validate on (when it has splits)."),
+    adapter: str = typer.Option("wora", "--adapter", help="wora, dora, lora or full."),
+    rank: int = typer.Option(8, "--rank", help="Adapter rank r."),
+    wora_norm: str = typer.Option("per-input", "--wora-norm", help="per-input (paper code) or per-output (DoRA)."),
+    targets: Optional[list[str]] = typer.Option(None, "--targets", help="Module name patterns to adapt (repeat or comma-separate); default all."),
+    loss: str = typer.Option("clip", "--loss", help="clip (InfoNCE) or sdm (same person_id = positive, IRRA)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the data (default 5; or give --steps)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (instead of --epochs)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Pairs per micro-batch, over all torchrun processes."),
+    accum: int = typer.Option(1, "--accum", help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay of matrices."),
+    warmup: int = typer.Option(100, "--warmup", help="Linear warm-up steps, then cosine decay."),
+    clip_grad: float = typer.Option(1.0, "--clip-grad", help="Max gradient norm (0: off)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where native), fp32 or bf16."),
+    seed: int = typer.Option(0, "--seed", help="Seed of weights init, data order and augmentation."),
+    val_every: int = typer.Option(500, "--val-every", help="Validate every N steps (and at the end)."),
+    save_every: int = typer.Option(500, "--save-every", help="Write RUN/last every N steps (and at the end)."),
+    log_every: int = typer.Option(10, "--log-every", help="One log line every N steps."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader processes decoding images."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from RUN/last (same options)."),
+    max_missing: float = typer.Option(0.05, "--max-missing", help="Share of rows with missing images skipped; above: refuse."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Fine-tune a CLIP model with WoRA (or DoRA, LoRA, full) and write a run directory.
+
+    RUN/run.json (config, data hash, parameters, training time, best step), RUN/log.jsonl, RUN/last/ and
+    RUN/best/. Under torchrun: DDP over all processes. A run loads with --model RUN in score/eval/search.
+
+    Example: tbps train --manifest manifests/finetune.parquet --model ViT-B-16:openai --adapter wora --val data/reid_raw.json --out runs/wora
+    """
+    options = {k: v for k, v in locals().items() if k not in ("run_dir", "quiet")}  # field names = option names
+    import os
+
+    from tbps.train.loop import TrainConfig, train as run_train
+
+    cfg = TrainConfig(out=run_dir, **options)
+    quiet = quiet or os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 reports
+    with progress_bar("training", unit="steps", quiet=quiet) as update:
+        r = run_train(cfg, progress=update, log=log_line(quiet))
+    if r.rank == 0:
+        best = f"step {r.best_step}: R@1 {r.best_metrics['R1']:.2f}, mAP {r.best_metrics['mAP']:.2f}" if r.best_step else "no --val: last step"
+        table = Table(title=f"tbps train -> {r.run}", show_header=False)
+        for key, value in [("steps", f"{r.steps:,}"), ("pairs seen", f"{r.pairs_seen:,}"), ("training time", f"{r.train_seconds:,.1f} s"),
+                           ("trainable parameters", f"{r.trainable:,} of {r.total:,} ({100 * r.trainable / r.total:.2f}%)"),
+                           ("final loss", f"{r.final_loss:.4f}"), ("result", f"{r.result_checkpoint} ({best})")] + [
+                           (f"skipped {k}", f"{v:,}") for k, v in r.skipped.items()]:
+            table.add_row(key, value)
+        out.print(table)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run directory written by `tbps train`."),
+    out_file: Path = typer.Option(..., "--out", help="The open_clip checkpoint (.pt) to write."),
+    merge: bool = typer.Option(True, "--merge", help="Fold the adapters into plain weights (always: open_clip has no adapters)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="best or last (default: the run's result)."),
+) -> None:
+    """Write a plain open_clip checkpoint of a run, adapters folded in; --model FILE.pt loads it.
+
+    Example: tbps export runs/wora --merge --out runs/wora.pt
+    """
+    from tbps.train.checkpoint import export_run
+
+    path, identity = export_run(run, out_file, checkpoint)
+    out.print(f"wrote {path} (run {identity['run']}, {identity['checkpoint']} step {identity['step']}, weights {identity['sha']})", highlight=False)
+
+
+# --- synth (tbps.data.synth) ---------------------------------------------------------------
+
+
+@app.command()
+def synth(
+    out_dir: Path = typer.Option(..., "--out", help="Directory to write the world to (a previous world there is replaced)."),
+    seed: int = typer.Option(0, "--seed", help="World seed: the same seed writes the same bytes."),
+    identities: int = typer.Option(600, "--identities", help="Benchmark identities (person ids 1..N)."),
+    split: str = typer.Option("4:1:1", "--split", help="TRAIN:VAL:TEST ratio of benchmark identities."),
+    images_per_id: int = typer.Option(4, "--images-per-id", help="Benchmark images per identity (two captions each)."),
+    pool_identities: int = typer.Option(5000, "--pool-identities", help="Identities of the pool, disjoint from the benchmark's."),
+    pool_size: int = typer.Option(20000, "--pool-size", help="Image-caption pairs in the pool."),
+    defect_rate: float = typer.Option(0.4, "--defect-rate", help="Share of defective pool pairs, in [0, 1]."),
+    defect_mix: Optional[str] = typer.Option(None, "--defect-mix", help="KIND=WEIGHT,... share of each defect kind; kinds left out get 0 (default: built-in mix)."),
+    image_size: str = typer.Option("96x32", "--image-size", help="HEIGHTxWIDTH with height = 3 x width."),
+    colours: int = typer.Option(17, "--colours", help="Garment palette size, 2-17 (fewer: no near colours, easier)."),
+    occlusion: float = typer.Option(0.25, "--occlusion", help="Probability of an object in front of the person."),
+    lighting: float = typer.Option(0.3, "--lighting", help="Half-range of the per-image brightness change, 0-0.9."),
+    clutter: int = typer.Option(3, "--clutter", help="Most background objects per image."),
+    workers: int = typer.Option(2, "--workers", help="Rendering processes (1: in this process)."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Write the synthetic pedestrian world: a CUHK-PEDES benchmark and an APTM/MALS pool with known defects.
+
+    OUT/benchmark/reid_raw.json + imgs/, OUT/pool/pool.json + images/, OUT/pool/truth.parquet (defect truth), OUT/world.json.
+
+    Example: tbps synth --out runs/demo-world --seed 0 --pool-size 20000 --defect-rate 0.4
+    """
+    options = {k: v for k, v in locals().items() if k not in ("out_dir", "quiet", "defect_mix")}  # field names = option names
+    from tbps.data.synth import SynthConfig, synthesize
+
+    cfg = SynthConfig(out=out_dir, **options, **({"defect_mix": defect_mix} if defect_mix is not None else {}))
+    with progress_bar("rendering", unit="images", quiet=quiet) as update:
+        summary = synthesize(cfg, progress=update)
+    table = Table("section", "item", "count", title=f"tbps synth -> {summary.out}")
+    for row in summary.rows():
+        table.add_row(*row)
+    out.print(table)
 
 
 def main() -> None:
