@@ -1,0 +1,246 @@
+"""``tbps train`` / ``tbps export``: a real few-step run of tbps-tiny on rendered pedestrians.
+
+The world: 8 persons, each a shirt colour on a dark background, 2 training images and 1
+validation image per person, captions naming the colour. Every run is fp32 on CPU, batch 8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from tbps import columns as C
+from tbps.cli import app
+from tbps.models import load
+from tbps.models.encode import encode_images, encode_texts
+from tbps.train.adapters import WEIGHTS_FILE, adapter_state_dict
+from tbps.train.checkpoint import build_model, load_run_model
+from tbps.train.loop import TrainConfig, train
+
+COLOURS = {
+    "red": (200, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 40, 200),
+    "yellow": (220, 210, 30),
+    "black": (10, 10, 10),
+    "white": (240, 240, 240),
+    "purple": (130, 30, 150),
+    "orange": (240, 130, 20),
+}
+FAST = ["--model", "tbps-tiny", "--batch-size", "8", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a loaded 2-core machine two spinning OpenMP threads run 10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _render(path: Path, rgb: tuple[int, int, int], rng: np.random.Generator) -> None:
+    arr = np.zeros((96, 32, 3), np.uint8)
+    arr[:] = rng.integers(0, 60, 3)
+    arr[20:60, 6:26] = rgb
+    arr[60:, 8:24] = np.array(rgb) // 2
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """manifest.parquet (16 train pairs + 1 with a missing image) and pairs.csv (train + val splits)."""
+    root = tmp_path_factory.mktemp("world")
+    rng = np.random.default_rng(0)
+    rows = []
+    for p, (name, rgb) in enumerate(COLOURS.items()):
+        for k, split in enumerate(("train", "train", "val")):
+            _render(root / f"p{p}_{k}.png", rgb, rng)
+            rows.append({C.PAIR_ID: f"{p}-{k}", C.IMAGE_PATH: f"p{p}_{k}.png", C.CAPTION: f"a person wearing a {name} shirt",
+                         C.PERSON_ID: str(p), C.SPLIT: split})
+    table = pl.DataFrame(rows)
+    table.write_csv(root / "pairs.csv")
+    manifest = table.filter(pl.col(C.SPLIT) == "train").drop(C.SPLIT)
+    missing = {C.PAIR_ID: "gone", C.IMAGE_PATH: "gone.png", C.CAPTION: "a person wearing a grey shirt", C.PERSON_ID: "9"}
+    pl.concat([manifest, pl.DataFrame([missing])]).write_parquet(root / "manifest.parquet")
+    return root
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run_dir(world, tmp_path_factory) -> Path:
+    """A 4-step wora run through the CLI with validation (1 of 17 manifest images missing)."""
+    run = tmp_path_factory.mktemp("runs") / "wora"
+    res = _invoke("train", "--manifest", world / "manifest.parquet", "--val", world / "pairs.csv", "--out", run, *FAST,
+                  "--steps", "4", "--val-every", "2", "--lr", "1e-3", "--log-every", "1", "--max-missing", "0.1", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "skipped missing-image" in res.output
+    return run
+
+
+def test_cli_run_writes_a_complete_run_directory(run_dir):
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "complete" and record["step"] == 4
+    assert record["config"]["adapter"] == "wora" and record["config"]["steps"] == 4
+    assert record["base_model"]["identity"] == load("tbps-tiny", seed=0).identity
+    assert record["adapter"]["method"] == "wora" and record["adapter"]["modules"]
+    assert record["data"]["kind"] == "manifest" and len(record["data"]["sha"]) == 32
+    assert record["data"]["rows"] == 17 and record["data"]["used"] == 16 and record["data"]["skipped"] == {"missing-image": 1}
+    params = record["parameters"]
+    assert 0 < params["trainable"] < 0.05 * params["total"]
+    assert record["training"]["pairs_seen"] == 4 * 8 and record["training"]["train_seconds"] > 0
+    assert record["result_checkpoint"] == "best" and record["best"]["step"] in (2, 4)
+    assert set(record["best"]["metrics"]) == {"R1", "R5", "R10", "mAP", "mINP"}
+    assert record["versions"]["torch"] and "git_commit" in record
+    lines = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines()]
+    train_lines = [ln for ln in lines if ln["kind"] == "train"]
+    assert [ln["step"] for ln in train_lines] == [1, 2, 3, 4]
+    assert all({"epoch", "loss", "lr", "img_per_s", "wall_s"} <= set(ln) for ln in train_lines)
+    assert [ln["step"] for ln in lines if ln["kind"] == "val"] == [2, 4]
+    for name in ("adapter_config.json", WEIGHTS_FILE, "trainer.pt"):
+        assert (run_dir / "last" / name).is_file()
+    assert (run_dir / "best" / WEIGHTS_FILE).is_file() and not (run_dir / "best" / "trainer.pt").exists()
+
+
+def test_only_adapter_parameters_and_temperature_changed(run_dir):
+    trained = load_run_model(run_dir, "last").model
+    start = build_model("tbps-tiny", 0, "wora", 8, None, "per-input").model
+    adapted = set(adapter_state_dict(start))
+    assert "logit_scale" in adapted and any(n.endswith("lora_B") for n in adapted)
+    after = dict(trained.named_parameters())
+    changed = {n for n, p in start.named_parameters() if not torch.equal(p, after[n])}
+    assert changed and changed <= adapted
+    assert any(n.endswith("lora_B") for n in changed)
+
+
+def test_export_merge_gives_the_run_model(run_dir, world, tmp_path):
+    res = _invoke("export", run_dir, "--merge", "--out", tmp_path / "wora.pt")
+    assert res.exit_code == 0, res.output
+    from_run, exported = load(str(run_dir)), load(str(tmp_path / "wora.pt"))
+    assert from_run.identity["run"] == "wora" and from_run.identity["checkpoint"] == "best"
+    assert len(from_run.identity["sha"]) == 32 and from_run.identity["base"]["spec"] == "tbps-tiny"
+    paths = [str(p) for p in sorted(world.glob("p*_2.png"))]
+    captions = [f"a person wearing a {c} shirt" for c in COLOURS]
+    for fn, items in ((encode_images, paths), (encode_texts, captions)):
+        a, b = fn(from_run, items, batch_size=8), fn(exported, items, batch_size=8)
+        a, b = getattr(a, "embeddings", a), getattr(b, "embeddings", b)
+        assert np.abs(a - b).max() <= 1e-5
+    assert not np.allclose(encode_texts(load("tbps-tiny"), captions), encode_texts(exported, captions), atol=1e-4)
+
+
+def _config(world: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(out=str(out), model="tbps-tiny", manifest=str(world / "manifest.parquet"), max_missing=0.1, batch_size=8,
+                workers=0, precision="fp32", device="cpu", warmup=1, log_every=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(run: Path) -> list[float]:
+    return [ln["loss"] for ln in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if ln["kind"] == "train"]
+
+
+def test_loss_decreases_on_a_repeated_batch(world, tmp_path):
+    pl.read_parquet(world / "manifest.parquet").filter(pl.col(C.PAIR_ID).str.ends_with("-0")).with_columns(
+        (str(world) + "/" + pl.col(C.IMAGE_PATH)).alias(C.IMAGE_PATH)
+    ).write_parquet(tmp_path / "eight.parquet")
+    result = train(_config(world, tmp_path / "run", manifest=str(tmp_path / "eight.parquet"), steps=8, lr=3e-3))
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 8 and result.final_loss == pytest.approx(losses[-1])
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_equals_an_uninterrupted_run(world, tmp_path):
+    kw = dict(steps=4, save_every=2, batch_size=4, accum=2, loss="sdm", lr=2e-3)
+    train(_config(world, tmp_path / "straight", **kw))
+
+    def crash_at_3(step: int, total: int) -> None:
+        if step == 3:
+            raise _Crash  # killed after step 3: RUN/last holds step 2
+
+    with pytest.raises(_Crash):
+        train(_config(world, tmp_path / "resumed", **kw), progress=crash_at_3)
+    assert torch.load(tmp_path / "resumed" / "last" / "trainer.pt", weights_only=True)["step"] == 2
+    train(_config(world, tmp_path / "resumed", resume=True, **kw))
+    a, b = (load_file(tmp_path / r / "last" / WEIGHTS_FILE) for r in ("straight", "resumed"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    assert _losses(tmp_path / "resumed") == pytest.approx(_losses(tmp_path / "straight"), abs=1e-6)
+
+
+def _names_run_state(path: Path) -> bool:
+    return not (path / "last").exists() and not (path / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--manifest", "{w}/nope.parquet"], 1, "manifest not found"),
+        (["--manifest", "{w}/noid.parquet"], 1, "lacks column(s) person_id; expected at least pair_id, image_path, caption, person_id, found"),
+        (["--manifest", "{w}/manifest.parquet", "--max-missing", "0.01"], 1, "1 of 17 rows (5.9%) have a missing or empty image"),
+        (["--manifest", "{w}/manifest.parquet", "--rank", "500"], 2, "rank 500 is larger than layer"),
+        (["--manifest", "{w}/manifest.parquet", "--adapter", "bora"], 2, "--adapter must be one of"),
+        (["--manifest", "{w}/manifest.parquet", "--targets", "nowhere"], 1, "target pattern matches no Linear"),
+        (["--manifest", "{w}/manifest.parquet", "--data", "{w}/pairs.csv"], 2, "exactly one of --manifest and --data"),
+        (["--data", "{w}/pairs.csv", "--train-split", "dev"], 1, "split 'dev' not found"),
+        (["--manifest", "{w}/manifest.parquet", "--resume"], 1, "cannot resume: not a run directory"),
+    ],
+)
+def test_bad_input_is_refused_before_training(world, tmp_path, args, code, message):
+    pl.read_parquet(world / "manifest.parquet").drop(C.PERSON_ID).write_parquet(world / "noid.parquet")
+    out = tmp_path / "run"
+    res = _invoke("train", "--max-missing", "0.1", *[a.format(w=world) for a in args], "--out", out, *FAST, "--steps", "2")
+    assert res.exit_code == code, res.output
+    assert message in " ".join(res.output.split()), res.output
+    assert _names_run_state(out)
+
+
+def test_unusable_resume_checkpoint_is_refused(run_dir, world, tmp_path):
+    args = ["train", "--manifest", world / "manifest.parquet", "--val", world / "pairs.csv", *FAST, "--steps", "4",
+            "--val-every", "2", "--lr", "1e-3", "--max-missing", "0.1", "--quiet"]
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    res = _invoke(*args, "--out", copy)
+    assert res.exit_code == 1 and "not empty" in res.output and "--resume" in res.output
+    res = _invoke(*args, "--out", copy, "--resume", "--rank", "4")
+    assert res.exit_code == 1 and "rank: run has 8, now 4" in " ".join(res.output.split()), res.output
+    (copy / "last" / "trainer.pt").unlink()
+    res = _invoke(*args, "--out", copy, "--resume")
+    assert res.exit_code == 1 and "last checkpoint is incomplete" in " ".join(res.output.split()), res.output
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(world, tmp_path):
+    args = ["--data", world / "pairs.csv", "--out", tmp_path / "ddp", *FAST, "--steps", "3", "--lr", "1e-3", "--loss", "sdm",
+            "--log-every", "1", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tbps", "train"]
+    proc = subprocess.run(cmd + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert record["world_size"] == 2 and record["status"] == "complete"
+    single = TrainConfig(out=str(tmp_path / "one"), model="tbps-tiny", data=str(world / "pairs.csv"), batch_size=8, workers=0,
+                         precision="fp32", device="cpu", warmup=1, steps=3, lr=1e-3, loss="sdm", log_every=1)
+    train(single)
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "one"), abs=1e-5)
+    a, b = (load_file(tmp_path / r / "last" / WEIGHTS_FILE) for r in ("ddp", "one"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)

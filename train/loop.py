@@ -1,0 +1,462 @@
+"""``tbps train``: fine-tune a CLIP model with WoRA (or DoRA, LoRA, full) on a manifest or dataset.
+
+The core of :func:`train` reads top to bottom: check every input (data, validation set, resume
+checkpoint, model and adapters) before any training, then AdamW with linear warm-up and cosine
+decay, gradient accumulation, clipping, autocast, a log line per interval, validation every
+``val_every`` steps (R@1 then mAP picks ``best/``; never the test split), and ``last/`` every
+``save_every`` steps. Under ``torchrun`` it runs DDP (gloo on CPU, nccl on GPU): ``batch_size``
+is the global micro-batch, split evenly over the ranks, the contrastive loss sees the gathered
+global batch, and only rank 0 writes the run directory. See :mod:`tbps.train.checkpoint` for
+the run directory and :mod:`tbps.train.data` for the deterministic batch order that makes
+``--resume`` reproduce an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+import torch
+import torch.distributed as dist
+
+from tbps import columns as C
+from tbps.errors import TbpsError, UsageError
+from tbps.models import RUN_MARKER, count_parameters, file_hash
+from tbps.train import checkpoint as ckpt
+from tbps.train import data as D
+from tbps.train.loss import LOSSES, contrastive_loss
+
+DEFAULT_EPOCHS = 5
+# Options that may change between a run and its --resume: they do not shape the result.
+RESUME_FREE = {"resume", "workers", "log_every"}
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``tbps train``; field names equal the CLI option names.
+
+    Attributes:
+        out: the run directory to write (or to resume).
+        model: the base model spec (``tbps.models.load``).
+        manifest: a manifest Parquet (``tbps select``); exclusive with ``data``.
+        data: a dataset any reader supports; exclusive with ``manifest``.
+        format: reader format of ``data`` and ``val``; detected when None.
+        image_root: where image paths of ``data``/``val`` (and relative manifest paths) resolve.
+        image_col: image column of a generic table.
+        caption_col: caption column of a generic table.
+        id_col: person id column of a generic table.
+        train_split: the split of ``data`` to train on, when the file has splits.
+        val: the validation dataset (reader formats); None trains without validation.
+        val_split: the split of ``val`` to validate on, when the file has splits.
+        adapter: ``wora``, ``dora``, ``lora`` or ``full``.
+        rank: adapter rank.
+        wora_norm: ``per-input`` (paper code) or ``per-output`` (DoRA convention).
+        targets: module name patterns to adapt; None: every Linear and MultiheadAttention.
+        loss: ``clip`` (InfoNCE) or ``sdm`` (identity-aware, IRRA).
+        epochs: passes over the data (exclusive with ``steps``; default 5 when neither is given).
+        steps: optimizer steps (exclusive with ``epochs``).
+        batch_size: pairs per micro-batch, over all ranks together.
+        accum: micro-batches per optimizer step (gradient accumulation).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay of matrices (never of biases, gains, scalars).
+        warmup: linear warm-up steps before the cosine decay to zero.
+        clip_grad: max gradient norm; 0 disables clipping.
+        precision: ``auto`` (bf16 autocast where native), ``fp32`` or ``bf16``.
+        seed: seeds random base weights, adapter init, data order and augmentation.
+        val_every: validate every N optimizer steps (and after the last).
+        save_every: write ``last/`` every N steps (and after the last).
+        log_every: one log line every N steps.
+        workers: DataLoader worker processes decoding images.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun: the local rank's GPU).
+        resume: continue the run in ``out`` from its ``last/`` checkpoint.
+        max_missing: largest share of rows with a missing image file that is skipped; above
+            it the run refuses before training.
+    """
+
+    out: str
+    model: str
+    manifest: str | None = None
+    data: str | None = None
+    format: str | None = None
+    image_root: str | None = None
+    image_col: str | None = None
+    caption_col: str | None = None
+    id_col: str | None = None
+    train_split: str | None = "train"
+    val: str | None = None
+    val_split: str | None = "val"
+    adapter: str = "wora"
+    rank: int = 8
+    wora_norm: str = "per-input"
+    targets: list[str] | None = None
+    loss: str = "clip"
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int = 64
+    accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: int = 100
+    clip_grad: float = 1.0
+    precision: str = "auto"
+    seed: int = 0
+    val_every: int = 500
+    save_every: int = 500
+    log_every: int = 10
+    workers: int = 2
+    device: str = "auto"
+    resume: bool = False
+    max_missing: float = 0.05
+
+    def __post_init__(self) -> None:
+        from tbps.train.adapters import METHODS, NORMS
+
+        if (self.manifest is None) == (self.data is None):
+            raise UsageError("give exactly one of --manifest and --data", field="--manifest", value=(self.manifest, self.data))
+        if self.adapter not in METHODS:
+            raise UsageError(f"--adapter must be one of {', '.join(METHODS)}", field="--adapter", value=self.adapter)
+        if self.adapter == "none":
+            raise UsageError("--adapter none trains nothing; use it to evaluate a frozen model", field="--adapter", value="none")
+        if self.wora_norm not in NORMS:
+            raise UsageError(f"--wora-norm must be one of {', '.join(NORMS)}", field="--wora-norm", value=self.wora_norm)
+        if self.loss not in LOSSES:
+            raise UsageError(f"--loss must be one of {', '.join(LOSSES)}", field="--loss", value=self.loss)
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        if self.targets is not None:
+            # "--targets c_fc,c_proj" and repeated --targets both work.
+            self.targets = [t.strip() for item in self.targets for t in item.split(",") if t.strip()] or None
+        if self.targets is not None and self.adapter == "full":
+            raise UsageError("--targets applies to the adapter methods, not --adapter full", field="--targets", value=self.targets)
+        if self.epochs is not None and self.steps is not None:
+            raise UsageError("give --epochs or --steps, not both", field="--steps", value=(self.epochs, self.steps))
+        if self.epochs is None and self.steps is None:
+            self.epochs = DEFAULT_EPOCHS
+        for name in ("rank", "epochs", "steps", "batch_size", "accum", "val_every", "save_every", "log_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1", field=f"--{name.replace('_', '-')}", value=value)
+        for name in ("warmup", "workers"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name} must be 0 or more", field=f"--{name}", value=getattr(self, name))
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError("--lr must be a positive number", field="--lr", value=self.lr)
+        for name in ("weight_decay", "clip_grad"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"--{name.replace('_', '-')} must be 0 or more", field=f"--{name.replace('_', '-')}", value=value)
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise UsageError("--precision must be auto, fp32 or bf16", field="--precision", value=self.precision)
+        if not 0.0 <= self.max_missing <= 1.0:
+            raise UsageError("--max-missing is a fraction between 0 and 1", field="--max-missing", value=self.max_missing)
+
+    def reader_options(self) -> dict[str, Any]:
+        """The options passed to ``tbps.data.readers.read_dataset``."""
+        return {
+            "format": self.format,
+            "image_root": self.image_root,
+            "image_col": self.image_col,
+            "caption_col": self.caption_col,
+            "id_col": self.id_col,
+        }
+
+
+@dataclass
+class TrainResult:
+    """What a ``tbps train`` process did (the same on every rank; only rank 0 wrote it)."""
+
+    run: Path
+    steps: int
+    pairs_seen: int
+    train_seconds: float
+    final_loss: float
+    trainable: int
+    total: int
+    result_checkpoint: str
+    best_step: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    rank: int = 0
+
+
+@dataclass
+class ValSet:
+    """Validation queries (every caption) and gallery (the distinct images)."""
+
+    captions: list[str]
+    query_pids: list[str]
+    gallery_paths: list[str]
+    gallery_pids: list[str]
+    report: D.PairReport
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def load_training_pairs(config: TrainConfig) -> tuple[pl.DataFrame, D.PairReport, dict[str, Any]]:
+    """The usable training pairs, the report of skipped rows, and the source's provenance."""
+    if config.manifest is not None:
+        frame, source = D.read_manifest(config.manifest, config.image_root), config.manifest
+    else:
+        frame, source = D.read_split(config.data, config.train_split, config.reader_options(), "--data"), config.data
+    frame, report = D.usable_pairs(frame, source, config.max_missing)
+    if frame.height < config.batch_size:
+        raise TbpsError(
+            f"only {frame.height} usable pairs, fewer than one batch (--batch-size {config.batch_size})",
+            path=source,
+            hint="lower --batch-size",
+        )
+    sha = file_hash(source) if Path(source).is_file() else None
+    return frame, report, {"kind": "manifest" if config.manifest else "dataset", "path": str(source), "sha": sha}
+
+
+def load_val_set(config: TrainConfig) -> ValSet:
+    """The validation split: every caption a query, every distinct image one gallery item."""
+    frame = D.read_split(config.val, config.val_split, config.reader_options(), "--val")
+    frame, report = D.usable_pairs(frame, config.val, None)
+    if frame.get_column(C.PERSON_ID).null_count():
+        raise TbpsError("validation needs a person id on every pair", path=config.val, field=C.PERSON_ID)
+    gallery = frame.unique(C.IMAGE_PATH, keep="first", maintain_order=True)
+    return ValSet(
+        frame.get_column(C.CAPTION).to_list(),
+        frame.get_column(C.PERSON_ID).to_list(),
+        gallery.get_column(C.IMAGE_PATH).to_list(),
+        gallery.get_column(C.PERSON_ID).to_list(),
+        report,
+    )
+
+
+def validate(loaded, val: ValSet, config: TrainConfig, device: torch.device) -> dict[str, float]:
+    """R@1/5/10, mAP, mINP of text-to-image retrieval on the validation set (model in eval mode)."""
+    from tbps.eval.metrics import retrieval_metrics_from_embeddings
+    from tbps.models.encode import encode_images, encode_texts
+
+    was_training = loaded.model.training
+    loaded.model.eval()
+    images = encode_images(loaded, val.gallery_paths, batch_size=config.batch_size, workers=config.workers, device=device, precision=config.precision)
+    texts = encode_texts(loaded, val.captions, batch_size=config.batch_size, device=device, precision=config.precision)
+    loaded.model.train(was_training)
+    ok = images.ok
+    gallery_pids = [p for p, good in zip(val.gallery_pids, ok) if good]
+    return retrieval_metrics_from_embeddings(texts, images.embeddings[ok], val.query_pids, gallery_pids)
+
+
+def _distributed(device_opt: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the torchrun process group when WORLD_SIZE > 1."""
+    from tbps.models.encode import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_opt)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return dist.get_rank(), world, device
+    return 0, 1, device
+
+
+def _check_out(run: Path, resume: bool) -> None:
+    if not resume and run.exists() and any(run.iterdir()):
+        raise TbpsError(
+            "the run directory is not empty",
+            path=run,
+            hint="pass --resume to continue the run there, or choose another --out",
+        )
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices only (as open_clip)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def train(
+    config: TrainConfig,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Fine-tune a model and write the run directory (see the module docstring).
+
+    Args:
+        config: the resolved options.
+        progress: called as ``progress(step, total_steps)`` after each optimizer step (rank 0).
+        log: called with each log line, e.g. ``step 120 | loss 2.31 | lr 3e-4 | 850 img/s`` (rank 0).
+
+    Returns:
+        The :class:`TrainResult`.
+
+    Raises:
+        TbpsError: bad input (data, manifest, validation set, adapter targets, resume
+            checkpoint), always before the first training step.
+        UsageError: options that do not fit together (e.g. a batch not divisible by the ranks).
+    """
+    from tbps.models import load
+    from tbps.models.encode import autocast_dtype
+    from tbps.provenance import record, write_json_atomic
+    from tbps.train.adapters import adapter_config
+
+    run = Path(config.out)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size % world:
+        raise UsageError(f"--batch-size must be divisible by the {world} torchrun processes", field="--batch-size", value=config.batch_size)
+    # --- Everything that can refuse, before any training.
+    _check_out(run, config.resume)
+    pairs, report, source = load_training_pairs(config)
+    val = load_val_set(config) if config.val else None
+    saved = ckpt.read_resume_state(run, asdict(config), RESUME_FREE) if config.resume else None
+    if saved:
+        loaded = ckpt.load_weights(load(config.model, seed=config.seed), saved[0])
+    else:
+        loaded = ckpt.build_model(config.model, config.seed, config.adapter, config.rank, config.targets, config.wora_norm)
+    state = saved[1] if saved else {}
+    rank, world, device = _distributed(config.device)
+    main = rank == 0
+    model = loaded.model.to(device).train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    trainable, total = count_parameters(model)
+    dtype = autocast_dtype(config.precision, device)
+    dataset = D.TrainPairs(
+        pairs.get_column(C.IMAGE_PATH).to_list(),
+        pairs.get_column(C.CAPTION).to_list(),
+        D.person_codes(pairs.get_column(C.PERSON_ID).to_list()),
+        D.PedestrianAugment(loaded.image_size, *_norm_stats(model), pad=D.default_pad(loaded.image_size)),
+        config.seed,
+    )
+    per_epoch = len(dataset) // config.batch_size
+    total_steps = config.steps or max(1, config.epochs * per_epoch // config.accum)
+    optimizer = _optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup, total_steps))
+    step = int(state.get("step", 0))
+    if saved:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(config.seed), np.random.seed(config.seed), random.seed(config.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=D.GlobalBatches(len(dataset), config.batch_size, config.seed, step * config.accum, total_steps * config.accum, rank, world),
+        num_workers=config.workers,
+        collate_fn=D.Collate(loaded.tokenizer),
+        pin_memory=device.type == "cuda",
+    )
+    best = state.get("best")  # {"step", "metrics"} of the best validation so far
+    counters = {k: state.get(k, 0) for k in ("train_seconds", "pairs_seen", "replaced")}
+    record_extra = {
+        "base_model": {"spec": config.model, "seed": config.seed, "identity": loaded.identity.get("base", loaded.identity)},
+        "adapter": adapter_config(model),
+        "data": {**source, **asdict(report)},
+        "val": asdict(val.report) if val else None,
+        "parameters": {"trainable": trainable, "total": total, "trainable_share": trainable / total},
+        "world_size": world,
+        "device": str(device),
+        "autocast": str(dtype) if dtype else "fp32",
+        "total_steps": total_steps,
+    }
+
+    def write_record(status: str) -> None:
+        result = ckpt.BEST if val else ckpt.LAST
+        write_json_atomic(run / RUN_MARKER, record(
+            config, **record_extra, status=status, step=step, epoch=step * config.accum / per_epoch,
+            training={"train_seconds": counters["train_seconds"], "pairs_seen": counters["pairs_seen"], "images_replaced": counters["replaced"]},
+            best=best, result_checkpoint=result,
+            result_note="best validation step (R@1, then mAP)" if val else "no --val: the last checkpoint is the result",
+            checkpoints={ckpt.LAST: {"step": state.get("saved_step")}, ckpt.BEST: best},
+        ))
+
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        ckpt.truncate_log(run, step) if saved else write_record("running")
+    # --- The loop: one optimizer step per iteration of `while`.
+    batches = iter(loader)
+    window = {"loss": 0.0, "steps": 0, "pairs": 0, "t": time.perf_counter()}
+    last_loss = float("nan")
+    while step < total_steps:
+        t0 = time.perf_counter()
+        step_loss = 0.0
+        for micro in range(config.accum):
+            batch = next(batches)
+            # DDP all-reduces gradients only on the last micro-batch of an accumulated step.
+            sync = contextlib.nullcontext() if world == 1 or micro == config.accum - 1 else ddp.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    image_emb, text_emb, scale = ddp(image=batch.pixels.to(device, non_blocking=True), text=batch.tokens.to(device))[:3]
+                loss = contrastive_loss(config.loss, image_emb, text_emb, scale, batch.person_ids.to(device)) / config.accum
+                loss.backward()
+            step_loss += loss.item()
+            counters["replaced"] += batch.replaced
+        if config.clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        counters["train_seconds"] += time.perf_counter() - t0
+        counters["pairs_seen"] += config.batch_size * config.accum
+        window["loss"], window["steps"], window["pairs"] = window["loss"] + step_loss, window["steps"] + 1, window["pairs"] + config.batch_size * config.accum
+        last_loss = step_loss
+        if main and (step % config.log_every == 0 or step == total_steps):
+            seconds = time.perf_counter() - window["t"]
+            line = {"kind": "train", "step": step, "epoch": round(step * config.accum / per_epoch, 4), "loss": window["loss"] / window["steps"],
+                    "lr": lr, "img_per_s": window["pairs"] / seconds, "wall_s": counters["train_seconds"]}
+            ckpt.append_log(run, line)
+            if log:
+                log(f"step {step} | epoch {line['epoch']:.2f} | loss {line['loss']:.4f} | lr {lr:.2e} | {line['img_per_s']:.0f} img/s")
+        if step % config.log_every == 0 or step == total_steps:
+            window = {"loss": 0.0, "steps": 0, "pairs": 0, "t": time.perf_counter()}
+        if val and (step % config.val_every == 0 or step == total_steps):
+            if main:
+                metrics = validate(loaded, val, config, device)
+                ckpt.append_log(run, {"kind": "val", "step": step, **metrics})
+                if log:
+                    log(f"val step {step} | R@1 {metrics['R1']:.2f} | mAP {metrics['mAP']:.2f}")
+                key = (metrics["R1"], metrics["mAP"])
+                if best is None or key > (best["metrics"]["R1"], best["metrics"]["mAP"]):
+                    best = {"step": step, "metrics": {k: metrics[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}}
+                    ckpt.write_checkpoint(run, ckpt.BEST, model)
+            if world > 1:
+                dist.barrier()  # the other ranks wait while rank 0 validates
+        if step % config.save_every == 0 or step == total_steps:
+            state["saved_step"] = step
+            if main:
+                trainer = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "rng": ckpt.rng_state(), "config": asdict(config), "best": best, "saved_step": step, **counters}
+                ckpt.write_checkpoint(run, ckpt.LAST, model, trainer)
+                write_record("running" if step < total_steps else "complete")
+        if progress and main:
+            progress(step, total_steps)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(
+        run=run, steps=step, pairs_seen=counters["pairs_seen"], train_seconds=counters["train_seconds"], final_loss=last_loss,
+        trainable=trainable, total=total, result_checkpoint=ckpt.BEST if val else ckpt.LAST,
+        best_step=best["step"] if best else None, best_metrics=best["metrics"] if best else {}, skipped=report.skipped, rank=rank,
+    )
+
+
+def _norm_stats(model: torch.nn.Module) -> tuple[list[float], list[float]]:
+    """The model's preprocessing mean and std (open_clip's preprocess config)."""
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    return list(cfg["mean"]), list(cfg["std"])
