@@ -107,6 +107,7 @@ def test_bad_input(tmp_path, world):
         EvalConfig(data=world, model="tbps-tiny", batch_size=0)
 
 
+@pytest.mark.slow
 def test_cli_eval_json_and_compare(tmp_path, world):
     runner = CliRunner()
     a, b = tmp_path / "a.json", tmp_path / "b.json"

@@ -1,0 +1,345 @@
+"""``tbps search``: free-text person search over a gallery of images, with a cached FAISS index.
+
+The gallery is any dataset the readers support (captions and person ids are not needed: a
+plain folder of images works). Every distinct image is embedded once with the model; the
+L2-normalised embeddings go into a FAISS ``IndexFlatIP``, whose inner product is then the
+cosine similarity. A flat index is exact and, at gallery scale (up to a few million images of
+dimension 512, about 2 GB in float32), fast enough: a query is one matrix-vector product.
+
+Cache: the index lives in ``CACHE/<key>/`` (default cache: ``$TBPS_CACHE_DIR`` or
+``$XDG_CACHE_HOME/tbps``/``~/.cache/tbps``, then ``search/``). The key is a hash of
+
+* the gallery: every image path with its file size and modification time (nanoseconds), and
+* the model: its identity (spec, weights, checkpoint hash), input size and the precision,
+
+so adding, removing, replacing or touching an image, or switching the model, builds a new
+index, while an unchanged gallery is loaded without running the model on any image. (An edit
+that keeps both a file's size and its mtime is not noticed; ``--rebuild`` forces a build.)
+Entries are written to a temporary directory and renamed into place, so a crash never
+leaves a half-written index. Old entries are not deleted; remove the directory to reclaim space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+
+from tbps import columns as C
+from tbps.errors import TbpsError, UsageError
+
+INDEX_FILE = "index.faiss"
+GALLERY_FILE = "gallery.parquet"
+META_FILE = "meta.json"
+INDEX_KIND = "IndexFlatIP"
+
+
+def default_cache_dir() -> Path:
+    """``$TBPS_CACHE_DIR``, else ``$XDG_CACHE_HOME/tbps``, else ``~/.cache/tbps``."""
+    if os.environ.get("TBPS_CACHE_DIR"):
+        return Path(os.environ["TBPS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tbps"
+
+
+@dataclass
+class SearchConfig:
+    """Parameters of ``tbps search``; field names equal the CLI option names.
+
+    Attributes:
+        queries: free-text queries.
+        gallery: the images to search: any dataset the readers support, or a folder of images.
+        model: a model spec (see ``tbps.models.load``).
+        queries_file: more queries, one per line (blank lines are skipped).
+        top_k: matches per query.
+        html: write a page of thumbnails per query to this file.
+        cache_dir: where indexes are cached (default :func:`default_cache_dir`).
+        rebuild: build the index even when a cached one matches.
+        format, image_root, image_col, caption_col, id_col: the reader options.
+        batch_size, workers, device, precision: the encoding options.
+        seed: the seed of random weights (a bare config name such as ``tbps-tiny``).
+    """
+
+    queries: list[str]
+    gallery: Path
+    model: str
+    queries_file: Path | None = None
+    top_k: int = 10
+    html: Path | None = None
+    cache_dir: Path | None = None
+    rebuild: bool = False
+    format: str | None = None
+    image_root: Path | None = None
+    image_col: str | None = None
+    caption_col: str | None = None
+    id_col: str | None = None
+    batch_size: int = 256
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "fp32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.gallery = Path(self.gallery)
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
+        self.queries = [q.strip() for q in (self.queries or []) if q and q.strip()]
+        if self.queries_file is not None:
+            self.queries_file = Path(self.queries_file)
+            try:
+                lines = self.queries_file.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TbpsError(f"cannot read the queries file: {exc}", path=self.queries_file, field="queries_file") from None
+            self.queries += [line.strip() for line in lines if line.strip()]
+        if not self.queries:
+            raise UsageError("give at least one QUERY or a --queries file", field="queries")
+        if self.top_k < 1:
+            raise UsageError("--top-k must be >= 1", field="top_k", value=self.top_k)
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be >= 1", field="batch_size", value=self.batch_size)
+        if self.workers < 0:
+            raise UsageError("--workers must be >= 0", field="workers", value=self.workers)
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise UsageError("--precision must be fp32, bf16 or auto", field="precision", value=self.precision)
+        if self.html is not None:
+            self.html = Path(self.html)
+
+    def reader_options(self) -> dict:
+        """The keyword options of ``tbps.data.readers.read_dataset``."""
+        return {"format": self.format, "image_root": self.image_root, "image_col": self.image_col,
+                "caption_col": self.caption_col, "id_col": self.id_col}
+
+
+@dataclass
+class GalleryIndex:
+    """A FAISS index over a gallery's image embeddings, with the path of each indexed row.
+
+    Attributes:
+        index: the FAISS index (``IndexFlatIP`` over L2-normalised embeddings).
+        paths: image path of each index row.
+        failed: ``{path: "status: reason"}`` for gallery images that could not be embedded.
+        key: the cache key; ``directory``: the cache entry.
+        built: whether this call built it (``False``: loaded from the cache).
+    """
+
+    index: Any
+    paths: list[str]
+    failed: dict[str, str]
+    key: str
+    directory: Path
+    built: bool
+
+
+def gallery_paths(pairs: pl.DataFrame) -> list[str]:
+    """The distinct image paths of a pair table, in order of first appearance.
+
+    Rows of any caption status are used (search needs no caption); rows without a resolved
+    image path (refused by the reader) are not.
+
+    Raises:
+        TbpsError: the table has no image path at all.
+    """
+    paths = pairs.get_column(C.IMAGE_PATH).drop_nulls().unique(maintain_order=True).to_list()
+    if not paths:
+        raise TbpsError("the gallery has no images", value=dict(pairs.group_by(C.STATUS).len().iter_rows()))
+    return paths
+
+
+def cache_key(paths: list[str], identity: dict[str, Any], extra: dict[str, Any]) -> str:
+    """blake2b-128 over each image's (path, size, mtime_ns) and the model identity.
+
+    Args:
+        paths: the gallery image paths, in index order.
+        identity: the model identity (spec, weights, hash).
+        extra: anything else that changes the embeddings (input size, precision).
+
+    Returns:
+        The hex key.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"model": identity, **extra}, sort_keys=True, default=str).encode())
+    for path in paths:
+        # Size and mtime: a cheap stat per image instead of re-reading every file.
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def build_index(embeddings: np.ndarray):
+    """An ``IndexFlatIP`` holding the (L2-normalised) embeddings."""
+    import faiss
+
+    index = faiss.IndexFlatIP(embeddings.shape[1])
+    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    return index
+
+
+def gallery_index(
+    loaded: Any,
+    paths: list[str],
+    cache_dir: Path,
+    *,
+    precision: str = "fp32",
+    batch_size: int = 256,
+    workers: int = 2,
+    device: str = "auto",
+    rebuild: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> GalleryIndex:
+    """Load the cached index of a gallery, or embed the images and build (and cache) it.
+
+    Args:
+        loaded: the model (``tbps.models.LoadedModel``).
+        paths: the gallery's image paths.
+        cache_dir: the cache root; the entry is ``cache_dir/search/<key>``.
+        precision, batch_size, workers, device: encoding options.
+        rebuild: ignore a cached entry.
+        log: receives progress lines, or ``None``.
+
+    Returns:
+        The :class:`GalleryIndex`.
+
+    Raises:
+        TbpsError: no gallery image could be decoded.
+    """
+    import faiss
+
+    from tbps.models.encode import encode_images, resolve_device
+
+    say = log or (lambda _msg: None)
+    identity = {"name": loaded.name, **loaded.identity}
+    key = cache_key(paths, identity, {"image_size": list(loaded.image_size), "precision": precision, "index": INDEX_KIND})
+    entry = Path(cache_dir) / "search" / key
+    if not rebuild and (entry / META_FILE).is_file():
+        meta = json.loads((entry / META_FILE).read_text())
+        index = faiss.read_index(str(entry / INDEX_FILE))
+        table = pl.read_parquet(entry / GALLERY_FILE)
+        say(f"loaded the cached index of {index.ntotal:,} images from {entry}")
+        return GalleryIndex(index, table.get_column(C.IMAGE_PATH).to_list(), meta.get("failed", {}), key, entry, built=False)
+
+    dev = resolve_device(device)
+    say(f"embedding {len(paths):,} gallery images on {dev} (index cache {entry})")
+    t0 = time.perf_counter()
+    enc = encode_images(loaded, paths, batch_size=batch_size, workers=workers, device=dev, precision=precision)
+    ok = enc.ok
+    failed = {p: f"{s}: {e}" for p, s, e, good in zip(paths, enc.status, enc.error, ok) if not good}
+    if not ok.any():
+        raise TbpsError(f"none of the {len(paths)} gallery images could be decoded", path=paths[0], value=enc.error[0])
+    kept = [p for p, good in zip(paths, ok) if good]
+    index = build_index(enc.embeddings[ok])
+    # Written beside the final place, then renamed: readers never see a partial entry.
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.parent / f".{key}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    faiss.write_index(index, str(tmp / INDEX_FILE))
+    pl.DataFrame({C.IMAGE_PATH: kept}, schema={C.IMAGE_PATH: pl.String}).write_parquet(tmp / GALLERY_FILE)
+    meta = {"key": key, "model": identity, "images": len(paths), "indexed": len(kept), "failed": failed,
+            "index": INDEX_KIND, "dim": int(index.d), "seconds": time.perf_counter() - t0, "precision": precision}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    if entry.exists():
+        shutil.rmtree(entry)  # --rebuild over an existing entry
+    os.replace(tmp, entry)
+    return GalleryIndex(index, kept, failed, key, entry, built=True)
+
+
+@dataclass
+class SearchResult:
+    """Matches per query.
+
+    Attributes:
+        queries: the queries, in order.
+        matches: per query, ``(image path, score)`` best first (score = cosine similarity).
+        index: the :class:`GalleryIndex` searched.
+    """
+
+    queries: list[str]
+    matches: list[list[tuple[str, float]]]
+    index: GalleryIndex = field(repr=False)
+
+    def renderables(self) -> list:
+        """Per query: a title line, then ``rank  score  path`` lines (never wrapped: paths stay whole)."""
+        from rich.text import Text
+
+        parts = []
+        for query, found in zip(self.queries, self.matches):
+            lines = [f"“{query}”"] + [f"{rank:>4}  {score:+.4f}  {path}" for rank, (path, score) in enumerate(found, 1)]
+            parts.append(Text("\n".join(lines), no_wrap=True, overflow="ignore"))
+        return parts
+
+
+def search(loaded: Any, gindex: GalleryIndex, queries: list[str], top_k: int = 10, *, device: str = "auto", precision: str = "fp32") -> SearchResult:
+    """The ``top_k`` gallery images closest to each query.
+
+    Args:
+        loaded: the model that built the index.
+        gindex: the gallery index.
+        queries: free-text queries.
+        top_k: matches per query (fewer when the gallery is smaller).
+        device, precision: text encoding options.
+
+    Returns:
+        A :class:`SearchResult`.
+    """
+    from tbps.models.encode import encode_texts, resolve_device
+
+    text = encode_texts(loaded, queries, device=resolve_device(device), precision=precision)
+    k = min(top_k, gindex.index.ntotal)
+    scores, rows = gindex.index.search(np.ascontiguousarray(text, dtype=np.float32), k)
+    matches = [[(gindex.paths[j], float(s)) for s, j in zip(srow, jrow) if j >= 0] for srow, jrow in zip(scores, rows)]
+    return SearchResult(queries, matches, gindex)
+
+
+def render_search_html(result: SearchResult, gallery: str, model: str) -> str:
+    """A self-contained page: per query, the matches as thumbnails with rank and score."""
+    from tbps.eval.report import contact_sheet, esc, page
+
+    body = []
+    for query, found in zip(result.queries, result.matches):
+        rows = [{C.IMAGE_PATH: p, C.PAIR_ID: Path(p).name, "score": s, "rank": r} for r, (p, s) in enumerate(found, 1)]
+        body.append(f"<h2>“{esc(query)}”</h2>" + contact_sheet(rows, fields=("rank", "score")))
+    sub = f"gallery {gallery} · {result.index.index.ntotal:,} images indexed · model {model} · index {result.index.key[:12]}"
+    return page("tbps search", sub, "".join(body))
+
+
+def run_search(config: SearchConfig, log: Callable[[str], None] | None = None) -> SearchResult:
+    """Read the gallery, load or build its index, search every query (and write the page).
+
+    Args:
+        config: the resolved :class:`SearchConfig`.
+        log: receives progress lines (for stderr), or ``None``.
+
+    Returns:
+        The :class:`SearchResult`.
+
+    Raises:
+        TbpsError: unreadable gallery or model, or no decodable image.
+    """
+    from tbps.data.readers import read_dataset
+    from tbps.models import load
+
+    pairs = read_dataset(config.gallery, **config.reader_options())
+    paths = gallery_paths(pairs)
+    loaded = load(config.model, seed=config.seed)
+    gindex = gallery_index(
+        loaded, paths, config.cache_dir, precision=config.precision, batch_size=config.batch_size,
+        workers=config.workers, device=config.device, rebuild=config.rebuild, log=log,
+    )
+    if gindex.failed and log:
+        log(f"{len(gindex.failed):,} gallery images could not be decoded and are not searched")
+    result = search(loaded, gindex, config.queries, config.top_k, device=config.device, precision=config.precision)
+    if config.html is not None:
+        from tbps.eval.report import write_html
+
+        write_html(config.html, render_search_html(result, str(config.gallery), config.model))
+    return result

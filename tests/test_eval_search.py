@@ -1,0 +1,120 @@
+"""``tbps search`` end to end on a tiny synthetic world: FAISS results, the index cache, the page."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tbps.cli import app
+from tbps.errors import TbpsError, UsageError
+from tbps.eval.search import SearchConfig, cache_key, gallery_paths, run_search
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from tbps.data.synth import SynthConfig, synthesize
+
+    out = tmp_path_factory.mktemp("world")
+    synthesize(SynthConfig(out=out, seed=1, identities=6, split="2:1:3", images_per_id=2, pool_identities=3, pool_size=4, workers=1))
+    return out / "benchmark" / "reid_raw.json"
+
+
+QUERIES = ["a woman in a red coat with a black backpack", "a man in blue jeans"]
+
+
+@pytest.mark.slow
+def test_search_matches_brute_force_and_uses_the_cache(world, tmp_path):
+    from tbps.data.readers import read_dataset
+    from tbps.models import create
+    from tbps.models.encode import encode_images, encode_texts
+
+    cfg = SearchConfig(queries=QUERIES, gallery=world, model="tbps-tiny", top_k=5, cache_dir=tmp_path / "cache", workers=0, device="cpu")
+    first = run_search(cfg)
+    assert first.index.built and first.index.index.ntotal == 12 and not first.index.failed
+    assert [len(m) for m in first.matches] == [5, 5]
+
+    # Brute force: cosine of every gallery image with each query, best first.
+    paths = gallery_paths(read_dataset(world))
+    tiny = create("tbps-tiny")
+    sims = encode_texts(tiny, QUERIES) @ encode_images(tiny, paths, workers=0).embeddings.T
+    for q, found in enumerate(first.matches):
+        scores = [s for _, s in found]
+        assert scores == sorted(scores, reverse=True)
+        assert scores == pytest.approx(np.sort(sims[q])[::-1][:5].tolist(), abs=1e-5)
+        for path, score in found:
+            assert score == pytest.approx(sims[q, paths.index(path)], abs=1e-5)
+
+    again = run_search(cfg)
+    assert not again.index.built and again.index.key == first.index.key and again.matches == first.matches
+
+    # ... and with the gallery: a touched image means a rebuild.
+    st = os.stat(paths[0])
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = run_search(cfg)
+    assert touched.index.built and touched.index.key != first.index.key
+    assert sorted(p.name for p in (tmp_path / "cache" / "search").iterdir()) == sorted({first.index.key, touched.index.key})
+
+
+def test_cache_key_follows_model_and_gallery(tmp_path):
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    a.write_bytes(b"x")
+    b.write_bytes(b"y")
+    model = {"name": "tbps-tiny", "weights": "random(seed=0)"}
+    extra = {"image_size": [96, 32], "precision": "fp32"}
+    key = cache_key([str(a), str(b)], model, extra)
+    assert key == cache_key([str(a), str(b)], dict(model), dict(extra))
+    assert key != cache_key([str(a), str(b)], {**model, "weights": "random(seed=1)"}, extra)
+    assert key != cache_key([str(a), str(b)], model, {**extra, "precision": "bf16"})
+    assert key != cache_key([str(a)], model, extra)
+    b.write_bytes(b"yy")  # same path, new content (size changes)
+    assert key != cache_key([str(a), str(b)], model, extra)
+
+
+def test_folder_gallery_with_a_bad_image_and_queries_file(tmp_path):
+    from _eval_world import COLOURS, person_image
+
+    folder = tmp_path / "photos"
+    for k, name in enumerate(["red", "green", "blue"]):
+        person_image(folder / f"{k}.jpg", COLOURS[name], COLOURS["grey"])
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    qfile = tmp_path / "queries.txt"
+    qfile.write_text("a person in a green coat\n\n  \nsomeone in grey trousers\n")
+    cfg = SearchConfig(queries=[], queries_file=qfile, gallery=folder, model="tbps-tiny", top_k=10, cache_dir=tmp_path / "c", workers=0, device="cpu")
+    res = run_search(cfg)
+    assert res.queries == ["a person in a green coat", "someone in grey trousers"]
+    assert res.index.index.ntotal == 3 and list(res.index.failed) == [str(folder / "broken.jpg")]
+    assert all(len(m) == 3 for m in res.matches)  # top-k capped by the gallery size
+
+
+def test_cli_search_with_html(world, tmp_path):
+    page = tmp_path / "hits.html"
+    res = CliRunner().invoke(
+        app,
+        ["search", QUERIES[0], "--gallery", str(world), "--model", "tbps-tiny", "--top-k", "3", "--html", str(page),
+         "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--device", "cpu", "-q"],
+    )
+    assert res.exit_code == 0, res.output
+    assert QUERIES[0] in res.stdout and res.stdout.count(".jpg") == 3
+    text = page.read_text()
+    assert text.count("data:image/jpeg;base64,") == 3 and "https://" not in text and "http://" not in text
+    assert not re.search(r"(src|href)\s*=\s*[\"'](?!data:|#)", text)
+
+
+def test_bad_input(tmp_path, world):
+    with pytest.raises(UsageError, match="QUERY"):
+        SearchConfig(queries=["  "], gallery=world, model="tbps-tiny")
+    with pytest.raises(TbpsError, match="queries file"):
+        SearchConfig(queries=[], queries_file=tmp_path / "none.txt", gallery=world, model="tbps-tiny")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"nope")
+    with pytest.raises(TbpsError, match="could be decoded"):
+        run_search(SearchConfig(queries=["x"], gallery=junk, model="tbps-tiny", cache_dir=tmp_path / "c", workers=0, device="cpu"))
+    res = CliRunner().invoke(app, ["search", "x", "--gallery", str(world), "--model", "/no/model.pt", "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 1 and "model file not found" in res.output
+    res = CliRunner().invoke(app, ["search", "--gallery", str(world), "--model", "tbps-tiny"])
+    assert res.exit_code == 2 and "QUERY" in res.output
