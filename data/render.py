@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, replace
 
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from tbps.data.world import COLOURS, GARMENT_COLOURS, HAIR, SKIN_TONES, UPPER, Identity
 
@@ -309,11 +309,12 @@ def _noise_bank(size: tuple[int, int]) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=2048)
-def _noise_image(size: tuple[int, int], sigma: int, frame: int) -> Image.Image:
-    """Noise frame ``frame`` at standard deviation ``sigma``, centred on 128, as an image."""
-    arr = 128.0 + _noise_bank(size)[frame] * sigma
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
+def _noise_frame(size: tuple[int, int], sigma: int, frame: int) -> np.ndarray:
+    """Noise frame ``frame`` at standard deviation ``sigma`` as int16 pixel offsets."""
+    return np.rint(_noise_bank(size)[frame] * sigma).astype(np.int16)
 
+
+_CHANNEL_OFFSET = np.array([0, 256, 512], dtype=np.intp)
 
 
 def _darker(rgb: RGB, f: float = 0.7) -> RGB:
@@ -452,14 +453,14 @@ def render_person(identity: Identity, scene: Scene, size: tuple[int, int]) -> Im
         d.rectangle(occ, fill=scene.occluder[3])
     if scene.blur:
         img = img.filter(ImageFilter.BoxBlur(0.6))
-    # Lighting is a per-channel affine map of pixel values: one lookup table, applied in C.
+    # Lighting is a per-channel affine map of pixel values: one lookup table per channel,
+    # applied with one numpy gather; then a cached camera-noise frame is added.
     levels = np.arange(256, dtype=np.float32)[None, :]
     gains = np.asarray(scene.gains, dtype=np.float32)[:, None] * scene.brightness
-    lut = np.clip(((levels - 128.0) * scene.contrast + 128.0) * gains, 0, 255).astype(np.uint8)
-    img = img.point(lut.ravel().tolist())
-    # Camera noise: a cached noise frame added in C (offset -128 makes it signed).
-    noise = _noise_image(size, max(1, round(scene.noise)), scene.noise_seed % _NOISE_FRAMES)
-    return ImageChops.add(img, noise, scale=1.0, offset=-128)
+    lut = np.clip(((levels - 128.0) * scene.contrast + 128.0) * gains, 0, 255).astype(np.int16).ravel()
+    arr = lut[np.asarray(img, dtype=np.intp) + _CHANNEL_OFFSET]
+    arr += _noise_frame(size, max(1, round(scene.noise)), scene.noise_seed % _NOISE_FRAMES)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
 def render_blank(colour: RGB, size: tuple[int, int]) -> Image.Image:
