@@ -6,9 +6,13 @@ Polars aggregations, and only the few rows shown are collected):
 * a score run directory ``DIR`` (``DIR/scores/part-*.parquet``), ``DIR/scores``, or one
   Parquet file with the score columns;
 * a manifest ``X.parquet`` written by ``tbps select`` (the score columns of the kept rows).
-  Its JSON sidecar ``X.json`` (when present) gives the selection threshold, drawn on the
-  histograms, and names the table of dropped rows (a ``reason`` column), shown grouped by
-  reason. A manifest without its sidecar is inspected like a plain score table.
+  Its JSON sidecar ``X.json`` (when present) gives the selection's cuts (``resolved.min_score``
+  and ``resolved.bank_rank.max_bank_rank``), drawn as thresholds on the histograms, and names
+  the drop table ``X.dropped.parquet`` (``columns.DROP_SCHEMA``: pair id, score, bank rank,
+  ``step`` and ``reason``), shown grouped by reason. The drop table holds no image or
+  caption: they are looked up, for the few rows shown, in the score tables the sidecar lists
+  as inputs (a row whose input has moved is shown without its picture). A manifest without its
+  sidecar is inspected like a plain score table.
 
 The summary: row and status counts, quantiles of ``score`` and ``bank_rank`` over the ``ok``
 rows, histograms, the top-k and bottom-k pairs by score, a per-source breakdown and, for a
@@ -31,7 +35,6 @@ from tbps.errors import TbpsError, UsageError
 
 # Columns a table must have to be inspected (score tables and manifests both have them).
 REQUIRED = (C.PAIR_ID, C.IMAGE_PATH, C.CAPTION, C.SCORE, C.BANK_RANK, C.STATUS)
-REASON = "reason"  # the reason column of the dropped-rows table written by ``tbps select``
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 SHOWN = [C.PAIR_ID, C.IMAGE_PATH, C.CAPTION, C.PERSON_ID, C.SOURCE, C.SCORE, C.BANK_RANK, C.STATUS]
 
@@ -74,12 +77,17 @@ class Threshold:
 
 @dataclass
 class Histogram:
-    """Counts per bin; ``edges`` has one more entry than ``counts``. ``log`` bins are powers of two."""
+    """Counts per bin; ``edges`` has one more entry than ``counts``. ``log`` bins are powers of two.
+
+    For a manifest, ``dropped`` counts the rows the selection dropped (with a value) in the
+    same bins, so the kept and dropped distributions meet at the threshold.
+    """
 
     column: str
     edges: list[float]
     counts: list[int]
     log: bool = False
+    dropped: list[int] | None = None
 
 
 @dataclass
@@ -91,6 +99,7 @@ class TableSource:
     kind: str  # "score table" or "manifest"
     sidecar: dict[str, Any] | None = None
     dropped: pl.LazyFrame | None = None
+    inputs: pl.LazyFrame | None = None  # the selection's input score rows (images, captions)
 
 
 @dataclass
@@ -102,10 +111,12 @@ class TableReport:
         rows: row count; ``status_counts``: rows per status.
         quantiles: ``{column: {q: value}}`` over the ok rows.
         histograms: score and bank-rank histograms of the ok rows.
-        threshold: the selection threshold from the manifest's sidecar, or ``None``.
+        thresholds: the selection cuts from the manifest's sidecar (none for a score table).
         top, bottom: the highest / lowest scored ok rows.
         sources: per-source rows, ok rows, score and bank-rank statistics.
-        dropped: for a manifest, ``{reason: (count, sample rows)}``; ``None`` otherwise.
+        dropped: for a manifest, ``{reason: (count, sample rows)}`` (``duplicate-of:<id>``
+            reasons grouped as one); the samples are the highest-scored dropped rows, the
+            borderline cases; ``None`` for a score table.
         sidecar: the manifest's sidecar as read.
     """
 
@@ -115,7 +126,7 @@ class TableReport:
     status_counts: dict[str, int]
     quantiles: dict[str, dict[float, float | None]]
     histograms: list[Histogram]
-    threshold: Threshold | None
+    thresholds: list[Threshold]
     top: pl.DataFrame
     bottom: pl.DataFrame
     sources: pl.DataFrame
@@ -136,8 +147,8 @@ class TableReport:
         overview.add_row("rows", f"{self.rows:,}")
         for status, n in self.status_counts.items():
             overview.add_row(f"status {status}", f"{n:,}")
-        if self.threshold is not None:
-            overview.add_row("selection", self.threshold.label)
+        for th in self.thresholds:
+            overview.add_row("selection", th.label)
         parts.append(overview)
 
         quant = Table("quantile", *self.quantiles, title="ok rows")
@@ -146,7 +157,7 @@ class TableReport:
         parts.append(quant)
 
         for hist in self.histograms:
-            parts.append(Text(terminal_histogram(hist, self.threshold), no_wrap=True))
+            parts.append(Text(terminal_histogram(hist, self.thresholds), no_wrap=True, overflow="ignore"))
 
         for title, frame in (("highest scores", self.top), ("lowest scores", self.bottom)):
             parts.append(_rows_table(frame, f"{title} ({frame.height})"))
@@ -197,26 +208,32 @@ def _rows_table(frame: pl.DataFrame, title: str):
 _BLOCKS = " ▏▎▍▌▋▊▉█"
 
 
-def terminal_histogram(hist: Histogram, threshold: Threshold | None = None, width: int = 40) -> str:
+def terminal_histogram(hist: Histogram, thresholds: list[Threshold] = (), width: int = 32) -> str:
     """A histogram drawn with unicode block characters, one line per bin.
 
     Args:
         hist: the histogram.
-        threshold: drawn as a ``◀ threshold`` mark on the bin that holds it, when it is this column's.
+        thresholds: each on this column is drawn as a ``◀ threshold`` mark on the bin that holds it.
         width: characters of the longest bar.
 
     Returns:
         The text, with a title line.
     """
-    top = max(hist.counts) if hist.counts else 0
-    lines = [f"{hist.column} (ok rows){' - log2 bins' if hist.log else ''}"]
-    mark = threshold.value if threshold is not None and threshold.column == hist.column else None
-    for lo, hi, n in zip(hist.edges[:-1], hist.edges[1:], hist.counts):
+    dropped = hist.dropped or [0] * len(hist.counts)
+    totals = [k + d for k, d in zip(hist.counts, dropped)]
+    top = max(totals) if totals else 0
+    legend = " - █ kept, ░ dropped (+N)" if hist.dropped is not None else ""
+    lines = [f"{hist.column} (ok rows){' - log2 bins' if hist.log else ''}{legend}"]
+    marks = [th.value for th in thresholds if th.column == hist.column]
+    for lo, hi, n, d in zip(hist.edges[:-1], hist.edges[1:], hist.counts, dropped):
         eighths = round(8 * width * n / top) if top else 0
         bar = "█" * (eighths // 8) + (_BLOCKS[eighths % 8] if eighths % 8 else "")
+        # Dropped rows continue the bar in a light shade, whole characters only.
+        bar += "░" * (round(width * (n + d) / top) - len(bar)) if d and top else ""
         label = f"[{_fmt(float(lo))}, {_fmt(float(hi))})"
-        note = "  ◀ threshold" if mark is not None and lo <= mark < hi else ""
-        lines.append(f"{label:>22} {bar:<{width}} {n:,}{note}")
+        note = "  ◀ threshold" if any(lo <= m < hi for m in marks) else ""
+        count = f"{n:,}" + (f" +{d:,}" if d else "")
+        lines.append(f"{label:>22} {bar:<{width}} {count}{note}")
     return "\n".join(lines)
 
 
@@ -235,20 +252,29 @@ def _sidecar_for(path: Path) -> dict[str, Any] | None:
 
 
 def _dropped_path(path: Path, sidecar: dict[str, Any] | None) -> Path | None:
-    """The dropped-rows table of a manifest: named by its sidecar, else ``X.dropped.parquet``."""
+    """The drop table of a manifest: as the sidecar names it (``outputs.dropped.path``), else ``X.dropped.parquet``."""
     named = None
-    if sidecar:
-        for key in ("dropped", "dropped_path", "drops"):
-            value = sidecar.get(key)
-            if isinstance(value, dict):
-                value = value.get("path")
-            if isinstance(value, str):
-                named = Path(value) if Path(value).is_absolute() else path.parent / value
-                break
-    for candidate in (named, path.with_name(path.stem + ".dropped.parquet"), path.with_name(path.stem + "-dropped.parquet")):
+    outputs = (sidecar or {}).get("outputs")
+    dropped = outputs.get("dropped") if isinstance(outputs, dict) else None
+    if isinstance(dropped, dict) and isinstance(dropped.get("path"), str):
+        named = Path(dropped["path"])
+        if not named.is_absolute():
+            named = path.parent / named
+    for candidate in (named, path.with_name(path.stem + ".dropped.parquet")):
         if candidate is not None and candidate.is_file():
             return candidate
     return None
+
+
+def _input_rows(sidecar: dict[str, Any] | None) -> pl.LazyFrame | None:
+    """The score rows the selection read (the sidecar's ``inputs``), for images and captions of dropped rows."""
+    frames = []
+    for item in (sidecar or {}).get("inputs") or []:
+        files = [Path(f["path"]) for f in item.get("files", []) if isinstance(f, dict) and "path" in f] if isinstance(item, dict) else []
+        files = [f for f in files if f.is_file()]
+        if files:
+            frames.append(pl.scan_parquet(files).select(C.PAIR_ID, C.IMAGE_PATH, C.CAPTION))
+    return pl.concat(frames, how="vertical_relaxed") if frames else None
 
 
 def open_table(path: str | Path) -> TableSource:
@@ -261,7 +287,7 @@ def open_table(path: str | Path) -> TableSource:
         A :class:`TableSource`.
 
     Raises:
-        TbpsError: nothing readable there, not a score table (the expected columns are named), or no rows.
+        TbpsError: nothing readable there, or not a score table (the expected columns are named).
     """
     path = Path(path)
     if not path.exists():
@@ -269,7 +295,7 @@ def open_table(path: str | Path) -> TableSource:
     sidecar = dropped = None
     if path.is_dir():
         parts_dir = path / "scores" if (path / "scores").is_dir() else path
-        files = sorted(parts_dir.glob("*.parquet"))
+        files = sorted(f for f in parts_dir.glob("*.parquet") if not f.name.startswith("."))
         if not files:
             raise TbpsError(
                 "no Parquet files here", path=parts_dir, hint="give a score run directory (DIR/scores/part-*.parquet), a Parquet file or a manifest"
@@ -297,56 +323,60 @@ def open_table(path: str | Path) -> TableSource:
         )
     if dropped is not None:
         dschema = dropped.collect_schema()
-        if REASON not in dschema or C.CAPTION not in dschema:
+        if C.REASON not in dschema or C.PAIR_ID not in dschema:
             dropped = None  # not the drop table layout: inspect the manifest without it
     kind = "manifest" if (sidecar is not None or dropped is not None) else "score table"
-    return TableSource(path=path, rows=scan, kind=kind, sidecar=sidecar, dropped=dropped)
+    if path.is_dir() and (path / "scores").is_dir() and not (path / "score.json").is_file():
+        kind += " (run incomplete: no score.json yet)"  # a run still scoring can be inspected
+    inputs = _input_rows(sidecar) if dropped is not None else None
+    return TableSource(path=path, rows=scan, kind=kind, sidecar=sidecar, dropped=dropped, inputs=inputs)
 
 
-def threshold_from_sidecar(sidecar: dict[str, Any] | None) -> Threshold | None:
-    """The selection threshold of a manifest's sidecar, if it states one.
+def thresholds_from_sidecar(sidecar: dict[str, Any] | None) -> list[Threshold]:
+    """The selection cuts a ``tbps select`` sidecar records, as thresholds to draw.
 
-    Understands ``{"threshold": {"column": "bank_rank", "max": 48}}`` (or ``"min"``, or
-    ``"value"`` with ``"kind"``), ``{"max_bank_rank": 48}`` and ``{"min_score": 0.3}``, at the
-    top level or under ``"rule"`` / ``"config"``.
+    Reads ``resolved.min_score`` (keep ``score >= value``) and ``resolved.bank_rank``
+    (``{"max_bank_rank": k, "option": "--rule paper-pretrain"}``: keep ``bank_rank <= k``);
+    falls back on ``config.min_score`` / ``config.max_bank_rank``.
 
     Args:
         sidecar: the parsed sidecar, or ``None``.
 
     Returns:
-        A :class:`Threshold`, or ``None`` when the sidecar gives none.
+        The thresholds (empty when the sidecar records no cut).
     """
-    if not sidecar:
-        return None
-    scopes = [sidecar] + [sidecar[k] for k in ("rule", "config", "selection") if isinstance(sidecar.get(k), dict)]
-    for scope in scopes:
-        th = scope.get("threshold")
-        if isinstance(th, dict) and th.get("column") in (C.SCORE, C.BANK_RANK):
-            for kind in ("max", "min"):
-                if isinstance(th.get(kind), (int, float)):
-                    return Threshold(th["column"], float(th[kind]), kind, _rule_label(scope, th["column"], kind, th[kind]))
-            if isinstance(th.get("value"), (int, float)) and th.get("kind") in ("max", "min"):
-                return Threshold(th["column"], float(th["value"]), th["kind"], _rule_label(scope, th["column"], th["kind"], th["value"]))
-        for key, column, kind in (("max_bank_rank", C.BANK_RANK, "max"), ("min_score", C.SCORE, "min")):
-            if isinstance(scope.get(key), (int, float)) and not isinstance(scope.get(key), bool):
-                return Threshold(column, float(scope[key]), kind, _rule_label(scope, column, kind, scope[key]))
-    return None
+    if not isinstance(sidecar, dict):
+        return []
+    resolved = sidecar.get("resolved") if isinstance(sidecar.get("resolved"), dict) else {}
+    config = sidecar.get("config") if isinstance(sidecar.get("config"), dict) else {}
+    found = []
+    min_score = resolved.get("min_score", config.get("min_score"))
+    if _is_number(min_score):
+        found.append(Threshold(C.SCORE, float(min_score), "min", f"--min-score: keep score >= {_fmt(float(min_score))}"))
+    bank = resolved.get("bank_rank")
+    cut, option = (bank.get("max_bank_rank"), bank.get("option")) if isinstance(bank, dict) else (config.get("max_bank_rank"), "--max-bank-rank")
+    if _is_number(cut):
+        found.append(Threshold(C.BANK_RANK, float(cut), "max", f"{option or 'bank-rank'}: keep bank_rank <= {_fmt(float(cut))}"))
+    return found
 
 
-def _rule_label(scope: dict, column: str, kind: str, value: Any) -> str:
-    name = scope.get("rule") if isinstance(scope.get("rule"), str) else scope.get("name")
-    text = f"keep {column} {'<=' if kind == 'max' else '>='} {_fmt(float(value))}"
-    return f"{name}: {text}" if isinstance(name, str) else text
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # --------------------------------------------------------------------------- summary
 
 
-def _histogram(ok: pl.LazyFrame, column: str, bins: int, log: bool) -> Histogram:
-    values = ok.select(pl.col(column).drop_nulls().cast(pl.Float64))
-    lo, hi = values.select(pl.col(column).min().alias("lo"), pl.col(column).max().alias("hi")).collect().row(0)
-    if lo is None:
-        return Histogram(column, [0.0, 1.0], [0], log)
+def _histogram(ok: pl.LazyFrame, column: str, bins: int, log: bool, dropped: pl.LazyFrame | None = None) -> Histogram:
+    """Bin the column's non-null values (and, for a manifest, the dropped rows' in the same bins)."""
+    frames = [ok] + ([dropped] if dropped is not None else [])
+    values = [f.select(pl.col(column).drop_nulls().cast(pl.Float64)) for f in frames]
+    ranges = [v.select(pl.col(column).min().alias("lo"), pl.col(column).max().alias("hi")).collect().row(0) for v in values]
+    los = [r[0] for r in ranges if r[0] is not None]
+    his = [r[1] for r in ranges if r[1] is not None]
+    if not los:
+        return Histogram(column, [0.0, 1.0], [0], log, [0] if dropped is not None else None)
+    lo, hi = min(los), max(his)
     if log:
         # Ranks: bins [0,1), [1,2), [2,4), [4,8), ... so rank 0 and the paper's small thresholds stand out.
         top = max(int(hi) + 1, 1)
@@ -363,11 +393,13 @@ def _histogram(ok: pl.LazyFrame, column: str, bins: int, log: bool) -> Histogram
         if log
         else ((pl.col(column) - edges[0]) / (edges[-1] - edges[0]) * bins).floor().cast(pl.Int64).clip(0, bins - 1)
     )
-    counted = values.select(idx.alias("bin")).group_by("bin").len().collect()
-    counts = [0] * (len(edges) - 1)
-    for b, n in counted.iter_rows():
-        counts[int(b)] = int(n)
-    return Histogram(column, edges, counts, log)
+    counts = []
+    for v in values:
+        per_bin = [0] * (len(edges) - 1)
+        for b, n in v.select(idx.alias("bin")).group_by("bin").len().collect().iter_rows():
+            per_bin[int(b)] = int(n)
+        counts.append(per_bin)
+    return Histogram(column, edges, counts[0], log, counts[1] if dropped is not None else None)
 
 
 def _bin_index(s: pl.Series, edges: list[float]) -> pl.Series:
@@ -405,7 +437,11 @@ def summarize(source: TableSource, *, top: int = 10, bins: int = 30) -> TableRep
         exprs = [pl.col(column).cast(pl.Float64).quantile(q, "linear").alias(str(q)) for q in QUANTILES]
         values = ok.select(exprs).collect().row(0)
         quantiles[column] = dict(zip(QUANTILES, values))
-    histograms = [_histogram(ok, C.SCORE, bins, log=False), _histogram(ok, C.BANK_RANK, bins, log=True)]
+    drops = source.dropped
+    histograms = [
+        _histogram(ok, col, bins, log=log, dropped=drops if drops is not None and col in drops.collect_schema() else None)
+        for col, log in ((C.SCORE, False), (C.BANK_RANK, True))
+    ]
     shown = [c for c in SHOWN if c in schema]
     top_rows = ok.sort([C.SCORE, C.PAIR_ID], descending=[True, False]).head(top).select(shown).collect()
     bottom_rows = ok.sort([C.SCORE, C.PAIR_ID], descending=[False, False]).head(top).select(shown).collect()
@@ -424,18 +460,7 @@ def summarize(source: TableSource, *, top: int = 10, bins: int = 30) -> TableRep
         .sort("rows", descending=True)
         .collect()
     )
-    dropped = None
-    if source.dropped is not None:
-        dropped = {}
-        counts = source.dropped.group_by(REASON).len().sort("len", descending=True).collect()
-        dschema = source.dropped.collect_schema()
-        dshown = [c for c in SHOWN if c in dschema] + [REASON]
-        for reason, n in counts.iter_rows():
-            # A few examples per reason, lowest score first, for the contact sheet.
-            sample = source.dropped.filter(pl.col(REASON) == reason)
-            if C.SCORE in dschema:
-                sample = sample.sort(C.SCORE, nulls_last=True)
-            dropped[str(reason)] = (int(n), sample.head(top).select(dshown).collect())
+    dropped = _dropped_groups(source, top) if source.dropped is not None else None
     return TableReport(
         path=str(source.path),
         kind=source.kind,
@@ -443,13 +468,37 @@ def summarize(source: TableSource, *, top: int = 10, bins: int = 30) -> TableRep
         status_counts={str(k): int(v) for k, v in status_counts.items()},
         quantiles=quantiles,
         histograms=histograms,
-        threshold=threshold_from_sidecar(source.sidecar),
+        thresholds=thresholds_from_sidecar(source.sidecar),
         top=top_rows,
         bottom=bottom_rows,
         sources=sources,
         dropped=dropped,
         sidecar=source.sidecar,
     )
+
+
+def _dropped_groups(source: TableSource, top: int) -> dict[str, tuple[int, pl.DataFrame]]:
+    """Dropped rows per reason: the count and the ``top`` highest-scored rows, with image and caption."""
+    # duplicate-of:<pair_id> names each original: one group for all of them.
+    reason = pl.col(C.REASON).str.replace(r"^duplicate-of:.*", "duplicate-of:<pair_id>").alias("group")
+    drops = source.dropped.with_columns(reason)
+    counts = drops.group_by("group").len().sort(["len", "group"], descending=[True, False]).collect()
+    dschema = drops.collect_schema()
+    groups = {}
+    for group, n in counts.iter_rows():
+        sample = drops.filter(pl.col("group") == group)
+        if C.SCORE in dschema:
+            # Borderline cases first: the best-scored rows the selection still dropped.
+            sample = sample.sort([C.SCORE, C.PAIR_ID], descending=[True, False], nulls_last=True)
+        sample = sample.head(top).collect()
+        if source.inputs is not None and C.IMAGE_PATH not in sample.columns:
+            found = source.inputs.filter(pl.col(C.PAIR_ID).is_in(sample.get_column(C.PAIR_ID).to_list())).unique(C.PAIR_ID).collect()
+            sample = sample.join(found, on=C.PAIR_ID, how="left", maintain_order="left")
+        for col in (C.IMAGE_PATH, C.CAPTION):
+            if col not in sample.columns:
+                sample = sample.with_columns(pl.lit(None, dtype=pl.String).alias(col))
+        groups[str(group)] = (int(n), sample)
+    return groups
 
 
 def run_inspect(config: InspectConfig) -> TableReport:

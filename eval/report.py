@@ -87,7 +87,7 @@ def card(row: dict[str, Any], fields: Iterable[tuple[str, Any]]) -> str:
         if uri
         else f'<div class="noimg" title="{esc(why)}">image unavailable<br>{esc((why or "").split(":")[0])}</div>'
     )
-    nums = " · ".join(f'{esc(k)} <span class="num">{esc(_num(v))}</span>' for k, v in fields)
+    nums = " · ".join((f"{esc(k)} " if k else "") + f'<span class="num">{esc(_num(v))}</span>' for k, v in fields)
     ident = row.get(C.PAIR_ID) or Path(str(row.get(C.IMAGE_PATH))).name
     return (
         f'<div class="card">{pic}<div>{nums}</div>'
@@ -110,7 +110,7 @@ def contact_sheet(rows: list[dict[str, Any]], fields: tuple[str, ...] = (C.SCORE
     """A wrap of cards, one per row, each showing ``fields`` (score, rank) above the caption."""
     if not rows:
         return "<p>(none)</p>"
-    labels = {C.SCORE: "score", C.BANK_RANK: "rank"}
+    labels = {C.SCORE: "score", C.BANK_RANK: "rank", C.REASON: ""}
     cards = [card(r, [(labels.get(f, f), r.get(f)) for f in fields if f in r]) for r in rows]
     return '<div class="sheet">' + "".join(cards) + "</div>"
 
@@ -122,51 +122,67 @@ def grid_table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
     return f'<table class="grid"><tr>{head}</tr>{body}</table>'
 
 
-def svg_histogram(hist: Any, threshold: Any = None, width: int = 520, height: int = 220) -> str:
+def svg_histogram(hist: Any, thresholds: Any = (), width: int = 520, height: int = 220) -> str:
     """An inline SVG bar chart of a :class:`tbps.eval.inspect.Histogram`, threshold as a red line.
 
     Args:
         hist: the histogram (edges, counts, ``log`` for power-of-two bins drawn at equal width).
-        threshold: a :class:`tbps.eval.inspect.Threshold`; drawn when it is on this column.
+        thresholds: :class:`tbps.eval.inspect.Threshold` s; those on this column are drawn.
         width, height: the chart size in pixels.
 
     Returns:
         The ``<svg>`` element as text.
     """
-    left, right, top, bottom = 48, 12, 24, 40
+    mine = [t for t in thresholds if t.column == hist.column]
+    left, right, top, bottom = 48, 12, 28 + 13 * len(mine), 40
     pw, ph = width - left - right, height - top - bottom
     n = len(hist.counts)
-    peak = max(hist.counts) if hist.counts and max(hist.counts) > 0 else 1
+    dropped = hist.dropped or [0] * n
+    peak = max((k + d for k, d in zip(hist.counts, dropped)), default=0) or 1
     bw = pw / max(n, 1)
+    legend = (
+        f'<rect x="{width - 150}" y="6" width="10" height="10" fill="#4a7bb7"/><text x="{width - 136}" y="15" font-size="11">kept</text>'
+        f'<rect x="{width - 100}" y="6" width="10" height="10" fill="#f0a04b"/><text x="{width - 86}" y="15" font-size="11">dropped</text>'
+        if hist.dropped is not None
+        else ""
+    )
     parts = [
         f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="histogram of {esc(hist.column)}">',
         f'<text x="{left}" y="15" font-size="13" font-weight="600">{esc(hist.column)}'
-        f'{" (log2 bins)" if hist.log else ""} · ok rows</text>',
+        f'{" (log2 bins)" if hist.log else ""} · ok rows</text>{legend}',
         f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#888"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#888"/>',
         f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{peak:,}</text>',
         f'<text x="{left - 4}" y="{top + ph}" font-size="10" text-anchor="end">0</text>',
     ]
-    for i, count in enumerate(hist.counts):
-        h = ph * count / peak
+    for i, (count, gone) in enumerate(zip(hist.counts, dropped)):
+        h, hd = ph * count / peak, ph * gone / peak
         lo, hi = hist.edges[i], hist.edges[i + 1]
+        x, w = left + i * bw + 0.5, max(bw - 1, 0.5)
+        # Kept rows at the bottom of the bar, dropped rows stacked above them.
         parts.append(
-            f'<rect x="{left + i * bw + 0.5:.1f}" y="{top + ph - h:.1f}" width="{max(bw - 1, 0.5):.1f}" '
-            f'height="{h:.1f}" fill="#4a7bb7"><title>[{_num(lo)}, {_num(hi)}): {count:,}</title></rect>'
+            f'<rect x="{x:.1f}" y="{top + ph - h:.1f}" width="{w:.1f}" height="{h:.1f}" fill="#4a7bb7">'
+            f"<title>[{_num(lo)}, {_num(hi)}): {count:,} kept</title></rect>"
         )
+        if gone:
+            parts.append(
+                f'<rect x="{x:.1f}" y="{top + ph - h - hd:.1f}" width="{w:.1f}" height="{hd:.1f}" fill="#f0a04b">'
+                f"<title>[{_num(lo)}, {_num(hi)}): {gone:,} dropped</title></rect>"
+            )
     ticks = range(0, n + 1, max(1, n // 6)) if not hist.log else range(0, n + 1, max(1, math.ceil(n / 8)))
     for i in ticks:
         x = left + i * bw
         parts.append(f'<line x1="{x:.1f}" y1="{top + ph}" x2="{x:.1f}" y2="{top + ph + 4}" stroke="#888"/>')
         parts.append(f'<text x="{x:.1f}" y="{top + ph + 16}" font-size="10" text-anchor="middle">{esc(_tick(hist.edges[i]))}</text>')
-    if threshold is not None and threshold.column == hist.column:
+    for k, threshold in enumerate(mine):
         x = _x_of(hist, threshold.value, left, bw)
-        parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{top + ph}" stroke="#d62728" stroke-width="2" stroke-dasharray="5,3"/>')
-        anchor = "start" if x < left + pw * 0.7 else "end"
-        dx = 4 if anchor == "start" else -4
+        outside = not hist.edges[0] <= threshold.value <= hist.edges[-1]
+        parts.append(f'<line x1="{x:.1f}" y1="{top - 2}" x2="{x:.1f}" y2="{top + ph}" stroke="#d62728" stroke-width="2" stroke-dasharray="5,3"/>')
+        anchor = "start" if x < left + pw * 0.6 else "end"
+        label = threshold.label + (" (outside the range shown)" if outside else "")
         parts.append(
-            f'<text x="{x + dx:.1f}" y="{top + 10}" font-size="11" fill="#d62728" text-anchor="{anchor}">{esc(threshold.label)}</text>'
+            f'<text x="{x:.1f}" y="{30 + 13 * k}" font-size="11" fill="#d62728" text-anchor="{anchor}">{esc(label)}</text>'
         )
     parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 6}" font-size="11" text-anchor="middle" fill="#555">{esc(hist.column)}</text>')
     parts.append("</svg>")
@@ -222,15 +238,14 @@ def render_html(report: Any) -> str:
 
     sections = []
     overview = [("rows", report.rows)] + [(f"status {k}", v) for k, v in report.status_counts.items()]
-    if report.threshold is not None:
-        overview.append(("selection", report.threshold.label))
+    overview += [("selection", th.label) for th in report.thresholds]
     sections.append("<h2>Overview</h2>" + grid_table(["", "value"], overview))
     cols = list(report.quantiles)
     sections.append(
         "<h3>Quantiles (ok rows)</h3>"
         + grid_table(["quantile", *cols], [[f"{q:g}", *(report.quantiles[c].get(q) for c in cols)] for q in QUANTILES])
     )
-    charts = "".join(svg_histogram(h, report.threshold) for h in report.histograms)
+    charts = "".join(svg_histogram(h, report.thresholds) for h in report.histograms)
     sections.append(f'<h2>Histograms</h2><div class="charts">{charts}</div>')
     sections.append(
         f"<h2>Lowest scored pairs ({report.bottom.height})</h2>"
@@ -245,7 +260,10 @@ def render_html(report: Any) -> str:
         drops = [f"<h2>Dropped by the selection ({total:,} rows)</h2>"]
         drops.append(grid_table(["reason", "rows"], [(r, n) for r, (n, _) in report.dropped.items()]))
         for reason, (n, sample) in report.dropped.items():
-            drops.append(f"<h3>{esc(reason)}: {n:,} rows (showing {sample.height})</h3>" + contact_sheet(sample.to_dicts()))
+            drops.append(
+                f"<h3>{esc(reason)}: {n:,} rows (showing {sample.height}, highest scores first)</h3>"
+                + contact_sheet(sample.to_dicts(), fields=(C.SCORE, C.BANK_RANK, C.REASON))
+            )
         sections.append("".join(drops))
     subtitle = f"{report.kind} · {report.rows:,} rows · {report.ok_rows:,} ok"
     return page(f"tbps inspect: {Path(report.path).name}", f"{report.path} · {subtitle}", "".join(sections))

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from tbps import columns as C
 from tbps.cli import app
 from tbps.errors import TbpsError
-from tbps.eval.inspect import InspectConfig, open_table, run_inspect, summarize, terminal_histogram, threshold_from_sidecar
+from tbps.eval.inspect import InspectConfig, open_table, run_inspect, summarize, terminal_histogram, thresholds_from_sidecar
 from tbps.eval.report import render_html
 
 from _eval_world import COLOURS, make_score_table
@@ -35,28 +35,19 @@ def table(tmp_path) -> Path:
 
 
 def make_manifest(root: Path) -> Path:
-    """A manifest (kept rows), its sidecar with a bank-rank threshold, and the dropped rows by reason."""
-    rows = pl.read_parquet(root / "scores")
-    ok = rows.filter(pl.col(C.STATUS) == C.STATUS_OK)
-    kept = ok.filter(pl.col(C.BANK_RANK) <= 300)
-    manifest = root / "manifest.parquet"
-    kept.write_parquet(manifest)
-    dropped = pl.concat(
-        [
-            ok.filter(pl.col(C.BANK_RANK) > 300).with_columns(pl.lit("bank_rank > 300").alias("reason")),
-            rows.filter(pl.col(C.STATUS) != C.STATUS_OK).with_columns(pl.lit("status bad-image").alias("reason")),
-        ]
-    )
-    dropped.write_parquet(root / "manifest.dropped.parquet")
-    sidecar = {"rule": "custom", "threshold": {"column": C.BANK_RANK, "max": 300}, "kept": kept.height, "dropped": "manifest.dropped.parquet"}
-    (root / "manifest.json").write_text(json.dumps(sidecar))
-    return manifest
+    """``tbps select`` on the score table: keep bank_rank <= 300 (a manifest, its sidecar and drop table)."""
+    from tbps.curate.select import SelectConfig
+    from tbps.curate.select_io import run_select
+
+    out = root / "manifest.parquet"
+    run_select(SelectConfig(scores=(root / "scores",), out=out, max_bank_rank=300, min_score=0.06))
+    return out
 
 
 def test_summary_of_a_score_table(table):
     for path in (table, table / "scores", table / "scores" / "part-000000.parquet"):
         report = summarize(open_table(path), top=3)
-        assert report.kind == "score table" and report.rows == 12
+        assert report.kind.startswith("score table") and report.rows == 12
         assert report.status_counts == {C.STATUS_OK: 11, C.STATUS_BAD_IMAGE: 1}
     assert report.quantiles[C.SCORE][0.0] == pytest.approx(0.05) and report.quantiles[C.SCORE][1.0] == pytest.approx(0.35)
     assert report.quantiles[C.BANK_RANK][0.5] == pytest.approx(280)  # median of 80, 120, ..., 480
@@ -66,41 +57,55 @@ def test_summary_of_a_score_table(table):
     assert sum(score_hist.counts) == 11 and sum(rank_hist.counts) == 11  # ok rows only
     assert rank_hist.edges[:4] == [0, 1, 2, 4] and rank_hist.edges[-1] > 480
     sources = dict(report.sources.select(C.SOURCE, "rows").iter_rows())
-    assert sources == {"alpha": 8, "beta": 4} and report.dropped is None and report.threshold is None
+    assert sources == {"alpha": 8, "beta": 4} and report.dropped is None and report.thresholds == []
 
 
 def test_terminal_histogram_draws_bars_and_threshold(table):
     report = summarize(open_table(table))
     source = open_table(make_manifest(table))
-    text = terminal_histogram(report.histograms[1], threshold_from_sidecar(source.sidecar))
+    text = terminal_histogram(report.histograms[1], thresholds_from_sidecar(source.sidecar))
     lines = text.splitlines()
     assert lines[0].startswith(C.BANK_RANK) and len(lines) == len(report.histograms[1].counts) + 1
     assert "█" in text and sum("◀ threshold" in line for line in lines) == 1
     assert "◀ threshold" in next(line for line in lines if "[256, 512)" in line)
 
 
-def test_manifest_threshold_and_drops(table):
+def test_manifest_thresholds_and_drops(table):
     report = summarize(open_table(make_manifest(table)), top=5)
+    # Scores 0.05 + 0.03k, bank ranks 40(12 - k); k = 11 is a bad image. Kept: k = 5..10.
     assert report.kind == "manifest" and report.rows == 6
-    assert report.threshold.column == C.BANK_RANK and report.threshold.value == 300 and "custom" in report.threshold.label
-    assert {k: n for k, (n, _) in report.dropped.items()} == {"bank_rank > 300": 5, "status bad-image": 1}
-    assert report.dropped["bank_rank > 300"][1].height == 5
+    assert [(t.column, t.value, t.kind) for t in report.thresholds] == [(C.SCORE, 0.06, "min"), (C.BANK_RANK, 300.0, "max")]
+    score_hist = report.histograms[0]
+    assert sum(score_hist.counts) == 6 and sum(score_hist.dropped) == 5  # the status drop has no score
+    assert score_hist.edges[0] == pytest.approx(0.05)  # the bins span kept and dropped rows
+    counts = {k: n for k, (n, _) in report.dropped.items()}
+    assert sum(counts.values()) == 6 and counts["bank-rank"] == 4 and counts["min-score"] == 1
+    sample = report.dropped["bank-rank"][1]
+    # Borderline first: the best-scored dropped rows, with image and caption looked up in the input.
+    assert sample.get_column(C.SCORE).to_list() == pytest.approx([0.17, 0.14, 0.11, 0.08])
+    assert sample.get_column(C.IMAGE_PATH).null_count() == 0 and sample.get_column(C.CAPTION).null_count() == 0
+
+
+def test_manifest_without_its_inputs_still_inspects(table, tmp_path):
+    manifest = make_manifest(table)
+    shutil.rmtree(table / "scores")  # the selection's input is gone: drops are shown without pictures
+    report = summarize(open_table(manifest))
+    assert report.dropped["bank-rank"][1].get_column(C.IMAGE_PATH).null_count() == 4
+    assert "image unavailable" in render_html(report)
 
 
 @pytest.mark.parametrize(
     "sidecar, expected",
     [
-        ({"threshold": {"column": "bank_rank", "max": 48}}, ("bank_rank", 48.0, "max")),
-        ({"rule": {"name": "paper-finetune", "max_bank_rank": 1799}}, ("bank_rank", 1799.0, "max")),
-        ({"config": {"min_score": 0.25}}, ("score", 0.25, "min")),
-        ({"threshold": {"column": "score", "value": 0.3, "kind": "min"}}, ("score", 0.3, "min")),
-        ({"kept": 10}, None),
-        (None, None),
+        ({"resolved": {"bank_rank": {"option": "--rule paper-pretrain", "max_bank_rank": 48}}}, [("bank_rank", 48.0, "max")]),
+        ({"resolved": {"min_score": 0.25, "bank_rank": {"max_bank_rank": 1799}}}, [("score", 0.25, "min"), ("bank_rank", 1799.0, "max")]),
+        ({"config": {"max_bank_rank": 7, "min_score": None}}, [("bank_rank", 7.0, "max")]),
+        ({"resolved": {"order": {}}}, []),
+        (None, []),
     ],
 )
-def test_threshold_from_sidecar(sidecar, expected):
-    th = threshold_from_sidecar(sidecar)
-    assert (th and (th.column, th.value, th.kind)) == expected or (th is None and expected is None)
+def test_thresholds_from_sidecar(sidecar, expected):
+    assert [(t.column, t.value, t.kind) for t in thresholds_from_sidecar(sidecar)] == expected
 
 
 def test_html_is_self_contained(table):
@@ -108,10 +113,11 @@ def test_html_is_self_contained(table):
     page = render_html(summarize(open_table(manifest), top=4))
     assert not re.search(r"(src|href)\s*=\s*[\"'](?!data:|#)", page)  # every resource is inline
     assert "http://" not in page and "https://" not in page
-    assert page.count("data:image/jpeg;base64,") == 4 + 4 + 4 + 0  # bottom, top, first drop reason
-    assert page.count("image unavailable") == 1  # the undecodable row of the second reason
-    assert page.count("<svg") == 2 and 'stroke="#d62728"' in page  # both histograms, threshold drawn
-    assert "bank_rank &gt; 300" in page  # user text is escaped
+    # Kept rows: 4 lowest + 4 highest; drops: 4 bank-rank, 1 min-score, 1 status (an undecodable file).
+    assert page.count("data:image/jpeg;base64,") == 4 + 4 + 4 + 1
+    assert page.count("image unavailable") == 1
+    assert page.count("<svg") == 2 and page.count('stroke="#d62728"') == 2  # both cuts drawn
+    assert "keep bank_rank &lt;= 300" in page  # user-visible text is escaped
 
 
 def test_cli_inspect(table, tmp_path):
@@ -166,6 +172,7 @@ def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 def test_html_report_renders_in_headless_chromium(table, tmp_path):
     html_path = tmp_path / "report.html"
     run_inspect(InspectConfig(table=make_manifest(table), html=html_path, top=4))
+    images = 4 + 4 + 4 + 1  # bottom, top, bank-rank drops, min-score drop (the status drop has no picture)
     url = html_path.resolve().as_uri()
 
     # After the load event the page's own script counts the pictures that decoded.
@@ -173,7 +180,7 @@ def test_html_report_renders_in_headless_chromium(table, tmp_path):
     found = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom.stdout)
     assert found, f"no load marker in the DOM: {dom.stderr[-2000:]}"
     loaded, total = map(int, found.groups())
-    assert total == 12 and loaded == total
+    assert total == images and loaded == total
 
     shot = tmp_path / "shot.png"
     res = _chromium([f"--screenshot={shot}", "--window-size=1200,1600", "--virtual-time-budget=5000", url], tmp_path)
@@ -188,3 +195,29 @@ def test_html_report_renders_in_headless_chromium(table, tmp_path):
     for name in ("green", "yellow"):
         close = np.abs(pixels - np.array(COLOURS[name])).max(axis=2) < 40
         assert close.sum() > 50, f"no {name} pixels: thumbnails not drawn"
+
+
+@pytest.mark.slow
+def test_score_select_inspect_on_the_synthetic_world(tmp_path):
+    """End to end: synth world -> tbps score (tiny model) -> tbps select -> tbps inspect --html."""
+    from tbps.curate.score import ScoreConfig, run_score
+    from tbps.data.synth import SynthConfig, synthesize
+
+    world = tmp_path / "world"
+    synthesize(SynthConfig(out=world, seed=2, identities=6, split="2:1:3", images_per_id=2, pool_identities=3, pool_size=12, workers=1))
+    scores = tmp_path / "scores"
+    run_score(ScoreConfig(data=world / "pool" / "pool.json", model="tbps-tiny", bank=world / "benchmark" / "reid_raw.json",
+                          out=scores, bank_size=16, workers=0, device="cpu", precision="fp32"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["select", str(scores), "--max-bank-rank", "8", "--out", str(tmp_path / "m.parquet"), "-q"])
+    assert res.exit_code == 0, res.output
+    page = tmp_path / "m.html"
+    res = runner.invoke(app, ["inspect", str(tmp_path / "m.parquet"), "--html", str(page), "--top", "3"])
+    assert res.exit_code == 0, res.output
+    assert "manifest" in res.stdout and "dropped by the selection" in res.stdout
+    report = summarize(open_table(tmp_path / "m.parquet"))
+    dropped = sum(n for n, _ in report.dropped.values())
+    assert report.rows + dropped == 12  # every pool pair is kept or dropped with a reason
+    assert report.thresholds[0].label == "--max-bank-rank: keep bank_rank <= 8"
+    text = page.read_text()
+    assert "data:image/jpeg;base64," in text and "keep bank_rank &lt;= 8" in text
