@@ -27,7 +27,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -188,6 +188,28 @@ def load_weights(loaded: LoadedModel, directory: Path) -> LoadedModel:
     return loaded
 
 
+def check_base(run: Path, record: dict[str, Any], base: LoadedModel) -> None:
+    """Refuse a base model whose identity (spec, weights, content hash) differs from the run's.
+
+    Args:
+        run: the run directory, for the message.
+        record: its ``run.json``.
+        base: the base model as it loads now.
+
+    Raises:
+        TbpsError: the identities differ (adapters on other base weights are meaningless).
+    """
+    expected = (record.get("base_model") or {}).get("identity")
+    if expected and expected != base.identity:
+        raise TbpsError(
+            "the base model now loads other weights than the run was trained on",
+            path=run,
+            field="model",
+            value=base.identity,
+            hint=f"the run was trained on {expected}",
+        )
+
+
 def load_run_model(path: str | Path, checkpoint: str | None = None) -> LoadedModel:
     """Rebuild a run's model: the base model from ``run.json`` with the run's trained weights.
 
@@ -214,20 +236,14 @@ def load_run_model(path: str | Path, checkpoint: str | None = None) -> LoadedMod
         raise TbpsError(f"unreadable run record ({exc})", path=run / RUN_MARKER) from exc
     if checkpoint not in (None, BEST, LAST):
         raise UsageError(f"the checkpoint is {BEST} or {LAST}", field="--checkpoint", value=checkpoint)
-    which = checkpoint or record.get("result_checkpoint") or (BEST if (run / BEST).is_dir() else LAST)
+    which = checkpoint or record.get("result_checkpoint") or LAST
+    if checkpoint is None and not (run / which).is_dir():
+        which = LAST  # a run stopped before its first validation: its last state is all there is
     directory = run / which
     if not directory.is_dir():
         raise TbpsError("the run has no such checkpoint", path=directory, hint="the run may not have saved one yet")
     loaded = load(config["model"], seed=int(config["seed"]))
-    expected = (record.get("base_model") or {}).get("identity")
-    if expected and expected != loaded.identity:
-        raise TbpsError(
-            "the base model now loads other weights than the run was trained on",
-            path=run,
-            field="model",
-            value=loaded.identity,
-            hint=f"the run was trained on {expected}",
-        )
+    check_base(run, record, loaded)
     load_weights(loaded, directory)
     loaded.model.eval()
     steps = record.get("checkpoints", {}).get(which, {})
@@ -277,7 +293,3 @@ def truncate_log(run: Path, step: int) -> None:
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
 
-
-def on_main(rank: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` on rank 0 only (the only process that writes the run directory)."""
-    return fn(*args, **kwargs) if rank == 0 else None

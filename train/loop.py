@@ -14,6 +14,7 @@ the run directory and :mod:`tbps.train.data` for the deterministic batch order t
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -270,15 +271,6 @@ def _distributed(device_opt: str) -> tuple[int, int, torch.device]:
     return 0, 1, device
 
 
-def _check_out(run: Path, resume: bool) -> None:
-    if not resume and run.exists() and any(run.iterdir()):
-        raise TbpsError(
-            "the run directory is not empty",
-            path=run,
-            hint="pass --resume to continue the run there, or choose another --out",
-        )
-
-
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on matrices only (as open_clip)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -287,6 +279,109 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW
         {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+@dataclass
+class Setup:
+    """Everything :func:`train` needs, built and checked by :func:`prepare` before any step."""
+
+    run: Path
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype | None
+    loaded: Any  # tbps.models.LoadedModel, adapted
+    ddp: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: torch.utils.data.DataLoader
+    total_steps: int
+    per_epoch: int  # micro-batches per epoch
+    val: ValSet | None
+    state: dict[str, Any]  # the resumed trainer state ({} for a fresh run)
+    record: dict[str, Any]  # what run.json says besides the config and progress
+    report: D.PairReport
+
+
+def prepare(config: TrainConfig) -> Setup:
+    """Check every input and build model, optimizer, schedule and data (no training step).
+
+    Args:
+        config: the resolved options.
+
+    Returns:
+        The :class:`Setup`; the process group is joined when run under torchrun.
+
+    Raises:
+        TbpsError: bad data, manifest, validation set, adapter targets or resume checkpoint.
+        UsageError: options that do not fit together.
+    """
+    from tbps.models import load
+    from tbps.models.encode import autocast_dtype
+    from tbps.train.adapters import adapter_config
+
+    run = Path(config.out)
+    if config.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
+        raise UsageError("--batch-size must be divisible by the number of torchrun processes", field="--batch-size", value=config.batch_size)
+    if not config.resume and run.exists() and any(run.iterdir()):
+        raise TbpsError("the run directory is not empty", path=run, hint="pass --resume to continue the run there, or choose another --out")
+    pairs, report, source = load_training_pairs(config)
+    val = load_val_set(config) if config.val else None
+    saved = ckpt.read_resume_state(run, asdict(config), RESUME_FREE) if config.resume else None
+    if saved:
+        base = load(config.model, seed=config.seed)
+        ckpt.check_base(run, json.loads((run / RUN_MARKER).read_text()), base)
+        loaded = ckpt.load_weights(base, saved[0])
+    else:
+        loaded = ckpt.build_model(config.model, config.seed, config.adapter, config.rank, config.targets, config.wora_norm)
+    state = saved[1] if saved else {}
+    rank, world, device = _distributed(config.device)
+    model = loaded.model.to(device).train()
+    # Building DDP is a collective: no rank writes RUN before every rank has passed the checks above.
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    dataset = D.TrainPairs(
+        pairs.get_column(C.IMAGE_PATH).to_list(),
+        pairs.get_column(C.CAPTION).to_list(),
+        D.person_codes(pairs.get_column(C.PERSON_ID).to_list()),
+        D.PedestrianAugment(loaded.image_size, *_norm_stats(model), pad=D.default_pad(loaded.image_size)),
+        config.seed,
+    )
+    per_epoch = len(dataset) // config.batch_size
+    total_steps = config.steps or max(1, config.epochs * per_epoch // config.accum)
+    optimizer = _optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup, total_steps))
+    if saved:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+    start = int(state.get("step", 0)) * config.accum
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=D.GlobalBatches(len(dataset), config.batch_size, config.seed, start, total_steps * config.accum, rank, world),
+        num_workers=config.workers,
+        collate_fn=D.Collate(loaded.tokenizer),
+        pin_memory=device.type == "cuda",
+    )
+    trainable, total = count_parameters(model)
+    dtype = autocast_dtype(config.precision, device)
+    record = {
+        "base_model": {"spec": config.model, "seed": config.seed, "identity": loaded.identity},
+        "adapter": adapter_config(model),
+        "data": {**source, **asdict(report)},
+        "val": {**asdict(val.report), "images_also_in_training": len(set(val.gallery_paths) & set(dataset.image_paths))} if val else None,
+        "parameters": {"trainable": trainable, "total": total, "trainable_share": trainable / total},
+        "world_size": world,
+        "device": str(device),
+        "autocast": str(dtype) if dtype else "fp32",
+        "total_steps": total_steps,
+        "result_checkpoint": ckpt.BEST if val else ckpt.LAST,
+        "result_note": "the best validation step (R@1, then mAP)" if val else "no --val: the last checkpoint is the result",
+    }
+    return Setup(run, rank, world, device, dtype, loaded, ddp, optimizer, scheduler, loader, total_steps, per_epoch, val, state, record, report)
 
 
 def train(
@@ -309,148 +404,97 @@ def train(
             checkpoint), always before the first training step.
         UsageError: options that do not fit together (e.g. a batch not divisible by the ranks).
     """
-    from tbps.models import load
-    from tbps.models.encode import autocast_dtype
     from tbps.provenance import record, write_json_atomic
-    from tbps.train.adapters import adapter_config
 
-    run = Path(config.out)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if config.batch_size % world:
-        raise UsageError(f"--batch-size must be divisible by the {world} torchrun processes", field="--batch-size", value=config.batch_size)
-    # --- Everything that can refuse, before any training.
-    _check_out(run, config.resume)
-    pairs, report, source = load_training_pairs(config)
-    val = load_val_set(config) if config.val else None
-    saved = ckpt.read_resume_state(run, asdict(config), RESUME_FREE) if config.resume else None
-    if saved:
-        loaded = ckpt.load_weights(load(config.model, seed=config.seed), saved[0])
-    else:
-        loaded = ckpt.build_model(config.model, config.seed, config.adapter, config.rank, config.targets, config.wora_norm)
-    state = saved[1] if saved else {}
-    rank, world, device = _distributed(config.device)
-    main = rank == 0
-    model = loaded.model.to(device).train()
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    trainable, total = count_parameters(model)
-    dtype = autocast_dtype(config.precision, device)
-    dataset = D.TrainPairs(
-        pairs.get_column(C.IMAGE_PATH).to_list(),
-        pairs.get_column(C.CAPTION).to_list(),
-        D.person_codes(pairs.get_column(C.PERSON_ID).to_list()),
-        D.PedestrianAugment(loaded.image_size, *_norm_stats(model), pad=D.default_pad(loaded.image_size)),
-        config.seed,
-    )
-    per_epoch = len(dataset) // config.batch_size
-    total_steps = config.steps or max(1, config.epochs * per_epoch // config.accum)
-    optimizer = _optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup, total_steps))
-    step = int(state.get("step", 0))
-    if saved:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-    else:
-        torch.manual_seed(config.seed), np.random.seed(config.seed), random.seed(config.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=D.GlobalBatches(len(dataset), config.batch_size, config.seed, step * config.accum, total_steps * config.accum, rank, world),
-        num_workers=config.workers,
-        collate_fn=D.Collate(loaded.tokenizer),
-        pin_memory=device.type == "cuda",
-    )
-    best = state.get("best")  # {"step", "metrics"} of the best validation so far
-    counters = {k: state.get(k, 0) for k in ("train_seconds", "pairs_seen", "replaced")}
-    record_extra = {
-        "base_model": {"spec": config.model, "seed": config.seed, "identity": loaded.identity.get("base", loaded.identity)},
-        "adapter": adapter_config(model),
-        "data": {**source, **asdict(report)},
-        "val": asdict(val.report) if val else None,
-        "parameters": {"trainable": trainable, "total": total, "trainable_share": trainable / total},
-        "world_size": world,
-        "device": str(device),
-        "autocast": str(dtype) if dtype else "fp32",
-        "total_steps": total_steps,
-    }
+    s = prepare(config)
+    run, model, main = s.run, s.loaded.model, s.rank == 0
+    step = int(s.state.get("step", 0))
+    best = s.state.get("best")  # {"step", "metrics"} of the best validation so far
+    counters = {k: s.state.get(k, 0) for k in ("train_seconds", "pairs_seen", "replaced", "saved_step")}
+    pairs_per_step = config.batch_size * config.accum
 
     def write_record(status: str) -> None:
-        result = ckpt.BEST if val else ckpt.LAST
+        training = {"train_seconds": counters["train_seconds"], "pairs_seen": counters["pairs_seen"], "images_replaced": counters["replaced"]}
         write_json_atomic(run / RUN_MARKER, record(
-            config, **record_extra, status=status, step=step, epoch=step * config.accum / per_epoch,
-            training={"train_seconds": counters["train_seconds"], "pairs_seen": counters["pairs_seen"], "images_replaced": counters["replaced"]},
-            best=best, result_checkpoint=result,
-            result_note="best validation step (R@1, then mAP)" if val else "no --val: the last checkpoint is the result",
-            checkpoints={ckpt.LAST: {"step": state.get("saved_step")}, ckpt.BEST: best},
+            config, **s.record, status=status, step=step, epoch=step * config.accum / s.per_epoch, training=training, best=best,
+            checkpoints={ckpt.LAST: {"step": counters["saved_step"] or None}, ckpt.BEST: best},
         ))
 
     if main:
         run.mkdir(parents=True, exist_ok=True)
-        ckpt.truncate_log(run, step) if saved else write_record("running")
-    # --- The loop: one optimizer step per iteration of `while`.
-    batches = iter(loader)
-    window = {"loss": 0.0, "steps": 0, "pairs": 0, "t": time.perf_counter()}
-    last_loss = float("nan")
-    while step < total_steps:
+        if config.resume:
+            ckpt.truncate_log(run, step)  # lines past the checkpoint are rewritten by this run
+        else:
+            write_record("running")
+    if progress and main:
+        progress(step, s.total_steps)
+    batches = iter(s.loader)
+    window = {"loss": 0.0, "steps": 0, "seconds": 0.0}
+    step_loss = float("nan")
+    while step < s.total_steps:
+        # One optimizer step: `accum` micro-batches, each a contrastive loss over the global batch.
         t0 = time.perf_counter()
         step_loss = 0.0
         for micro in range(config.accum):
             batch = next(batches)
-            # DDP all-reduces gradients only on the last micro-batch of an accumulated step.
-            sync = contextlib.nullcontext() if world == 1 or micro == config.accum - 1 else ddp.no_sync()
+            # DDP all-reduces gradients on the last micro-batch of a step only.
+            sync = contextlib.nullcontext() if s.world == 1 or micro == config.accum - 1 else s.ddp.no_sync()
             with sync:
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    image_emb, text_emb, scale = ddp(image=batch.pixels.to(device, non_blocking=True), text=batch.tokens.to(device))[:3]
-                loss = contrastive_loss(config.loss, image_emb, text_emb, scale, batch.person_ids.to(device)) / config.accum
+                with torch.autocast(s.device.type, dtype=s.dtype or torch.float32, enabled=s.dtype is not None):
+                    image_emb, text_emb, scale = s.ddp(image=batch.pixels.to(s.device, non_blocking=True), text=batch.tokens.to(s.device))[:3]
+                loss = contrastive_loss(config.loss, image_emb, text_emb, scale, batch.person_ids.to(s.device)) / config.accum
                 loss.backward()
             step_loss += loss.item()
             counters["replaced"] += batch.replaced
         if config.clip_grad:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = s.scheduler.get_last_lr()[0]
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
         step += 1
-        counters["train_seconds"] += time.perf_counter() - t0
-        counters["pairs_seen"] += config.batch_size * config.accum
-        window["loss"], window["steps"], window["pairs"] = window["loss"] + step_loss, window["steps"] + 1, window["pairs"] + config.batch_size * config.accum
-        last_loss = step_loss
-        if main and (step % config.log_every == 0 or step == total_steps):
-            seconds = time.perf_counter() - window["t"]
-            line = {"kind": "train", "step": step, "epoch": round(step * config.accum / per_epoch, 4), "loss": window["loss"] / window["steps"],
-                    "lr": lr, "img_per_s": window["pairs"] / seconds, "wall_s": counters["train_seconds"]}
-            ckpt.append_log(run, line)
-            if log:
-                log(f"step {step} | epoch {line['epoch']:.2f} | loss {line['loss']:.4f} | lr {lr:.2e} | {line['img_per_s']:.0f} img/s")
-        if step % config.log_every == 0 or step == total_steps:
-            window = {"loss": 0.0, "steps": 0, "pairs": 0, "t": time.perf_counter()}
-        if val and (step % config.val_every == 0 or step == total_steps):
+        seconds = time.perf_counter() - t0
+        counters["train_seconds"] += seconds
+        counters["pairs_seen"] += pairs_per_step
+        window = {"loss": window["loss"] + step_loss, "steps": window["steps"] + 1, "seconds": window["seconds"] + seconds}
+
+        if step % config.log_every == 0 or step == s.total_steps:
+            line = {"kind": "train", "step": step, "epoch": round(step * config.accum / s.per_epoch, 4), "loss": window["loss"] / window["steps"],
+                    "lr": lr, "img_per_s": window["steps"] * pairs_per_step / window["seconds"], "wall_s": counters["train_seconds"]}
+            window = {"loss": 0.0, "steps": 0, "seconds": 0.0}
             if main:
-                metrics = validate(loaded, val, config, device)
+                ckpt.append_log(run, line)
+                if log:
+                    log(f"step {step} | epoch {line['epoch']:.2f} | loss {line['loss']:.4f} | lr {lr:.2e} | {line['img_per_s']:.0f} img/s")
+
+        if s.val and (step % config.val_every == 0 or step == s.total_steps):
+            if main:
+                metrics = validate(s.loaded, s.val, config, s.device)
                 ckpt.append_log(run, {"kind": "val", "step": step, **metrics})
                 if log:
-                    log(f"val step {step} | R@1 {metrics['R1']:.2f} | mAP {metrics['mAP']:.2f}")
-                key = (metrics["R1"], metrics["mAP"])
-                if best is None or key > (best["metrics"]["R1"], best["metrics"]["mAP"]):
+                    log(f"val step {step} | R@1 {metrics['R1']:.2f} | mAP {metrics['mAP']:.2f} | {metrics['queries']} queries, {metrics['gallery']} images")
+                # The best checkpoint is chosen on the validation split: R@1 first, mAP breaks ties.
+                if best is None or (metrics["R1"], metrics["mAP"]) > (best["metrics"]["R1"], best["metrics"]["mAP"]):
                     best = {"step": step, "metrics": {k: metrics[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}}
                     ckpt.write_checkpoint(run, ckpt.BEST, model)
-            if world > 1:
+            if s.world > 1:
                 dist.barrier()  # the other ranks wait while rank 0 validates
-        if step % config.save_every == 0 or step == total_steps:
-            state["saved_step"] = step
+
+        if step % config.save_every == 0 or step == s.total_steps:
+            counters["saved_step"] = step
             if main:
-                trainer = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "rng": ckpt.rng_state(), "config": asdict(config), "best": best, "saved_step": step, **counters}
+                trainer = {"step": step, "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+                           "rng": ckpt.rng_state(), "micro_batch": step * config.accum, "config": asdict(config), "best": best, **counters}
                 ckpt.write_checkpoint(run, ckpt.LAST, model, trainer)
-                write_record("running" if step < total_steps else "complete")
+                write_record("running" if step < s.total_steps else "complete")
         if progress and main:
-            progress(step, total_steps)
-    if world > 1:
+            progress(step, s.total_steps)
+    if s.world > 1:
         dist.barrier()
     return TrainResult(
-        run=run, steps=step, pairs_seen=counters["pairs_seen"], train_seconds=counters["train_seconds"], final_loss=last_loss,
-        trainable=trainable, total=total, result_checkpoint=ckpt.BEST if val else ckpt.LAST,
-        best_step=best["step"] if best else None, best_metrics=best["metrics"] if best else {}, skipped=report.skipped, rank=rank,
+        run=run, steps=step, pairs_seen=counters["pairs_seen"], train_seconds=counters["train_seconds"], final_loss=step_loss,
+        trainable=s.record["parameters"]["trainable"], total=s.record["parameters"]["total"], result_checkpoint=s.record["result_checkpoint"],
+        best_step=best["step"] if best else None, best_metrics=best["metrics"] if best else {}, skipped=s.report.skipped, rank=s.rank,
     )
 
 
