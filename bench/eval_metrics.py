@@ -12,16 +12,21 @@ Run: .venv/bin/python bench/eval_metrics.py [--large-n 100000] [--dim 256] [--no
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import resource
-import subprocess
 import sys
-import time
 
-import numpy as np
+# Python puts this script's folder (bench/) first on sys.path, and bench/ holds scripts named
+# like stdlib modules (select.py): move it to the end, so the stdlib wins and _results imports.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
 
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 NOISE = 2.2  # per-dimension noise around the person's centre: R@1 in the range of real TBPS models
 

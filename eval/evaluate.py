@@ -83,9 +83,8 @@ class EvalConfig:
             self.out = Path(self.out)
         if not str(self.model).strip():
             raise UsageError("--model must name a model", field="model", value=self.model)
-        for name in ("batch_size",):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1", field=name, value=getattr(self, name))
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be >= 1", field="batch_size", value=self.batch_size)
         if self.workers < 0:
             raise UsageError("--workers must be >= 0", field="workers", value=self.workers)
         if self.chunk_size is not None and self.chunk_size < 1:

@@ -221,11 +221,17 @@ def gallery_index(
     key = cache_key(paths, identity, {"image_size": list(loaded.image_size), "precision": precision, "index": INDEX_KIND})
     entry = Path(cache_dir) / "search" / key
     if not rebuild and (entry / META_FILE).is_file():
-        meta = json.loads((entry / META_FILE).read_text())
-        index = faiss.read_index(str(entry / INDEX_FILE))
-        table = pl.read_parquet(entry / GALLERY_FILE)
-        say(f"loaded the cached index of {index.ntotal:,} images from {entry}")
-        return GalleryIndex(index, table.get_column(C.IMAGE_PATH).to_list(), meta.get("failed", {}), key, entry, built=False)
+        try:
+            meta = json.loads((entry / META_FILE).read_text())
+            index = faiss.read_index(str(entry / INDEX_FILE))
+            cached = pl.read_parquet(entry / GALLERY_FILE).get_column(C.IMAGE_PATH).to_list()
+            if index.ntotal != len(cached):
+                raise ValueError(f"{index.ntotal} vectors for {len(cached)} paths")
+        except Exception as exc:  # noqa: BLE001 - a damaged entry of any kind is rebuilt
+            say(f"the cached index in {entry} is unreadable ({exc}); rebuilding it")
+        else:
+            say(f"loaded the cached index of {index.ntotal:,} images from {entry}")
+            return GalleryIndex(index, cached, meta.get("failed", {}), key, entry, built=False)
 
     dev = resolve_device(device)
     say(f"embedding {len(paths):,} gallery images on {dev} (index cache {entry})")

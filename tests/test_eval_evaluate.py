@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
@@ -16,7 +15,7 @@ from typer.testing import CliRunner
 from tbps import columns as C
 from tbps.cli import app
 from tbps.errors import TbpsError, UsageError
-from tbps.eval.evaluate import EvalConfig, build_protocol, evaluate, run_eval, select_split
+from tbps.eval.evaluate import EvalConfig, build_protocol, evaluate, select_split
 from tbps.eval.metrics import retrieval_metrics
 
 from _eval_world import make_world

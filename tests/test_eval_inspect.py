@@ -6,7 +6,6 @@ by CI); without it that test is skipped and says why.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ from tbps.eval.report import render_html
 
 from _eval_world import COLOURS, make_score_table
 
-CHROMIUM = shutil.which("chromium") or (shutil.which("chromium-browser"))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture

@@ -51,7 +51,12 @@ def test_search_matches_brute_force_and_uses_the_cache(world, tmp_path):
     again = run_search(cfg)
     assert not again.index.built and again.index.key == first.index.key and again.matches == first.matches
 
-    # ... and with the gallery: a touched image means a rebuild.
+    # A damaged cache entry is rebuilt, not a crash.
+    (first.index.directory / "index.faiss").write_bytes(b"garbage")
+    repaired = run_search(cfg)
+    assert repaired.index.built and repaired.matches == first.matches
+
+    # The key follows the gallery: a touched image means a new index.
     st = os.stat(paths[0])
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     touched = run_search(cfg)
