@@ -16,6 +16,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 # Public functions re-exported lazily: ``import tbps`` stays cheap (no torch) until one is used.
 _LAZY = {
     "retrieval_metrics": "tbps.eval.metrics",
+    "apply_adapters": "tbps.train.adapters",
+    "merge_adapters": "tbps.train.adapters",
 }
 
 __all__ = ["TbpsError", "__version__", *_LAZY]
