@@ -27,7 +27,9 @@ from tbps.models import load
 from tbps.models.encode import encode_images, encode_texts
 from tbps.train.adapters import WEIGHTS_FILE, adapter_state_dict
 from tbps.train.checkpoint import build_model, load_run_model
-from tbps.train.loop import TrainConfig, train
+from tbps.train.data import GlobalBatches
+from tbps.train.loop import TrainConfig, lr_factor, train
+from tbps.train.loss import clip_loss, sdm_loss
 
 COLOURS = {
     "red": (200, 30, 30),
@@ -143,6 +145,33 @@ def test_export_merge_gives_the_run_model(run_dir, world, tmp_path):
     assert not np.allclose(encode_texts(load("tbps-tiny"), captions), encode_texts(exported, captions), atol=1e-4)
 
 
+def test_sdm_treats_pairs_of_one_person_as_positives():
+    # Two pairs of one person with identical embeddings, a third person orthogonal to them.
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    scale = torch.tensor(50.0)
+    same_person = sdm_loss(emb, emb, torch.tensor([7, 7, 3]), scale)
+    assert same_person.item() == pytest.approx(0.0, abs=1e-6)  # prediction = target (1/2, 1/2, 0)
+    distinct = sdm_loss(emb, emb, torch.tensor([1, 2, 3]), scale)
+    assert distinct.item() > 0.5  # pair 0 cannot tell its caption from pair 1's
+    # InfoNCE has one positive per row: rows 0 and 1 split their mass, -log(1/2) each, both directions.
+    assert clip_loss(emb, emb, scale).item() == pytest.approx(2 / 3 * np.log(2), abs=1e-6)
+
+
+def test_batches_shard_the_single_process_order_and_cover_each_epoch():
+    one = list(GlobalBatches(10, 4, seed=3, start=0, stop=6))
+    ranks = [list(GlobalBatches(10, 4, seed=3, start=0, stop=6, rank=r, world=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == one
+    epoch0 = [i for e, i in sum(one[:2], [])]
+    assert len(set(epoch0)) == 8 and {e for e, _ in sum(one[2:4], [])} == {1}  # 2 blocks of 4 per epoch
+    assert list(GlobalBatches(10, 4, seed=3, start=3, stop=6)) == one[3:]  # resume at micro-batch 3
+
+
+def test_lr_warms_up_then_decays_to_zero():
+    factors = [lr_factor(s, warmup=3, total=10) for s in range(10)]
+    assert factors[:3] == pytest.approx([0.25, 0.5, 0.75]) and factors[3] == 1.0
+    assert all(a > b for a, b in zip(factors[3:], factors[4:])) and lr_factor(10, 3, 10) == 0.0
+
+
 def _config(world: Path, out: Path, **kw) -> TrainConfig:
     base = dict(out=str(out), model="tbps-tiny", manifest=str(world / "manifest.parquet"), max_missing=0.1, batch_size=8,
                 workers=0, precision="fp32", device="cpu", warmup=1, log_every=1)
@@ -202,12 +231,14 @@ def _names_run_state(path: Path) -> bool:
         (["--manifest", "{w}/manifest.parquet", "--data", "{w}/pairs.csv"], 2, "exactly one of --manifest and --data"),
         (["--data", "{w}/pairs.csv", "--train-split", "dev"], 1, "split 'dev' not found"),
         (["--manifest", "{w}/manifest.parquet", "--resume"], 1, "cannot resume: not a run directory"),
+        (["--manifest", "{w}/manifest.parquet", "--device", "gpu"], 2, "--device must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_input_is_refused_before_training(world, tmp_path, args, code, message):
     pl.read_parquet(world / "manifest.parquet").drop(C.PERSON_ID).write_parquet(world / "noid.parquet")
     out = tmp_path / "run"
-    res = _invoke("train", "--max-missing", "0.1", *[a.format(w=world) for a in args], "--out", out, *FAST, "--steps", "2")
+    # The case's options come last: where an option repeats, the last one counts.
+    res = _invoke("train", "--max-missing", "0.1", "--out", out, *FAST, "--steps", "2", *[a.format(w=world) for a in args])
     assert res.exit_code == code, res.output
     assert message in " ".join(res.output.split()), res.output
     assert _names_run_state(out)

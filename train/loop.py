@@ -255,6 +255,18 @@ def validate(loaded, val: ValSet, config: TrainConfig, device: torch.device) -> 
     return retrieval_metrics_from_embeddings(texts, images.embeddings[ok], val.query_pids, gallery_pids)
 
 
+def _check_device(device: str) -> None:
+    """Refuse a --device that torch cannot parse or that this machine lacks."""
+    from tbps.models.encode import resolve_device
+
+    try:
+        resolved = resolve_device(device)
+    except RuntimeError:
+        raise UsageError("--device must be auto, cpu, cuda or cuda:N", field="--device", value=device) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("no CUDA device is available here", field="--device", value=device, hint="use --device cpu or auto")
+
+
 def _distributed(device_opt: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); joins the torchrun process group when WORLD_SIZE > 1."""
     from tbps.models.encode import resolve_device
@@ -321,6 +333,7 @@ def prepare(config: TrainConfig) -> Setup:
     from tbps.train.adapters import adapter_config
 
     run = Path(config.out)
+    _check_device(config.device)
     if config.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
         raise UsageError("--batch-size must be divisible by the number of torchrun processes", field="--batch-size", value=config.batch_size)
     if not config.resume and run.exists() and any(run.iterdir()):
