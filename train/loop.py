@@ -200,7 +200,16 @@ class ValSet:
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    """The learning-rate multiplier of an optimizer step: linear warm-up, then cosine decay to zero.
+
+    Args:
+        step: the 0-based optimizer step.
+        warmup: warm-up steps (the multiplier reaches 1 at ``step == warmup``).
+        total: the run's optimizer steps (the multiplier reaches 0 there).
+
+    Returns:
+        A factor in [0, 1].
+    """
     if step < warmup:
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
@@ -208,7 +217,17 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def load_training_pairs(config: TrainConfig) -> tuple[pl.DataFrame, D.PairReport, dict[str, Any]]:
-    """The usable training pairs, the report of skipped rows, and the source's provenance."""
+    """Read the manifest (or dataset split) and keep the rows training can use.
+
+    Args:
+        config: the options (``manifest`` or ``data`` with reader options, ``max_missing``).
+
+    Returns:
+        The usable pairs, the report of skipped rows, and the source (kind, path, content hash).
+
+    Raises:
+        TbpsError: a missing or malformed source, too many missing images, fewer pairs than a batch.
+    """
     if config.manifest is not None:
         frame, source = D.read_manifest(config.manifest, config.image_root), config.manifest
     else:
@@ -225,7 +244,17 @@ def load_training_pairs(config: TrainConfig) -> tuple[pl.DataFrame, D.PairReport
 
 
 def load_val_set(config: TrainConfig) -> ValSet:
-    """The validation split: every caption a query, every distinct image one gallery item."""
+    """Read the validation split: every caption a query, every distinct image one gallery item.
+
+    Args:
+        config: the options (``val``, ``val_split`` and reader options).
+
+    Returns:
+        The :class:`ValSet`.
+
+    Raises:
+        TbpsError: an unreadable dataset, an unknown split, or pairs without a person id.
+    """
     frame = D.read_split(config.val, config.val_split, config.reader_options(), "--val")
     frame, report = D.usable_pairs(frame, config.val, None)
     if frame.get_column(C.PERSON_ID).null_count():
@@ -241,7 +270,17 @@ def load_val_set(config: TrainConfig) -> ValSet:
 
 
 def validate(loaded, val: ValSet, config: TrainConfig, device: torch.device) -> dict[str, float]:
-    """R@1/5/10, mAP, mINP of text-to-image retrieval on the validation set (model in eval mode)."""
+    """Text-to-image retrieval metrics on the validation set (the model runs in eval mode).
+
+    Args:
+        loaded: the model being trained (its ``model`` is switched to eval and back).
+        val: the validation set.
+        config: the options (batch size, workers, precision).
+        device: where the model is.
+
+    Returns:
+        ``retrieval_metrics_from_embeddings``'s dict: R1, R5, R10, mAP, mINP (percent), counts.
+    """
     from tbps.eval.metrics import retrieval_metrics_from_embeddings
     from tbps.models.encode import encode_images, encode_texts
 
