@@ -232,6 +232,35 @@ def inspect(
         err.print(f"wrote {html}", highlight=False)
 
 
+@app.command()
+def search(
+    query: Optional[list[str]] = typer.Argument(None, help="Free-text queries (quote each one)."),
+    gallery: Path = typer.Option(..., "--gallery", help="Images to search: any reader dataset or a folder of images."),
+    model: str = typer.Option(..., "--model", help="A run dir, an exported checkpoint, NAME:TAG, NAME:/file.pt or tbps-tiny."),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="A text file of more queries, one per line."),
+    top_k: int = typer.Option(10, "--top-k", help="Matches per query."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained page of thumbnails."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Index cache (default $TBPS_CACHE_DIR or ~/.cache/tbps)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild the gallery index even if a cached one matches."),
+    format: Optional[str] = FormatOpt,
+    image_root: Optional[Path] = ImageRootOpt,
+    workers: int = typer.Option(2, "--workers", help="DataLoader processes decoding images."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Find the gallery images that best match a description (FAISS index, cached per gallery and model).
+
+    Example: tbps search "a woman in a red coat with a black backpack" --gallery photos/ --model runs/train --html hits.html
+    """
+    from tbps.eval.search import SearchConfig, run_search
+
+    cfg = SearchConfig(queries=query or [], gallery=gallery, model=model, queries_file=queries, top_k=top_k, html=html,
+                       cache_dir=cache_dir, rebuild=rebuild, format=format, image_root=image_root, workers=workers, device=device)
+    result = run_search(cfg, log=log_line(quiet))
+    for part in result.renderables():
+        out.print(part)
+
+
 # --- train, export (tbps.train) ------------------------------------------------------------
 
 
@@ -355,6 +384,45 @@ def synth(
     for row in summary.rows():
         table.add_row(*row)
     out.print(table)
+
+
+# --- select (tbps.curate.select) -----------------------------------------------------------
+
+
+@app.command("select")
+def select_(
+    scores: list[Path] = typer.Argument(..., help="Score tables: `tbps score` output dirs, dirs of Parquet parts, or Parquet files."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Manifest path (default manifests/NAME.parquet)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Manifest name when --out is not given (default: the first input's name)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop rows with score below this."),
+    max_bank_rank: Optional[int] = typer.Option(None, "--max-bank-rank", help="Drop rows with bank_rank above this."),
+    rule: Optional[str] = typer.Option(None, "--rule", help="paper-pretrain (bank_rank <= 48) or paper-finetune (<= 1799), for a 10,000-caption bank; scaled to other bank sizes."),
+    dedup: str = typer.Option("image,caption", "--dedup", help="Exact dedup keys: image, caption (comma-separated), pair (both at once), or none."),
+    dedup_threshold: Optional[float] = typer.Option(None, "--dedup-threshold", help="Also drop near duplicates: embedding cosine >= this (needs a `tbps score` dir)."),
+    keep: Optional[float] = typer.Option(None, "--keep", help="Keep the best FRACTION of the input rows (all rows read), in (0, 1]."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Keep at most N rows."),
+    by: str = typer.Option("score", "--by", help="What 'best' means: score (high first) or bank_rank (low first)."),
+    max_per_person: Optional[int] = typer.Option(None, "--max-per-person", help="Keep at most N rows per person_id."),
+    quota: Optional[list[str]] = typer.Option(None, "--quota", help="SOURCE=N: keep at most N rows of that source (repeatable)."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="A synthetic world's pool/truth.parquet: measure precision, recall and AUROC."),
+    explain: bool = typer.Option(False, "--explain", help="Also print why rows were dropped."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Select the training subset: status, score and bank-rank cuts, dedup, budgets -> a manifest.
+
+    Steps run in a fixed order (status, min-score, bank-rank, exact dedup, near dedup, per-person, quota, budget).
+    Writes the manifest, NAME.dropped.parquet (every dropped row with its reason) and NAME.json (provenance).
+
+    Example: tbps select runs/scores --rule paper-pretrain --keep 0.4 --name pool-40 --truth runs/world/pool/truth.parquet
+    """
+    options = {k: v for k, v in locals().items() if k not in ("out_path", "explain", "quiet", "quota", "scores")}  # field names = option names
+    from tbps.curate.select import SelectConfig
+    from tbps.curate.select_io import run_select, summary
+
+    cfg = SelectConfig(scores=tuple(scores), out=out_path, quota=tuple(quota or ()), **options)
+    run = run_select(cfg, log=log_line(quiet))
+    for part in summary(run, explain=explain):
+        out.print(part)
 
 
 def main() -> None:
