@@ -552,6 +552,7 @@ def contradicts(mentioned: Mapping[str, object], visible: Mapping[str, object]) 
 
 def _other_identity(plan: WorldPlan, i: int, scene, visible: dict, rng):
     from tbps.data.render import visible_attributes
+    from tbps.data.world import ATTRIBUTES
 
     own = plan.pool_pid[i]
     caption = None
@@ -567,9 +568,25 @@ def _other_identity(plan: WorldPlan, i: int, scene, visible: dict, rng):
             break
         caption = None
     if caption is None:
-        # Force the garments in: two distinct identities always differ somewhere they show.
-        diff = [k for k in ("upper", "upper_colour", "lower", "lower_colour", "gender", "hair_colour", "hair_length") if attrs.get(k) != visible.get(k)]
-        caption = _pool_caption(plan, i, attrs, require=diff[:2])
+        # Rare: force a differing visible attribute into the caption, taking the first identity
+        # (from a random start) that differs from this one somewhere this shot shows.
+        n = len(plan.pool_ids)
+        first = rng.randrange(n)
+        for step in range(n):
+            other = (first + step) % n
+            attrs = visible_attributes(plan.pool_ids[other], scene, plan.size)
+            diff = [k for k in ATTRIBUTES if k in attrs and attrs[k] != visible.get(k)]
+            if other != own and diff:
+                caption = _pool_caption(plan, i, attrs, require=diff[:2])
+                break
+        else:
+            raise TbpsError(
+                "no other pool identity differs from this one in what the image shows",
+                record=f"{i}:0",
+                field="defect_mix",
+                value=DEFECT_OTHER_ID,
+                hint="Use more --pool-identities or fewer other-identity defects",
+            )
     return caption, f"caption of pool identity {other} (shown: pool identity {own})"
 
 
