@@ -24,6 +24,8 @@ Methods (``method=``):
     (Sun et al., "From Data Deluge to Data Curation", WWW 2025). There is no ``alpha / r``
     scaling: alpha itself scales ``B@A``, as in the paper's released code (``LinearWithWoRAMerged``).
     The released code initialises A with ``randn / sqrt(r)``; tbps uses LoRA's Kaiming-uniform.
+    The normalisation cancels a common scale of alpha and beta, so W' depends on alpha/beta
+    only: their gradient is orthogonal to (alpha, beta), and while B = 0 (the first step) it is 0.
 ``dora``
     The same with alpha, beta fixed: ``W' = m * (W0 + s*B@A) / ||W0 + s*B@A||`` with PEFT's LoRA
     scaling ``s = lora_alpha / r`` and PEFT's per-output norm (one magnitude per output unit).
@@ -80,7 +82,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
