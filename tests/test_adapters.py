@@ -77,6 +77,16 @@ def _toy(batch_first: bool) -> tuple[nn.Module, tuple, int]:
     return base, (x, pad), 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast and does not spin against other work on a
+    shared 2-core machine (there the file took ~4x longer with 2 threads). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def clip():
     loaded = create("tbps-tiny", seed=0)
