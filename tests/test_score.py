@@ -96,6 +96,7 @@ def test_scores_equal_a_direct_open_clip_forward(world, tmp_path):
     records = json.loads((world / "reid_raw.json").read_text())
     bank = (world / "bank.txt").read_text().split("\n")[:-1]
     with torch.no_grad():
+        bk = torch.nn.functional.normalize(loaded.model.encode_text(loaded.tokenizer(bank)), dim=-1)
         for row in got.iter_rows(named=True):
             rec, cap = (int(x) for x in row[C.PAIR_ID].split(":"))
             pixels = loaded.preprocess(Image.open(world / "imgs" / records[rec]["file_path"])).unsqueeze(0)
@@ -103,7 +104,6 @@ def test_scores_equal_a_direct_open_clip_forward(world, tmp_path):
             tx = torch.nn.functional.normalize(loaded.model.encode_text(loaded.tokenizer([records[rec]["captions"][cap]])), dim=-1)
             own = float(im @ tx.T)
             assert abs(row[C.SCORE] - own) <= 1e-4
-            bk = torch.nn.functional.normalize(loaded.model.encode_text(loaded.tokenizer(bank)), dim=-1)
             assert row[C.BANK_RANK] == int(((im @ bk.T) > own + TIE_EPS).sum())
             assert row[C.BANK_PERCENTILE] == pytest.approx(100 * row[C.BANK_RANK] / len(bank))
     # Embeddings written next to the table: float16, normalised, one row per ok pair.
