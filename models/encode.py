@@ -158,6 +158,36 @@ def caption_truncated(loaded: LoadedModel, captions: Sequence[str]) -> np.ndarra
     return np.array([len(encode(c)) + 2 > loaded.context_length for c in captions], dtype=bool)
 
 
+def _trimmable(model: torch.nn.Module) -> bool:
+    """Whether the text tower pools the end-of-text token under a causal mask (open_clip CLIP).
+
+    Then no position after the last end-of-text token of a batch can reach the pooled output,
+    and the batch can be cut there: the same embeddings for a fraction of the work.
+    """
+    import open_clip
+
+    mask = getattr(model, "attn_mask", None)
+    return (
+        isinstance(model, open_clip.CLIP)
+        and getattr(model, "text_pool_type", None) == "argmax"
+        and mask is not None
+        and bool(torch.equal(torch.isinf(mask), torch.triu(torch.ones_like(mask, dtype=torch.bool), 1)))
+    )
+
+
+def _encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip ``CLIP.encode_text`` on tokens cut after the batch's last end-of-text token."""
+    from open_clip.transformer import text_global_pool
+
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type)
+    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+
+
 @torch.no_grad()
 def encode_texts(
     loaded: LoadedModel,
@@ -169,6 +199,9 @@ def encode_texts(
 ) -> np.ndarray:
     """Caption embeddings, float32 and L2-normalised; captions longer than the context are truncated.
 
+    Captions are batched by token length, and for open_clip CLIP models each batch is cut after
+    its longest caption (the causal text tower gives the same embeddings; see ``_trimmable``).
+
     Args:
         loaded: the model.
         captions: the captions.
@@ -177,16 +210,23 @@ def encode_texts(
         precision: ``auto``, ``fp32`` or ``bf16`` (autocast).
 
     Returns:
-        An array of shape (len(captions), embed_dim).
+        An array of shape (len(captions), embed_dim), in the order of ``captions``.
     """
     device = torch.device(device)
     dtype = autocast_dtype(precision, device)
     out = np.zeros((len(captions), loaded.embed_dim), dtype=np.float32)
+    if not len(captions):
+        return out
+    tokens = loaded.tokenizer(list(captions))
+    trim = _trimmable(loaded.model)
+    # Similar lengths together, so each cut batch wastes little; the order is restored below.
+    order = torch.argsort(tokens.argmax(dim=-1), stable=True) if trim else torch.arange(len(captions))
     for start in range(0, len(captions), batch_size):
-        tokens = loaded.tokenizer(list(captions[start : start + batch_size])).to(device)
+        idx = order[start : start + batch_size]
+        batch = tokens[idx].to(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            feats = loaded.model.encode_text(tokens)
-        out[start : start + len(tokens)] = torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+            feats = _encode_text_trimmed(loaded.model, batch) if trim else loaded.model.encode_text(batch)
+        out[idx.numpy()] = torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
     return out
 
 
