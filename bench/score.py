@@ -1,0 +1,199 @@
+"""Benchmark of ``tbps score`` on the synthetic pool with the tiny model on CPU.
+
+Measures, in one run:
+  1. end-to-end pairs/s of ``run_score`` and its ratio to the model-only forward throughput
+     (image + caption forward on ready tensors) at the same batch size;
+  2. the bank-rank share of the total time, with a 10,000-caption bank;
+  3. the speed-up over the paper's released approach (a forward pass per pair and a Python
+     loop over the bank captions) on a sample of pairs;
+  4. peak RSS of a fresh ``tbps score`` process at 1x and 10x input size;
+  5. bf16 vs fp32 scores (rank agreement), where the CPU runs bf16 natively, else reported as skipped.
+
+Usage: python bench/score.py [--pairs 20000] [--baseline-pairs 500] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_section  # noqa: E402
+
+from tbps import columns as C  # noqa: E402
+from tbps import models  # noqa: E402
+from tbps.curate.score import ScoreConfig, bank_rank, read_score_table, run_score, sample_bank  # noqa: E402
+from tbps.data.readers import read_captions, read_dataset  # noqa: E402
+from tbps.models.encode import encode_texts  # noqa: E402
+
+
+def make_world(workdir: Path, pairs: int) -> Path:
+    from tbps.data.synth import SynthConfig, synthesize
+
+    world = workdir / "world"
+    if not (world / "pool" / "pool.json").exists():
+        synthesize(SynthConfig(out=str(world), seed=0, pool_size=pairs))
+    return world
+
+
+def bank_file(world: Path, workdir: Path, size: int = 10_000) -> Path:
+    """A 10,000-caption bank: the benchmark's captions plus pool captions (the world's own train split is smaller)."""
+    path = workdir / "bank.txt"
+    if not path.exists():
+        caps = read_captions(world / "benchmark" / "reid_raw.json") + read_captions(world / "pool" / "pool.json")
+        distinct = sorted(set(caps))
+        if len(distinct) < size:
+            print(f"note: only {len(distinct)} distinct captions for a {size}-caption bank; the bank is smaller")
+        path.write_text("\n".join(distinct) + "\n")
+    return path
+
+
+def model_only(loaded, pairs: pl.DataFrame, batch: int, n: int) -> float:
+    """Pairs/s of image + caption forward passes on ready tensors (no decoding, no I/O)."""
+    pixels = torch.randn(batch, 3, *loaded.image_size)
+    caps = pairs[C.CAPTION].to_list()
+    done, t0 = 0, time.perf_counter()
+    with torch.no_grad():
+        while done < n:
+            tokens = loaded.tokenizer(caps[done % len(caps): done % len(caps) + batch] or caps[:batch])
+            loaded.model.encode_image(pixels[: len(tokens)])
+            loaded.model.encode_text(tokens)
+            done += len(tokens)
+    return done / (time.perf_counter() - t0)
+
+
+def paper_baseline(loaded, pairs: pl.DataFrame, bank: list[str], n: int) -> float:
+    """Seconds per pair of the released approach: one forward per pair, a Python loop over the bank."""
+    from PIL import Image
+
+    with torch.no_grad():
+        bank_emb = torch.nn.functional.normalize(loaded.model.encode_text(loaded.tokenizer(bank)), dim=-1)
+        t0 = time.perf_counter()
+        for row in pairs.head(n).iter_rows(named=True):
+            im = loaded.preprocess(Image.open(row[C.IMAGE_PATH])).unsqueeze(0)
+            img = torch.nn.functional.normalize(loaded.model.encode_image(im), dim=-1)[0]
+            txt = torch.nn.functional.normalize(loaded.model.encode_text(loaded.tokenizer([row[C.CAPTION]])), dim=-1)[0]
+            own = float(img @ txt)
+            rank = 0
+            for k in range(len(bank_emb)):  # the per-caption loop being measured
+                if float(img @ bank_emb[k]) > own:
+                    rank += 1
+    return (time.perf_counter() - t0) / n
+
+
+def peak_rss_mb(args: list[str]) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of a fresh ``tbps score`` process."""
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "tbps", "score", *args, "--quiet"], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(res.stderr[-2000:])
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=20_000)
+    ap.add_argument("--baseline-pairs", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--bf16-pairs", type=int, default=2000)
+    a = ap.parse_args()
+    workdir = Path(a.workdir or tempfile.mkdtemp(prefix="tbps-bench-score-"))
+    world = make_world(workdir, a.pairs)
+    pool = world / "pool" / "pool.json"
+    bank_path = bank_file(world, workdir)
+    torch.manual_seed(0)
+    loaded = models.load("tbps-tiny")
+    pairs = read_dataset(pool)
+    lines = []
+
+    # 1 + 2: end to end, model only, and the bank-rank share.
+    cfg = ScoreConfig(data=str(pool), model="tbps-tiny", bank=str(bank_path), out=str(workdir / "e2e"), precision="fp32",
+                      batch_size=a.batch_size, workers=a.workers, device="cpu")
+    t0 = time.perf_counter()
+    s = run_score(cfg)
+    total = time.perf_counter() - t0
+    e2e = s.rows / total
+    fwd = model_only(loaded, pairs, a.batch_size, min(s.rows, 8192))
+    bank = sample_bank(read_captions(bank_path), 10_000, 0)
+    t0 = time.perf_counter()
+    bank_emb = torch.from_numpy(encode_texts(loaded, bank))
+    t_bank_embed = time.perf_counter() - t0
+    table = read_score_table(workdir / "e2e").collect()
+    ok = table.filter(pl.col(C.STATUS) == "ok")
+    img = torch.nn.functional.normalize(torch.randn(ok.height, loaded.embed_dim), dim=1)
+    t0 = time.perf_counter()
+    bank_rank(img, torch.from_numpy(ok[C.SCORE].to_numpy()), bank_emb)
+    t_rank = time.perf_counter() - t0
+    lines += [
+        f"- pool: {s.rows:,} pairs ({ok.height:,} ok), bank {len(bank):,} captions, batch {a.batch_size}, {a.workers} workers, fp32",
+        f"- end to end (whole `run_score`, including model load and bank embedding): {total:.1f} s = **{e2e:,.0f} pairs/s**",
+        f"- model-only forward (image + caption on ready tensors, same batch): {fwd:,.0f} pairs/s -> ratio **{e2e / fwd:.2f}**",
+        f"- bank rank ({ok.height:,} x {len(bank):,}, fp32 chunked matmul): {t_rank:.2f} s; embedding the bank: {t_bank_embed:.2f} s;"
+        f" together **{100 * (t_rank + t_bank_embed) / total:.1f}%** of the end-to-end time",
+    ]
+    print("\n".join(lines), flush=True)
+
+    # 3: the paper's approach on a sample, against tbps's per-pair time measured above.
+    per_pair = paper_baseline(loaded, pairs.filter(pl.col(C.STATUS) == "ok"), bank, a.baseline_pairs)
+    lines.append(
+        f"- paper's approach (forward per pair + Python loop over {len(bank):,} bank captions) on {a.baseline_pairs} pairs: "
+        f"{per_pair * 1000:.0f} ms/pair = {1 / per_pair:.2f} pairs/s -> tbps is **{e2e * per_pair:,.0f}x** faster"
+    )
+    print(lines[-1], flush=True)
+
+    # 4: peak RSS of fresh processes at 1x and 10x the input (10x: the pool's records repeated).
+    if not a.skip_rss:
+        records = json.loads(pool.read_text())
+        big = world / "pool" / "pool10x.json"
+        big.write_text(json.dumps(records * 10))
+        common = ["--model", "tbps-tiny", "--bank", str(bank_path), "--precision", "fp32", "--workers", str(a.workers),
+                  "--batch-size", str(a.batch_size), "--image-root", str(world / "pool" / "images")]
+        rss1, sec1 = peak_rss_mb([str(pool), "--out", str(workdir / "rss1"), *common])
+        rss10, sec10 = peak_rss_mb([str(big), "--out", str(workdir / "rss10"), *common])
+        lines.append(f"- peak RSS of a fresh `tbps score`: 1x ({len(records):,} pairs) **{rss1:,.0f} MiB** ({sec1:.0f} s); "
+                     f"10x ({10 * len(records):,} pairs) **{rss10:,.0f} MiB** ({sec10:.0f} s); ratio {rss10 / rss1:.2f}")
+        print(lines[-1], flush=True)
+
+    # 5: bf16 against fp32 on a subset (forced bf16 is emulated, and slow, on CPUs without native bf16).
+    from tbps.models.encode import bf16_supported
+
+    sub = world / "pool" / "pool-bf16.json"
+    sub.write_text(json.dumps(json.loads(pool.read_text())[: a.bf16_pairs]))
+    runs = {}
+    for prec in ("fp32", "bf16"):
+        c = ScoreConfig(data=str(sub), model="tbps-tiny", bank=str(bank_path), out=str(workdir / f"sub-{prec}"), precision=prec,
+                        batch_size=a.batch_size, workers=a.workers, device="cpu", image_root=str(world / "pool" / "images"))
+        run_score(c)
+        runs[prec] = read_score_table(workdir / f"sub-{prec}").collect().filter(pl.col(C.STATUS) == "ok").sort(C.PAIR_ID)
+    s32, s16 = runs["fp32"][C.SCORE].to_numpy(), runs["bf16"][C.SCORE].to_numpy()
+    r32, r16 = runs["fp32"][C.BANK_RANK].to_numpy(), runs["bf16"][C.BANK_RANK].to_numpy()
+    spearman = np.corrcoef(np.argsort(np.argsort(s32)), np.argsort(np.argsort(s16)))[0, 1]
+    keep32, keep16 = r32 <= 1799, r16 <= 1799
+    lines.append(
+        f"- bf16 vs fp32 ({len(s32):,} pairs; native bf16 on this CPU: {bf16_supported(torch.device('cpu'))}): "
+        f"max |score diff| {np.abs(s32 - s16).max():.4f}, Spearman rank correlation of scores **{spearman:.4f}**, "
+        f"median |bank_rank diff| {np.median(np.abs(r32 - r16)):.0f}, paper-finetune keep decisions agree on "
+        f"**{100 * np.mean(keep32 == keep16):.2f}%** of pairs"
+    )
+    print(lines[-1], flush=True)
+    body = "## tbps score\n\nCommand: `python bench/score.py --pairs {} --baseline-pairs {}`\n\n{}".format(
+        a.pairs, a.baseline_pairs, "\n".join(lines))
+    write_section("score", body)
+    print(f"wrote bench/RESULTS.md (workdir {workdir})")
+
+
+if __name__ == "__main__":
+    main()
