@@ -180,6 +180,7 @@ def info(
 def eval_(
     data: Optional[list[Path]] = typer.Argument(None, help="The test dataset (with person ids); with --compare: eval JSON records."),
     model: Optional[str] = typer.Option(None, "--model", help="A run dir, an exported checkpoint, NAME:TAG, NAME:/file.pt or tbps-tiny."),
+    data_opt: Optional[Path] = typer.Option(None, "--data", help="The test dataset (same as the DATA argument)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default: test when the data has splits, else all rows)."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="JSON record to write (default: eval-<model>-<data>-<split>.json)."),
     compare: bool = typer.Option(False, "--compare", help="Print the eval JSON records given as arguments side by side."),
@@ -196,10 +197,14 @@ def eval_(
 ) -> None:
     """Text-to-image retrieval (R@1/5/10, mAP, mINP): every test caption queries every test image.
 
-    Example: tbps eval runs/demo-world/benchmark/reid_raw.json --model runs/train --split test
+    Example: tbps eval --model runs/train --data runs/demo-world/benchmark/reid_raw.json --split test
     """
     from tbps.eval.evaluate import EvalConfig, load_records, metrics_table, run_eval
 
+    if data_opt is not None:
+        if data and not compare:
+            raise UsageError("give the dataset once: as DATA or as --data", field="DATA / --data")
+        data = [data_opt]
     if compare:
         out.print(metrics_table(load_records(data or []), names=[p.name for p in data or []]))
         return

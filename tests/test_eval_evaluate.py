@@ -110,8 +110,9 @@ def test_bad_input(tmp_path, world):
 def test_cli_eval_json_and_compare(tmp_path, world):
     runner = CliRunner()
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    for path, seed_model in ((a, "tbps-tiny"), (b, "tbps-tiny")):
-        res = runner.invoke(app, ["eval", str(world), "--model", seed_model, "--workers", "0", "--device", "cpu", "--out", str(path), "-q"])
+    # The dataset as the DATA argument, and as --data (the synopsis): the same run.
+    for path, data_args in ((a, [str(world)]), (b, ["--data", str(world)])):
+        res = runner.invoke(app, ["eval", *data_args, "--model", "tbps-tiny", "--workers", "0", "--device", "cpu", "--out", str(path), "-q"])
         assert res.exit_code == 0, res.output
         assert "R1" in res.stdout and "mINP" in res.stdout
     rec = json.loads(a.read_text())
