@@ -28,7 +28,13 @@ Embeddings (next to the score table, ``embeddings/``)
     image_emb    fixed_size_list<float16>[D], L2-normalised
     text_emb     fixed_size_list<float16>[D], L2-normalised
 
-Manifest (``tbps select``): score table columns of the kept rows.
+Manifest (``tbps select``): score table columns of the kept rows, in input order.
+
+Drop table (``tbps select``, ``<manifest stem>.dropped.parquet``): one row per dropped row, in input order
+    pair_id, source, status, score, bank_rank
+    step         str    the selection step that dropped the row (``tbps.curate.select.STEPS``)
+    reason       str    status / no-score / min-score / bank-rank / duplicate-of:<pair_id> /
+                        per-person / quota / budget
 
 Truth sidecar (``tbps synth``): one row per pool pair
     pair_id, defect (DEFECT_*), detail, duplicate_of
@@ -55,6 +61,9 @@ TRUNCATED = "truncated"
 
 IMAGE_EMB = "image_emb"
 TEXT_EMB = "text_emb"
+
+STEP = "step"
+REASON = "reason"
 
 DEFECT = "defect"
 DETAIL = "detail"
@@ -125,6 +134,19 @@ TRUTH_SCHEMA = pa.schema(
         (DEFECT, pa.string()),
         (DETAIL, pa.string()),
         (DUPLICATE_OF, pa.string()),
+    ]
+)
+
+
+DROP_SCHEMA = pa.schema(
+    [
+        (PAIR_ID, pa.string()),
+        (SOURCE, pa.string()),
+        (STATUS, pa.string()),
+        (SCORE, pa.float32()),
+        (BANK_RANK, pa.int32()),
+        (STEP, pa.string()),
+        (REASON, pa.string()),
     ]
 )
 

@@ -1,0 +1,678 @@
+"""``tbps select``: score tables -> the training subset (a manifest), every dropped row explained.
+
+The steps run in this fixed order; each is optional except the first, and each sees only the
+rows the steps before it kept:
+
+1. ``status``: rows whose ``status`` is not ``ok`` are dropped (reason ``status``); so are ``ok``
+   rows without a usable ``score`` or ``bank_rank`` (null or NaN; reason ``no-score``).
+2. ``min-score``: ``--min-score S`` drops rows with ``score < S``.
+3. ``bank-rank``: ``--max-bank-rank K`` drops rows with ``bank_rank > K``. ``--rule
+   paper-pretrain`` / ``paper-finetune`` mean ``K = 48`` / ``K = 1799``, the paper's cuts with a
+   10,000-caption bank (own caption above index 49 / 1800 of 10,001 scores; see
+   ``tbps.curate.score``). When the score table's bank has another size ``B``, the rule is
+   *scaled* to keep the same share of ranks: ``K = round((K10k + 1) * (B + 1) / 10001) - 1``,
+   and a warning says so. (``--max-bank-rank`` is taken as given.)
+4. exact de-duplication (``--dedup``, default ``image,caption``): ``image`` groups rows with
+   the same ``image_hash``, then ``caption`` groups the remaining rows with the same
+   normalised caption (:func:`tbps.curate.dedup.normalise_caption`); ``pair`` instead groups
+   rows whose image *and* caption both match. Use ``--dedup caption`` or ``pair`` for datasets
+   with several captions per image (CUHK-PEDES has two), or ``none``.
+5. near de-duplication (``--dedup-threshold T``): rows whose image embeddings, or caption
+   embeddings, have cosine ``>= T`` (both, for ``pair``), resolved greedily in best-first order
+   (:func:`tbps.curate.dedup.greedy_keep`). Needs the embeddings ``tbps score`` writes.
+6. ``per-person``: ``--max-per-person N`` keeps the best N rows of each ``person_id`` (rows
+   without a person id are not capped).
+7. ``quota``: ``--quota SOURCE=N`` keeps the best N rows of that ``source`` (repeatable;
+   sources without a quota are not capped).
+8. ``budget``: ``--keep F`` keeps the best ``floor(F * rows_in)`` remaining rows, where
+   ``rows_in`` is **every input row**, as read (so ``--keep 0.4`` gives a manifest of 40% of
+   the pool whichever filters ran before; when fewer rows are left, all of them are kept and
+   the summary says so). ``--budget N`` keeps the best N remaining rows.
+
+"Best" is one total order, used by every step that keeps some rows of a group: with ``--by
+score`` (default) higher ``score`` first, then lower ``bank_rank``, then ``pair_id``; with ``--by
+bank_rank`` lower ``bank_rank`` first, then higher ``score``, then ``pair_id``. Ties are
+therefore broken the same way every run, whatever the input order.
+
+Dropped rows carry their step and reason: ``status``, ``no-score``, ``min-score``,
+``bank-rank``, ``duplicate-of:<pair_id>`` (the kept, or better, row of the group),
+``per-person``, ``quota``, ``budget``. Rows in = kept + dropped, always.
+
+Output order: the manifest and the drop table keep the input order (inputs in the order given,
+part files by name, rows as stored), so the same inputs and parameters give the same bytes
+without sorting millions of rows.
+
+Memory: only a narrow projection of the table is collected (ids, scores, and 128-bit hashes
+of the dedup keys, about 100 bytes a row); the manifest itself is a lazy frame the caller
+streams to disk. Near de-duplication holds the embeddings of the rows still in play
+(``rows * dim * 4`` bytes for each modality).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Callable
+
+import numpy as np
+import polars as pl
+
+from tbps import columns as C
+from tbps.curate import dedup as D
+from tbps.errors import TbpsError, UsageError
+
+RULES = {"paper-pretrain": 48, "paper-finetune": 1799}
+PAPER_BANK_SIZE = 10_000
+BY = ("score", "bank_rank")
+DEDUP_MODES = ("image", "caption", "pair")
+
+# Steps in the order they run. A dropped row's ``step`` column names the one that dropped it.
+STEP_STATUS = "status"
+STEP_MIN_SCORE = "min-score"
+STEP_BANK_RANK = "bank-rank"
+STEP_EXACT = {"image": "exact-image", "caption": "exact-caption", "pair": "exact-pair"}
+STEP_NEAR = "near-duplicate"
+STEP_PER_PERSON = "per-person"
+STEP_QUOTA = "quota"
+STEP_BUDGET = "budget"
+STEPS = (
+    STEP_STATUS,
+    STEP_MIN_SCORE,
+    STEP_BANK_RANK,
+    *STEP_EXACT.values(),
+    STEP_NEAR,
+    STEP_PER_PERSON,
+    STEP_QUOTA,
+    STEP_BUDGET,
+)
+_CODE = {name: k + 1 for k, name in enumerate(STEPS)}  # 0 = still kept
+
+REASON_STATUS = "status"
+REASON_NO_SCORE = "no-score"
+REASON_DUPLICATE = "duplicate-of:"
+# The reason of a dropped row, by step (duplicates add the pair_id they duplicate).
+_REASON = {
+    STEP_MIN_SCORE: "min-score",
+    STEP_BANK_RANK: "bank-rank",
+    STEP_PER_PERSON: "per-person",
+    STEP_QUOTA: "quota",
+    STEP_BUDGET: "budget",
+}
+
+REQUIRED_COLUMNS = (C.PAIR_ID, C.IMAGE_PATH, C.CAPTION, C.PERSON_ID, C.SOURCE, C.IMAGE_HASH, C.SCORE, C.BANK_RANK, C.STATUS)
+_ROW = "_row"  # input row index (manifest join)
+_IMAGE_KEY = "_image_key"
+_CAPTION_KEY = "_caption_key"
+_NORMALISED = "_normalised_caption"
+
+
+def _fail(field_: str, message: str, value: object) -> UsageError:
+    return UsageError(message, field=field_, value=value)
+
+
+@dataclass
+class SelectConfig:
+    """Everything ``tbps select`` does; field names are the option names.
+
+    Args:
+        scores: score tables: ``tbps score`` output directories, directories of Parquet
+            parts, or Parquet files.
+        out: the manifest path (default ``manifests/<name>.parquet``).
+        name: the manifest name when ``out`` is not given (default: the first input's name).
+        min_score: drop rows with ``score`` below this.
+        max_bank_rank: drop rows with ``bank_rank`` above this.
+        rule: ``paper-pretrain`` (bank_rank <= 48) or ``paper-finetune`` (<= 1799), scaled to
+            the table's bank size; excludes ``max_bank_rank``.
+        dedup: exact de-duplication keys: ``image``, ``caption`` (comma-separated), ``pair``,
+            or ``none``.
+        dedup_threshold: cosine at or above which rows are near duplicates (needs embeddings).
+        keep: keep this fraction of the input rows (0 < keep <= 1); excludes ``budget``.
+        budget: keep at most this many rows; excludes ``keep``.
+        by: ``score`` or ``bank_rank``: the order that decides which rows are best.
+        max_per_person: keep at most this many rows per ``person_id``.
+        quota: ``SOURCE=N`` entries: keep at most N rows of that source.
+        truth: the synthetic world's defect sidecar, to measure the selection against.
+    """
+
+    scores: tuple[str, ...] = ()
+    out: str | None = None
+    name: str | None = None
+    min_score: float | None = None
+    max_bank_rank: int | None = None
+    rule: str | None = None
+    dedup: str = "image,caption"
+    dedup_threshold: float | None = None
+    keep: float | None = None
+    budget: int | None = None
+    by: str = "score"
+    max_per_person: int | None = None
+    quota: tuple[str, ...] = ()
+    truth: str | None = None
+
+    def __post_init__(self) -> None:
+        self.scores = tuple(str(s) for s in self.scores)
+        self.quota = tuple(str(q) for q in self.quota)
+        for name in ("out", "truth"):
+            if getattr(self, name) is not None:
+                setattr(self, name, str(getattr(self, name)))
+        if self.min_score is not None and not math.isfinite(self.min_score):
+            raise _fail("min_score", "--min-score must be a finite number", self.min_score)
+        if self.max_bank_rank is not None and self.max_bank_rank < 0:
+            raise _fail("max_bank_rank", "--max-bank-rank must be 0 or more", self.max_bank_rank)
+        if self.rule is not None and self.rule not in RULES:
+            raise _fail("rule", f"--rule must be one of {', '.join(RULES)}", self.rule)
+        if self.rule is not None and self.max_bank_rank is not None:
+            raise _fail("rule", "--rule and --max-bank-rank both set the bank-rank cut; give one", (self.rule, self.max_bank_rank))
+        self.dedup_modes  # validates
+        if self.dedup_threshold is not None:
+            if not (0.0 < self.dedup_threshold <= 1.0):
+                raise _fail("dedup_threshold", "--dedup-threshold is a cosine in (0, 1]", self.dedup_threshold)
+            if not self.dedup_modes:
+                raise _fail("dedup_threshold", "--dedup-threshold needs --dedup other than none", self.dedup)
+        if self.keep is not None and not (0.0 < self.keep <= 1.0):
+            raise _fail("keep", "--keep is a fraction of the input rows in (0, 1]", self.keep)
+        if self.budget is not None and self.budget < 0:
+            raise _fail("budget", "--budget must be 0 or more", self.budget)
+        if self.keep is not None and self.budget is not None:
+            raise _fail("keep", "--keep and --budget both set the manifest size; give one", (self.keep, self.budget))
+        if self.by not in BY:
+            raise _fail("by", f"--by must be one of {', '.join(BY)}", self.by)
+        if self.max_per_person is not None and self.max_per_person < 1:
+            raise _fail("max_per_person", "--max-per-person must be 1 or more", self.max_per_person)
+        self.quotas  # validates
+
+    @property
+    def dedup_modes(self) -> tuple[str, ...]:
+        """The exact de-duplication passes, in the order they run."""
+        parts = [p.strip() for p in str(self.dedup).split(",") if p.strip()]
+        if parts == ["none"]:
+            return ()
+        bad = [p for p in parts if p not in DEDUP_MODES]
+        if bad or not parts:
+            raise _fail("dedup", "--dedup takes image, caption (comma-separated), pair, or none", self.dedup)
+        if "pair" in parts and len(parts) > 1:
+            raise _fail("dedup", "--dedup pair already means image and caption together; give it alone", self.dedup)
+        return tuple(m for m in ("image", "caption", "pair") if m in parts)
+
+    @property
+    def quotas(self) -> dict[str, int]:
+        """``--quota`` entries as ``{source: limit}``."""
+        found: dict[str, int] = {}
+        for entry in self.quota:
+            source, sep, limit = entry.rpartition("=")
+            if not sep or not source or not limit.strip().isdigit():
+                raise _fail("quota", "--quota takes SOURCE=N with N a whole number", entry)
+            if source in found:
+                raise _fail("quota", f"--quota gives source {source!r} twice", entry)
+            found[source] = int(limit)
+        return found
+
+
+@dataclass
+class StepCount:
+    """Rows before and after one step."""
+
+    step: str
+    rows_in: int
+    dropped: int
+
+    @property
+    def rows_out(self) -> int:
+        return self.rows_in - self.dropped
+
+
+@dataclass
+class Selection:
+    """What :func:`select` decided.
+
+    Attributes:
+        manifest: the kept rows, all score-table columns, in input order (lazy: the caller
+            streams it to disk).
+        outcome: one row per input row (``pair_id``, ``source``, ``status``, ``score``,
+            ``bank_rank``, ``step``, ``reason``), ``step``/``reason`` null for kept rows.
+        steps: rows in and dropped at each step that ran.
+        resolved: what each rule resolved to (cuts, targets, search parameters).
+        warnings: things the user should know (scaled rules, short budgets).
+        truth: defect metrics, when measured (see :mod:`tbps.curate.truth`).
+    """
+
+    manifest: pl.LazyFrame
+    outcome: pl.DataFrame
+    steps: list[StepCount]
+    resolved: dict
+    warnings: list[str] = field(default_factory=list)
+    truth: dict | None = None
+
+    @property
+    def rows_in(self) -> int:
+        return self.outcome.height
+
+    @property
+    def rows_kept(self) -> int:
+        return self.steps[-1].rows_out if self.steps else 0
+
+    def dropped(self) -> pl.DataFrame:
+        """The drop table (``columns.DROP_SCHEMA``): every dropped row with its step and reason, in input order."""
+        return self.outcome.filter(pl.col(C.STEP).is_not_null()).select(list(C.DROP_SCHEMA.names))
+
+    def quantiles(self, qs: tuple[float, ...] = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)) -> dict[str, dict]:
+        """Score quantiles of the kept and of the dropped rows (rows without a score left out).
+
+        Returns:
+            ``{"kept": {"n": ..., "q0.5": ...}, "dropped": {...}}``; quantiles are None when
+            a side has no scored rows.
+        """
+        out = {}
+        for side, cond in (("kept", pl.col(C.STEP).is_null()), ("dropped", pl.col(C.STEP).is_not_null())):
+            scores = self.outcome.filter(cond & pl.col(C.SCORE).is_not_nan()).get_column(C.SCORE).drop_nulls().to_numpy()
+            values = np.quantile(scores.astype(np.float64), qs).tolist() if len(scores) else [None] * len(qs)
+            out[side] = {"n": int(len(scores)), **{f"q{q:g}": v for q, v in zip(qs, values)}}
+        return out
+
+
+def check_columns(schema: pl.Schema, where: object = None) -> None:
+    """Refuse a table without the score-table columns, or with unusable types.
+
+    Args:
+        schema: the table's schema.
+        where: the file or directory, for the message.
+
+    Raises:
+        TbpsError: naming the columns expected and those found.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in schema]
+    if missing:
+        raise TbpsError(
+            f"not a score table: missing column(s) {', '.join(missing)}; expected {', '.join(REQUIRED_COLUMNS)}; "
+            f"found {', '.join(schema.names()) or 'no columns'}",
+            path=where,
+            hint="score tables are written by `tbps score`",
+        )
+    for name in REQUIRED_COLUMNS:
+        dtype = schema[name]
+        if name == C.SCORE:
+            ok = dtype.is_float() or dtype.is_integer()
+        elif name == C.BANK_RANK:
+            ok = dtype.is_integer()
+        else:
+            ok = dtype in (pl.String, pl.Categorical) or isinstance(dtype, (pl.Categorical, pl.Enum)) or dtype == pl.Null
+        if not ok:
+            raise TbpsError(f"column {name} has type {dtype}, expected {C.SCORE_SCHEMA.field(name).type}", path=where, field=name, value=str(dtype))
+
+
+def standardise(scores: pl.LazyFrame) -> pl.LazyFrame:
+    """The score-table columns in schema order and types; optional columns filled with nulls.
+
+    Args:
+        scores: a lazy score table with at least :data:`REQUIRED_COLUMNS`.
+
+    Returns:
+        A lazy frame with exactly the columns of ``columns.SCORE_SCHEMA``.
+    """
+    schema = scores.collect_schema()
+    check_columns(schema)
+    target = C.polars_schema(C.SCORE_SCHEMA)
+    return scores.select(
+        [
+            (pl.col(name) if name in schema else pl.lit(None)).cast(dtype).alias(name)
+            for name, dtype in target.items()
+        ]
+    )
+
+
+def order_columns(by: str) -> tuple[list[str], list[bool]]:
+    """The best-first order: sort columns and their ``descending`` flags for ``--by``."""
+    if by == "bank_rank":
+        return [C.BANK_RANK, C.SCORE, C.PAIR_ID], [False, True, False]
+    return [C.SCORE, C.BANK_RANK, C.PAIR_ID], [True, False, False]
+
+
+def scaled_rule(rule: str, bank_size: int) -> int:
+    """The bank-rank cut of a paper rule for a bank of ``bank_size`` captions.
+
+    The paper keeps the own caption within the top ``K + 1`` of ``10,001`` scores; a bank of
+    ``B`` captions keeps the same share: ``round((K + 1) * (B + 1) / 10001) - 1``, at least 0.
+
+    Args:
+        rule: a key of :data:`RULES`.
+        bank_size: the captions in the score table's bank.
+
+    Returns:
+        The largest ``bank_rank`` kept.
+    """
+    k = RULES[rule]
+    return max(0, round((k + 1) * (bank_size + 1) / (PAPER_BANK_SIZE + 1)) - 1)
+
+
+def keep_target(keep: float, rows_in: int) -> int:
+    """``floor(keep * rows_in)``, computed on the decimal value given (0.29 * 100 is 29)."""
+    return int(Decimal(repr(float(keep))) * rows_in)
+
+
+def _sortable(score: np.ndarray) -> np.ndarray:
+    """float32 scores as uint64 values in the same order (for one-column integer sorts)."""
+    bits = (score.astype(np.float32) + np.float32(0.0)).view(np.uint32).astype(np.uint64)  # -0.0 becomes 0.0
+    negative = (bits >> np.uint64(31)) == 1
+    return np.where(negative, ~bits & np.uint64(0xFFFFFFFF), bits | np.uint64(0x80000000))
+
+
+def best_first(score: np.ndarray, bank_rank: np.ndarray, pair_id: pl.Series, rows: np.ndarray, by: str) -> np.ndarray:
+    """Rows in best-first order (see the module docstring), ties broken by ``pair_id``.
+
+    One integer sort on a packed 64-bit key (the score's order-preserving bits and the bank
+    rank), then a string sort only inside runs of equal keys, so ten million rows cost one
+    numeric sort.
+
+    Args:
+        score: float32 scores of all rows (input order).
+        bank_rank: bank ranks of all rows.
+        pair_id: pair ids of all rows.
+        rows: the rows to order (indices into the arrays).
+        by: ``score`` or ``bank_rank``.
+
+    Returns:
+        ``rows`` reordered, best first.
+    """
+    high_score_first = np.uint64(0xFFFFFFFF) - _sortable(score[rows])
+    rank = (bank_rank[rows].astype(np.int64) + 2**31).astype(np.uint64)  # order-preserving for any int32
+    key = (high_score_first << np.uint64(32)) | rank if by == "score" else (rank << np.uint64(32)) | high_score_first
+    o = pl.Series(key).arg_sort().to_numpy()
+    ordered, keys = rows[o], key[o]
+    same = keys[1:] == keys[:-1]
+    if same.any():
+        # Runs of equal keys: order each run by pair_id (a run id keeps the runs where they are).
+        tied = np.zeros(len(keys), dtype=bool)
+        tied[1:] |= same
+        tied[:-1] |= same
+        at = np.flatnonzero(tied)
+        run = np.cumsum(np.concatenate([[True], ~same]))[at]
+        sub = pl.DataFrame({"run": run, "row": ordered[at], "pid": pair_id.gather(ordered[at])}).sort(["run", "pid"])
+        ordered[at] = sub.get_column("row").to_numpy()
+    return ordered
+
+
+def _mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """One 64-bit word from two (for the image-and-caption key)."""
+    return a * np.uint64(0x9E3779B97F4A7C15) + (b ^ (b >> np.uint64(29)))
+
+
+def select(
+    scores: pl.LazyFrame,
+    config: SelectConfig,
+    *,
+    embeddings: pl.LazyFrame | None = None,
+    bank_size: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Selection:
+    """Select the training subset of a score table (no file I/O beyond the lazy frames given).
+
+    Args:
+        scores: the score table (``columns.SCORE_SCHEMA``; optional columns may be missing).
+        config: the selection parameters.
+        embeddings: ``pair_id``, ``image_emb``, ``text_emb`` (``columns.embedding_schema``), needed
+            for ``dedup_threshold``.
+        bank_size: the captions in the table's bank, for scaling ``rule`` (None: unknown,
+            assumed 10,000 with a warning).
+        log: called with progress lines.
+
+    Returns:
+        A :class:`Selection`; its manifest and outcome keep the input row order.
+
+    Raises:
+        TbpsError: missing columns, an empty table, duplicate ``pair_id``s, missing embeddings.
+    """
+    say = log or (lambda _msg: None)
+    warnings: list[str] = []
+    resolved: dict = {"order": dict(zip(*order_columns(config.by)))}
+    if config.dedup_threshold is not None and embeddings is None:
+        raise TbpsError(
+            "--dedup-threshold needs the embeddings `tbps score` writes next to the score table, and there are none",
+            field="dedup_threshold",
+            hint="pass a `tbps score` output directory, or drop --dedup-threshold",
+        )
+    lf = standardise(scores).with_row_index(_ROW)
+    modes = config.dedup_modes
+    say("reading the score table")
+    source = lf.with_columns(D.normalise_caption(pl.col(C.CAPTION)).alias(_NORMALISED)) if ("caption" in modes or "pair" in modes) else lf
+    narrow = source.select(_narrow_columns(config, modes)).collect(engine="streaming")
+    rows_in = narrow.height
+    if rows_in == 0:
+        raise TbpsError("the score table has no rows", hint="check the inputs: nothing to select from")
+    if not narrow.get_column(_ROW).is_sorted():
+        narrow = narrow.sort(_ROW)  # row i of the arrays below must be input row i
+    pair_id = narrow.get_column(C.PAIR_ID)
+    _check_pair_ids(narrow, pair_id)
+
+    # Step 1: status. Row-level state lives in numpy arrays in input order.
+    score = narrow.get_column(C.SCORE).to_numpy()
+    rank_col = narrow.get_column(C.BANK_RANK)
+    scored = ~np.isnan(score) & rank_col.is_not_null().to_numpy()
+    bank_rank = rank_col.fill_null(0).to_numpy()
+    usable = (narrow.get_column(C.STATUS) == C.STATUS_OK).fill_null(False).to_numpy() & scored
+    step = np.zeros(rows_in, dtype=np.uint8)
+    dup_of = np.full(rows_in, -1, dtype=np.int64)
+    step[~usable] = _CODE[STEP_STATUS]
+    steps = [StepCount(STEP_STATUS, rows_in, int((~usable).sum()))]
+    rows = best_first(score, bank_rank, pair_id, np.flatnonzero(usable), config.by)  # kept so far, best first
+
+    def drop(name: str, at: np.ndarray) -> np.ndarray:
+        """Drop ``rows[at]`` (indices into the rows still kept) at step ``name``; the rows left."""
+        mask = np.zeros(len(rows), dtype=bool)
+        mask[at] = True
+        step[rows[mask]] = _CODE[name]
+        steps.append(StepCount(name, len(rows), int(mask.sum())))
+        return rows[~mask]
+
+    # Steps 2-3: score and bank-rank cuts.
+    if config.min_score is not None:
+        rows = drop(STEP_MIN_SCORE, score[rows] < config.min_score)
+        resolved["min_score"] = config.min_score
+    cut = _bank_rank_cut(config, bank_size, warnings)
+    if cut is not None:
+        resolved["bank_rank"] = cut
+        rows = drop(STEP_BANK_RANK, bank_rank[rows] > cut["max_bank_rank"])
+
+    # Step 4: exact duplicates, one pass per key.
+    for mode in modes:
+        say(f"exact de-duplication by {mode}")
+        gone, first = D.exact_duplicates(*_exact_key(narrow, mode, rows))
+        dup_of[rows[gone]] = rows[first]
+        rows = drop(STEP_EXACT[mode], gone)
+    if modes:
+        resolved["dedup"] = {"exact": list(modes), "caption_normalisation": "lowercase, punctuation to spaces, whitespace collapsed, stripped"}
+
+    # Step 5: near duplicates.
+    if config.dedup_threshold is not None:
+        say(f"near de-duplication at cosine >= {config.dedup_threshold}")
+        near, stats = _near_duplicates(pair_id.gather(rows), embeddings, config, say)
+        hit = np.flatnonzero(near >= 0)
+        dup_of[rows[hit]] = rows[near[hit]]
+        rows = drop(STEP_NEAR, hit)
+        resolved.setdefault("dedup", {})["near"] = {"threshold": config.dedup_threshold, **stats}
+
+    # Steps 6-8: per-person caps, source quotas, then the global budget.
+    if config.max_per_person is not None:
+        rank_in_group = pl.int_range(pl.len()).over("key")
+        sub = pl.DataFrame({"key": narrow.get_column(C.PERSON_ID).gather(rows)}).with_row_index("at")
+        over = sub.filter(pl.col("key").is_not_null() & (rank_in_group >= config.max_per_person))
+        rows = drop(STEP_PER_PERSON, over.get_column("at").to_numpy())
+        resolved["max_per_person"] = config.max_per_person
+    if config.quota:
+        quotas = config.quotas
+        limit = pl.col("key").replace_strict(quotas, default=None, return_dtype=pl.Int64)
+        sub = pl.DataFrame({"key": narrow.get_column(C.SOURCE).gather(rows)}).with_row_index("at")
+        over = sub.filter(limit.is_not_null() & (pl.int_range(pl.len()).over("key") >= limit))
+        rows = drop(STEP_QUOTA, over.get_column("at").to_numpy())
+        absent = sorted(set(quotas) - set(narrow.get_column(C.SOURCE).unique().drop_nulls().to_list()))
+        if absent:
+            warnings.append(f"--quota names source(s) not in the input: {', '.join(absent)}")
+        resolved["quota"] = quotas
+    if config.keep is not None or config.budget is not None:
+        target = keep_target(config.keep, rows_in) if config.keep is not None else config.budget
+        resolved["budget"] = _budget_resolved(config, score, bank_rank, rows, target, rows_in, warnings)
+        rows = drop(STEP_BUDGET, np.arange(min(target, len(rows)), len(rows)))
+
+    outcome = _outcome(narrow, step, dup_of)
+    kept = pl.Series(_ROW, np.flatnonzero(step == 0), dtype=pl.get_index_type())
+    manifest = lf.filter(pl.col(_ROW).is_in(kept.implode())).drop(_ROW)
+    return Selection(manifest=manifest, outcome=outcome, steps=steps, resolved=resolved, warnings=warnings)
+
+
+def _narrow_columns(config: SelectConfig, modes: tuple[str, ...]) -> list[pl.Expr]:
+    """The columns the steps need; dedup keys as 2 x 64-bit hashes plus a validity flag."""
+    cols = [pl.col(_ROW), pl.col(C.PAIR_ID), pl.col(C.SOURCE), pl.col(C.STATUS), pl.col(C.SCORE), pl.col(C.BANK_RANK)]
+    if config.max_per_person is not None:
+        cols.append(pl.col(C.PERSON_ID))
+    if "image" in modes or "pair" in modes:
+        # The content hash, hashed again to 128 bits: 16 bytes a row instead of about 48.
+        cols += [pl.col(C.IMAGE_HASH).hash(seed=s).alias(f"{_IMAGE_KEY}_{s}") for s in (0, 1)]
+        cols.append(pl.col(C.IMAGE_HASH).is_not_null().alias(f"{_IMAGE_KEY}_ok"))
+    if "caption" in modes or "pair" in modes:
+        cols += D.caption_key(pl.col(_NORMALISED), _CAPTION_KEY)
+        cols.append(pl.col(C.CAPTION).is_not_null().alias(f"{_CAPTION_KEY}_ok"))
+    return cols
+
+
+def _check_pair_ids(narrow: pl.DataFrame, pair_id: pl.Series) -> None:
+    """Refuse null or repeated pair ids (a 64-bit hash screens; strings confirm)."""
+    if pair_id.null_count():
+        raise TbpsError("pair_id is null", field=C.PAIR_ID, record=int(pair_id.is_null().arg_true()[0]))
+    if pair_id.hash().n_unique() < len(pair_id) and pair_id.n_unique() < len(pair_id):
+        dup = pair_id.filter(pair_id.is_duplicated()).sort()
+        raise TbpsError(
+            f"pair_id is not unique across the inputs ({dup.n_unique()} ids repeat)",
+            field=C.PAIR_ID,
+            value=dup[0],
+            hint="the same pairs read twice, or tables whose ids collide; select them separately",
+        )
+
+
+def _exact_key(narrow: pl.DataFrame, mode: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two 64-bit key words and validity of ``rows`` for one exact-dedup mode."""
+    def part(prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx = pl.Series(rows)
+        return (
+            narrow.get_column(f"{prefix}_0").gather(idx).to_numpy(),
+            narrow.get_column(f"{prefix}_1").gather(idx).to_numpy(),
+            narrow.get_column(f"{prefix}_ok").gather(idx).to_numpy(),
+        )
+
+    if mode == "image":
+        return part(_IMAGE_KEY)
+    if mode == "caption":
+        return part(_CAPTION_KEY)
+    i0, i1, iok = part(_IMAGE_KEY)
+    c0, c1, cok = part(_CAPTION_KEY)
+    return _mix(i0, c0), _mix(i1, c1), iok & cok
+
+
+def _bank_rank_cut(config: SelectConfig, bank_size: int | None, warnings: list[str]) -> dict | None:
+    """The resolved bank-rank cut, or None when no bank-rank step runs."""
+    if config.max_bank_rank is not None:
+        return {"option": "--max-bank-rank", "max_bank_rank": config.max_bank_rank, "bank_size": bank_size}
+    if config.rule is None:
+        return None
+    paper = RULES[config.rule]
+    if bank_size is None:
+        warnings.append(
+            f"--rule {config.rule}: the score table does not record its bank size; assuming the paper's "
+            f"{PAPER_BANK_SIZE:,} captions (bank_rank <= {paper})"
+        )
+        k = paper
+    elif bank_size != PAPER_BANK_SIZE:
+        k = scaled_rule(config.rule, bank_size)
+        warnings.append(
+            f"--rule {config.rule} is defined for a {PAPER_BANK_SIZE:,}-caption bank (bank_rank <= {paper}); "
+            f"this table's bank has {bank_size:,} captions, so the rule is scaled to bank_rank <= {k}"
+        )
+    else:
+        k = paper
+    return {"option": f"--rule {config.rule}", "paper_max_bank_rank": paper, "paper_bank_size": PAPER_BANK_SIZE, "bank_size": bank_size, "max_bank_rank": k}
+
+
+def _budget_resolved(config: SelectConfig, score: np.ndarray, bank_rank: np.ndarray, rows: np.ndarray, target: int, rows_in: int, warnings: list[str]) -> dict:
+    """What ``--keep`` / ``--budget`` became: the row target and the cut-off it amounts to."""
+    kept = rows[:target]
+    key, values = (C.SCORE, score) if config.by == "score" else (C.BANK_RANK, bank_rank)
+    info: dict = {"by": config.by, "target_rows": int(target), "rows_available": int(len(rows)), "rows_kept": int(len(kept))}
+    if config.keep is not None:
+        info.update({"keep": config.keep, "of": "input rows", "rows_in": rows_in})
+    else:
+        info["budget"] = config.budget
+    info[f"{key}_cutoff"] = values[kept[-1]].item() if len(kept) else None
+    info[f"first_dropped_{key}"] = values[rows[target]].item() if len(rows) > target else None
+    if len(rows) < target:
+        what = f"--keep {config.keep} ({target:,} of {rows_in:,} input rows)" if config.keep is not None else f"--budget {target:,}"
+        warnings.append(f"{what}: only {len(rows):,} rows were left after the earlier steps; all are kept")
+    return info
+
+
+def _near_duplicates(ids: pl.Series, embeddings: pl.LazyFrame, config: SelectConfig, say) -> tuple[np.ndarray, dict]:
+    """Greedy near-duplicate resolution of the rows with ``ids`` (best first).
+
+    Returns:
+        ``dup_of`` over the rows (``-1`` kept, else the index of the row it duplicates) and the
+        search statistics.
+    """
+    schema = embeddings.collect_schema()
+    missing = [c for c in (C.PAIR_ID, C.IMAGE_EMB, C.TEXT_EMB) if c not in schema]
+    if missing:
+        raise TbpsError(
+            f"not an embeddings table: missing column(s) {', '.join(missing)}; expected {C.PAIR_ID}, {C.IMAGE_EMB}, {C.TEXT_EMB}; "
+            f"found {', '.join(schema.names())}",
+            field=missing[0],
+        )
+    modes = config.dedup_modes
+    need = [C.IMAGE_EMB] if modes == ("image",) else [C.TEXT_EMB] if modes == ("caption",) else [C.IMAGE_EMB, C.TEXT_EMB]
+    frame = pl.DataFrame({C.PAIR_ID: ids, "_k": np.arange(len(ids))})
+    emb = frame.lazy().join(embeddings.select(C.PAIR_ID, *need), on=C.PAIR_ID, how="left").sort("_k").collect()
+    if emb.height != frame.height:
+        raise TbpsError("the embeddings table repeats pair_ids", field=C.PAIR_ID)
+    lacking = emb.filter(pl.any_horizontal([pl.col(c).is_null() for c in need]))
+    if lacking.height:
+        raise TbpsError(
+            f"{lacking.height:,} rows to de-duplicate have no embeddings",
+            field=need[0],
+            record=lacking.get_column(C.PAIR_ID)[0],
+            hint="the embeddings must come from the same `tbps score` run as the scores",
+        )
+    n, t = len(ids), config.dedup_threshold
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    stats: dict = {}
+    for col in need:
+        say(f"searching {col} for near duplicates among {n:,} rows")
+        i, j, st = D.near_duplicate_pairs(emb.get_column(col).to_numpy(), t)
+        found[col] = (i, j)
+        stats[col] = {**st, "pairs": int(len(i))}
+    if modes == ("pair",):
+        # Both embeddings must agree: keep the image pairs whose captions are close too.
+        i, j = found[C.IMAGE_EMB]
+        text = D.as_unit_float32(emb.get_column(C.TEXT_EMB).to_numpy())
+        both = np.einsum("ij,ij->i", text[i], text[j]) >= t if len(i) else np.zeros(0, dtype=bool)
+        i, j = i[both], j[both]
+        stats["pairs_image_and_caption"] = int(len(i))
+    else:
+        i = np.concatenate([p[0] for p in found.values()])
+        j = np.concatenate([p[1] for p in found.values()])
+    return D.greedy_keep(n, i, j), stats
+
+
+def _outcome(narrow: pl.DataFrame, step: np.ndarray, dup_of: np.ndarray) -> pl.DataFrame:
+    """One row per input row, in input order: ids, score, and the step and reason of dropped rows."""
+    names = {code: name for name, code in _CODE.items()}
+    reasons = {_CODE[name]: reason for name, reason in _REASON.items()}
+    reasons[_CODE[STEP_STATUS]] = REASON_STATUS
+    code = pl.Series("_code", step)
+    reason = code.replace_strict(reasons, default=None, return_dtype=pl.String)
+    dups = np.flatnonzero(dup_of >= 0)
+    if len(dups):
+        # Only duplicate rows get a per-row reason; everything else is one string per step.
+        named = narrow.get_column(C.PAIR_ID).gather(dup_of[dups])
+        reason = reason.scatter(dups, (REASON_DUPLICATE + named).rename(reason.name))
+    out = narrow.select(C.PAIR_ID, C.SOURCE, C.STATUS, C.SCORE, C.BANK_RANK).with_columns(
+        code.replace_strict(names, default=None, return_dtype=pl.String).alias(C.STEP),
+        reason.alias(C.REASON),
+    )
+    no_score = (pl.col(C.STEP) == STEP_STATUS) & (pl.col(C.STATUS) == C.STATUS_OK)
+    return out.with_columns(pl.when(no_score).then(pl.lit(REASON_NO_SCORE)).otherwise(pl.col(C.REASON)).alias(C.REASON))

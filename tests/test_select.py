@@ -1,0 +1,451 @@
+"""``tbps select``: each rule on small tables, dedup, budgets, accounting, determinism, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from tbps import columns as C
+from tbps.cli import app
+from tbps.curate.select import SelectConfig, best_first, keep_target, scaled_rule, select
+from tbps.curate.select_io import run_select, sha256_file
+from tbps.errors import TbpsError, UsageError
+
+
+def table(n: int = 0, **cols) -> pl.DataFrame:
+    """A score table: ``n`` unique ok rows with descending scores unless columns are given."""
+    n = n or len(next(iter(cols.values())))
+    base = {
+        C.PAIR_ID: [f"{i}:0" for i in range(n)],
+        C.IMAGE_PATH: [f"/img/{i}.jpg" for i in range(n)],
+        C.CAPTION: [f"caption number {i}" for i in range(n)],
+        C.PERSON_ID: [str(i) for i in range(n)],
+        C.SOURCE: ["pool"] * n,
+        C.IMAGE_HASH: [f"{i:032x}" for i in range(n)],
+        C.SCORE: [1.0 - i / (n + 1) for i in range(n)],
+        C.BANK_RANK: list(range(n)),
+        C.BANK_PERCENTILE: [float(i) for i in range(n)],
+        C.TRUNCATED: [False] * n,
+        C.STATUS: [C.STATUS_OK] * n,
+        C.ERROR: [None] * n,
+    }
+    base.update(cols)
+    return pl.DataFrame(base, schema=C.polars_schema(C.SCORE_SCHEMA))
+
+
+def run(frame: pl.DataFrame, **options):
+    """The core selection; returns ``{pair_id: reason or None}`` and the selection."""
+    emb = options.pop("_emb", None)
+    sel = select(frame.lazy(), SelectConfig(**options), embeddings=emb)
+    return dict(sel.outcome.select(C.PAIR_ID, C.REASON).iter_rows()), sel
+
+
+def kept(frame: pl.DataFrame, **options) -> list[str]:
+    reasons, _ = run(frame, **options)
+    return [p for p, r in reasons.items() if r is None]
+
+
+# --- each step on small tables -----------------------------------------------------------
+
+
+def test_status_rows_are_always_dropped_with_their_reason():
+    f = table(**{C.STATUS: ["ok", "bad-image", "ok", "ok", None], C.SCORE: [0.5, 0.9, None, float("nan"), 0.4]})
+    reasons, sel = run(f, dedup="none")
+    assert reasons == {"0:0": None, "1:0": "status", "2:0": "no-score", "3:0": "no-score", "4:0": "status"}
+    assert [s.step for s in sel.steps] == ["status"]
+
+
+def test_min_score_keeps_the_boundary():
+    f = table(**{C.SCORE: [0.3, 0.2, 0.1999, 0.5]})
+    assert kept(f, min_score=0.2, dedup="none") == ["0:0", "1:0", "3:0"]
+
+
+@pytest.mark.parametrize(
+    ("options", "bank_size", "cut", "warns"),
+    [
+        ({"max_bank_rank": 2}, None, 2, False),
+        ({"rule": "paper-pretrain"}, 10_000, 48, False),
+        ({"rule": "paper-finetune"}, 10_000, 1799, False),
+        ({"rule": "paper-pretrain"}, 1_000, 4, True),  # round(49 * 1001 / 10001) - 1
+        ({"rule": "paper-finetune"}, 1_000, 179, True),  # round(1800 * 1001 / 10001) - 1
+        ({"rule": "paper-pretrain"}, None, 48, True),  # unknown bank: assumed 10,000, said so
+    ],
+)
+def test_bank_rank_cuts_and_paper_rules(options, bank_size, cut, warns):
+    ranks = [0, cut, cut + 1, 9_999]
+    f = table(**{C.BANK_RANK: ranks})
+    sel = select(f.lazy(), SelectConfig(dedup="none", **options), bank_size=bank_size)
+    reasons = dict(sel.outcome.select(C.PAIR_ID, C.REASON).iter_rows())
+    assert reasons == {"0:0": None, "1:0": None, "2:0": "bank-rank", "3:0": "bank-rank"}
+    assert sel.resolved["bank_rank"]["max_bank_rank"] == cut
+    assert bool(sel.warnings) is warns
+
+
+def test_scaled_rule_is_the_paper_rule_at_10k():
+    assert scaled_rule("paper-pretrain", 10_000) == 48 and scaled_rule("paper-finetune", 10_000) == 1799
+    assert scaled_rule("paper-pretrain", 10) == 0
+
+
+def test_exact_image_dedup_keeps_the_best_and_breaks_ties_by_bank_rank_then_pair_id():
+    f = table(
+        **{
+            C.PAIR_ID: ["a", "b", "c", "d", "e"],
+            C.IMAGE_HASH: ["h1", "h1", "h1", "h2", "h2"],
+            C.SCORE: [0.5, 0.7, 0.7, 0.6, 0.6],
+            C.BANK_RANK: [0, 3, 2, 5, 5],
+        }
+    )
+    reasons, sel = run(f, dedup="image")
+    # h1: b and c tie on score; c has the lower bank_rank. h2: d and e tie on both; d < e.
+    assert reasons == {"a": "duplicate-of:c", "b": "duplicate-of:c", "c": None, "d": None, "e": "duplicate-of:d"}
+    assert set(sel.outcome.filter(pl.col(C.STEP).is_not_null())[C.STEP]) == {"exact-image"}
+
+
+def test_exact_caption_dedup_normalises_and_null_hashes_never_match():
+    f = table(
+        **{
+            C.CAPTION: ["A man, in RED.", "a man in red", "a  man in red!", "a man in blue", "x", "y"],
+            C.IMAGE_HASH: ["1", "2", "3", "4", None, None],
+        }
+    )
+    reasons, _ = run(f, dedup="image,caption")
+    assert reasons == {"0:0": None, "1:0": "duplicate-of:0:0", "2:0": "duplicate-of:0:0", "3:0": None, "4:0": None, "5:0": None}
+
+
+@pytest.mark.parametrize(
+    ("dedup", "want"),
+    [
+        ("image", ["0:0", "2:0"]),  # 1 shares 0's image
+        ("caption", ["0:0", "1:0"]),  # 2 shares 0's caption
+        ("pair", ["0:0", "1:0", "2:0"]),  # only 3 shares both
+        ("none", ["0:0", "1:0", "2:0", "3:0"]),
+    ],
+)
+def test_dedup_modes(dedup, want):
+    f = table(**{C.IMAGE_HASH: ["h", "h", "g", "h"], C.CAPTION: ["c", "d", "c", "c"]})
+    assert kept(f, dedup=dedup) == want
+
+
+def test_steps_run_in_the_documented_order():
+    # 0 is the best of h but fails --min-score, so 1 keeps image h (filters run before dedup).
+    f = table(**{C.IMAGE_HASH: ["h", "h", "g"], C.SCORE: [0.9, 0.5, 0.4], C.BANK_RANK: [0, 1, 2]})
+    reasons, sel = run(f, min_score=0.0, max_bank_rank=0, dedup="image")
+    assert reasons == {"0:0": None, "1:0": "bank-rank", "2:0": "bank-rank"}
+    reasons, sel = run(f, max_bank_rank=1, dedup="image", keep=0.34)
+    assert reasons == {"0:0": None, "1:0": "duplicate-of:0:0", "2:0": "bank-rank"}
+    assert [s.step for s in sel.steps] == ["status", "bank-rank", "exact-image", "budget"]
+
+
+def _emb(ids, img, txt) -> pl.LazyFrame:
+    d = img.shape[1]
+    t = pa.table(
+        {
+            C.PAIR_ID: ids,
+            C.IMAGE_EMB: pa.FixedSizeListArray.from_arrays(pa.array(img.astype(np.float16).ravel()), d),
+            C.TEXT_EMB: pa.FixedSizeListArray.from_arrays(pa.array(txt.astype(np.float16).ravel()), d),
+        },
+        schema=C.embedding_schema(d),
+    )
+    return pl.from_arrow(t).lazy()
+
+
+def test_near_dedup_is_greedy_over_images_and_captions():
+    # Images 0, 1, 2 at 0, 15 and 30 degrees: 0 ~ 1 and 1 ~ 2 (cos 0.966) but not 0 ~ 2 (0.866).
+    # Captions: 3 ~ 4 (cos 0.995). Everything else is orthogonal.
+    e = np.eye(8, dtype=np.float32)
+    a = np.radians([0, 15, 30])
+    img = np.stack([*(np.cos(t) * e[0] + np.sin(t) * e[1] for t in a), e[3], e[4]])
+    txt = np.stack([e[5], e[6], e[7], e[2], 0.995 * e[2] + 0.0999 * e[1]])
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    f = table(5)
+    emb = _emb(f[C.PAIR_ID].to_list(), img, txt)
+    assert float(img[0] @ img[2]) < 0.95
+    reasons, sel = run(f, dedup_threshold=0.95, _emb=emb)
+    assert reasons == {"0:0": None, "1:0": "duplicate-of:0:0", "2:0": None, "3:0": None, "4:0": "duplicate-of:3:0"}
+    near = sel.resolved["dedup"]["near"]
+    assert near[C.IMAGE_EMB]["pairs"] == 2 and near[C.TEXT_EMB]["pairs"] == 1
+    # pair mode: both embeddings must be close, and no pair here is.
+    assert kept(f, dedup="pair", dedup_threshold=0.95, _emb=emb) == f[C.PAIR_ID].to_list()
+
+
+def test_near_dedup_without_embeddings_is_an_error():
+    f = table(3)
+    with pytest.raises(TbpsError, match="needs the embeddings"):
+        select(f.lazy(), SelectConfig(dedup_threshold=0.9))
+    emb = _emb(["0:0", "1:0"], np.eye(2), np.eye(2))
+    with pytest.raises(TbpsError, match="1 rows to de-duplicate have no embeddings"):
+        select(f.lazy(), SelectConfig(dedup_threshold=0.9), embeddings=emb)
+
+
+def test_per_person_cap_skips_rows_without_a_person():
+    f = table(**{C.PERSON_ID: ["p", "p", "p", "q", None, None]})
+    reasons, _ = run(f, max_per_person=2, dedup="none")
+    assert [r for r in reasons.values()] == [None, None, "per-person", None, None, None]
+
+
+def test_quota_per_source_and_a_warning_for_unknown_sources():
+    f = table(**{C.SOURCE: ["a", "b", "a", "a", "b"]})
+    reasons, sel = run(f, quota=("a=1", "zz=3"), dedup="none")
+    assert list(reasons.values()) == [None, None, "quota", "quota", None]
+    assert any("zz" in w for w in sel.warnings)
+
+
+def test_keep_is_a_fraction_of_all_input_rows():
+    # 10 rows in, 2 fail status: --keep 0.5 keeps 5 (of 10), not 4 (of the 8 left).
+    f = table(**{C.STATUS: ["ok"] * 8 + ["bad-image"] * 2, C.SCORE: [0.9 - i / 20 for i in range(10)]})
+    reasons, sel = run(f, keep=0.5, dedup="none")
+    assert [p for p, r in reasons.items() if r is None] == ["0:0", "1:0", "2:0", "3:0", "4:0"]
+    b = sel.resolved["budget"]
+    assert (b["of"], b["rows_in"], b["target_rows"]) == ("input rows", 10, 5)
+    assert b["score_cutoff"] == pytest.approx(0.7) and b["first_dropped_score"] == pytest.approx(0.65)
+    # Fewer rows left than the target: all kept, with a warning.
+    reasons, sel = run(f, keep=0.9, dedup="none")
+    assert sum(r is None for r in reasons.values()) == 8 and "only 8 rows" in sel.warnings[0]
+
+
+def test_keep_target_uses_the_decimal_value():
+    assert keep_target(0.29, 100) == 29 and keep_target(0.4, 10_000_000) == 4_000_000 and keep_target(1.0, 7) == 7
+
+
+@pytest.mark.parametrize(("by", "want"), [("score", ["1:0", "0:0"]), ("bank_rank", ["2:0", "0:0"])])
+def test_budget_by_score_or_bank_rank(by, want):
+    f = table(**{C.SCORE: [0.5, 0.9, 0.1], C.BANK_RANK: [1, 5, 0]})
+    assert kept(f, budget=2, by=by, dedup="none") == sorted(want)
+
+
+def test_best_first_is_a_total_order_with_pair_id_last():
+    rng = np.random.default_rng(0)
+    n = 300
+    score = rng.choice([0.1, 0.2, -0.0, 0.0, -0.3], n).astype(np.float32)
+    rank = rng.integers(0, 3, n).astype(np.int32)
+    pid = pl.Series([f"id{v}" for v in rng.permutation(n)])
+    got = best_first(score, rank, pid, np.arange(n), "score")
+    want = sorted(range(n), key=lambda r: (-float(score[r]), int(rank[r]), pid[r]))
+    assert got.tolist() == want
+    got = best_first(score, rank, pid, np.arange(n), "bank_rank")
+    assert got.tolist() == sorted(range(n), key=lambda r: (int(rank[r]), -float(score[r]), pid[r]))
+
+
+def test_every_row_is_accounted_for():
+    rng = np.random.default_rng(1)
+    n = 400
+    f = table(
+        **{
+            C.STATUS: rng.choice(["ok"] * 9 + ["bad-image"], n).tolist(),
+            C.SCORE: rng.normal(0.3, 0.1, n).tolist(),
+            C.BANK_RANK: rng.integers(0, 3000, n).tolist(),
+            C.IMAGE_HASH: [f"{v}" for v in rng.integers(0, 300, n)],
+            C.CAPTION: [f"c{v}" for v in rng.integers(0, 300, n)],
+            C.PERSON_ID: [f"p{v}" for v in rng.integers(0, 40, n)],
+            C.SOURCE: rng.choice(["a", "b"], n).tolist(),
+        }
+    )
+    _, sel = run(f, min_score=0.1, rule="paper-finetune", max_per_person=3, quota=("a=40",), keep=0.2)
+    out = sel.outcome
+    kept_n = out.filter(pl.col(C.STEP).is_null()).height
+    assert out.height == n and out[C.PAIR_ID].to_list() == f[C.PAIR_ID].to_list()  # input order
+    assert kept_n + sel.dropped().height == n == sel.steps[0].rows_in
+    assert kept_n == sel.rows_kept == sel.manifest.collect().height
+    assert sel.dropped()[C.REASON].null_count() == 0
+    assert all(s.rows_out == t.rows_in for s, t in zip(sel.steps, sel.steps[1:]))
+    # A duplicate names a row that is better than it.
+    dups = out.filter(pl.col(C.REASON).str.starts_with("duplicate-of:"))
+    best = dict(out.select(C.PAIR_ID, C.SCORE).iter_rows())
+    assert dups.height and all(best[r.split(":", 1)[1]] >= s for r, s in dups.select(C.REASON, C.SCORE).iter_rows())
+
+
+# --- files: inputs, outputs, determinism, bad input ---------------------------------------
+
+
+def write(frame: pl.DataFrame, path: Path, bank_size: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"tbps.bank_size": str(bank_size)} if bank_size else None
+    frame.write_parquet(path, metadata=meta)
+    return path
+
+
+def score_run(tmp_path: Path, frame: pl.DataFrame, bank_size: int = 1000, dim: int = 8) -> Path:
+    """A `tbps score` output directory: score.json, scores/ and embeddings/."""
+    d = tmp_path / "scored"
+    write(frame, d / "scores" / "part-000000.parquet", bank_size)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((frame.height, dim)).astype(np.float32)
+    x[1] = x[0]  # row 1's image is a near copy of row 0's
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ok = frame.filter(pl.col(C.STATUS) == C.STATUS_OK)[C.PAIR_ID].to_list()
+    idx = [frame[C.PAIR_ID].to_list().index(p) for p in ok]
+    (d / "embeddings").mkdir()
+    t = rng.standard_normal((len(idx), dim)).astype(np.float32)
+    _emb(ok, x[idx], t / np.linalg.norm(t, axis=1, keepdims=True)).collect().write_parquet(d / "embeddings" / "part-000000.parquet")
+    (d / "score.json").write_text(json.dumps({"config": {"bank_size": bank_size}}))
+    return d
+
+
+def test_score_run_directory_with_rule_scaling_and_near_dedup(tmp_path):
+    d = score_run(tmp_path, table(6, **{C.BANK_RANK: [0, 1, 4, 5, 2, 3]}))
+    r = run_select(SelectConfig(scores=(str(d),), out=str(tmp_path / "m.parquet"), rule="paper-pretrain", dedup_threshold=0.99))
+    reasons = dict(r.selection.outcome.select(C.PAIR_ID, C.REASON).iter_rows())
+    assert reasons == {"0:0": None, "1:0": "duplicate-of:0:0", "2:0": None, "3:0": "bank-rank", "4:0": None, "5:0": None}
+    cut = r.selection.resolved["bank_rank"]
+    assert (cut["max_bank_rank"], cut["bank_size"], cut["paper_max_bank_rank"]) == (4, 1000, 48)
+    assert "scaled to bank_rank <= 4" in " ".join(r.selection.warnings)
+    rec = json.loads((tmp_path / "m.json").read_text())
+    assert rec["inputs"][0]["kind"] == "score-run" and rec["inputs"][0]["embedding_files"]
+
+
+def test_outputs_manifest_drop_table_and_sidecar(tmp_path):
+    f = table(6, **{C.IMAGE_HASH: ["h", "h", "a", "b", "c", "d"]})
+    src = write(f, tmp_path / "in" / "scores.parquet")
+    out = tmp_path / "manifests" / "sub.parquet"
+    r = run_select(SelectConfig(scores=(str(src),), out=str(out), keep=0.5))
+    manifest = pl.read_parquet(out)
+    dropped = pl.read_parquet(tmp_path / "manifests" / "sub.dropped.parquet")
+    assert manifest.schema == pl.Schema(C.polars_schema(C.SCORE_SCHEMA))
+    assert manifest[C.PAIR_ID].to_list() == ["0:0", "2:0", "3:0"]
+    assert dropped.schema.names() == C.DROP_SCHEMA.names
+    assert dict(dropped.select(C.PAIR_ID, C.REASON).iter_rows()) == {"1:0": "duplicate-of:0:0", "4:0": "budget", "5:0": "budget"}
+    rec = json.loads((tmp_path / "manifests" / "sub.json").read_text())
+    assert rec["rows_in"] == 6 and rec["rows_kept"] == 3
+    assert rec["inputs"][0]["files"][0]["sha256"] == sha256_file(src)
+    assert rec["outputs"]["manifest"]["sha256"] == sha256_file(out)
+    assert rec["resolved"]["budget"]["target_rows"] == 3 and rec["config"]["keep"] == 0.5
+    assert [s["rows_out"] for s in rec["steps"]] == [6, 5, 5, 3]
+    assert {"versions", "git_commit", "created", "quantiles"} <= set(rec)
+    assert r.paths.manifest == out
+
+
+def test_default_output_path_is_manifests_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(table(3), tmp_path / "pool-scores" / "part-000000.parquet")
+    r = run_select(SelectConfig(scores=("pool-scores",)))
+    assert r.paths.manifest == Path("manifests/pool-scores.parquet") and (tmp_path / "manifests" / "pool-scores.json").is_file()
+
+
+def test_same_inputs_give_byte_identical_outputs(tmp_path):
+    rng = np.random.default_rng(2)
+    n = 2000
+    f = table(n, **{C.SCORE: rng.normal(0, 1, n).round(2).tolist(), C.IMAGE_HASH: [f"{v}" for v in rng.integers(0, 1500, n)]})
+    src = write(f, tmp_path / "s.parquet")
+    out = tmp_path / "o" / "m.parquet"
+    digests = []
+    for _ in range(2):
+        run_select(SelectConfig(scores=(str(src),), out=str(out), keep=0.3, max_per_person=1))
+        digests.append((out.read_bytes(), (tmp_path / "o" / "m.dropped.parquet").read_bytes()))
+    assert digests[0] == digests[1]
+    assert not list((tmp_path / "o").glob(".*"))  # no temporary files left
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"keep": 0.0}, "--keep is a fraction"),
+        ({"keep": 1.5}, "--keep is a fraction"),
+        ({"keep": -0.1}, "--keep is a fraction"),
+        ({"keep": 0.4, "budget": 10}, "--keep and --budget"),
+        ({"rule": "paper-pretrain", "max_bank_rank": 3}, "--rule and --max-bank-rank"),
+        ({"rule": "paper"}, "--rule must be one of"),
+        ({"dedup": "images"}, "--dedup takes"),
+        ({"dedup": "pair,image"}, "give it alone"),
+        ({"dedup": "none", "dedup_threshold": 0.9}, "--dedup-threshold needs --dedup"),
+        ({"dedup_threshold": 1.5}, "cosine in"),
+        ({"quota": ("a",)}, "SOURCE=N"),
+        ({"quota": ("a=1", "a=2")}, "twice"),
+        ({"max_per_person": 0}, "--max-per-person"),
+        ({"by": "caption"}, "--by must be"),
+        ({"min_score": float("nan")}, "--min-score"),
+    ],
+)
+def test_option_errors(options, message):
+    with pytest.raises(UsageError, match=message):
+        SelectConfig(scores=("x",), **options)
+
+
+def _nothing_written(tmp_path: Path) -> bool:
+    return not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("make", "options", "message"),
+    [
+        (lambda p: write(table(3).drop(C.SCORE, C.CAPTION), p / "s.parquet"), {}, "missing column.*caption, score.*expected.*found pair_id"),
+        (lambda p: write(table(3).head(0), p / "s.parquet"), {}, "no rows"),
+        (lambda p: write(table(3).with_columns(pl.col(C.SCORE).cast(pl.String)), p / "s.parquet"), {}, "column score has type"),
+        (lambda p: p / "missing.parquet", {}, "no such file"),
+        (lambda p: (p / "s.parquet").write_bytes(b"") or p / "s.parquet", {}, "not a readable Parquet"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", {}, "no .parquet files"),
+        (lambda p: write(table(3), p / "run" / "scores" / "part-000000.parquet").parent.parent, {}, "incomplete score run"),
+        (lambda p: write(table(3), p / "s.parquet"), {"dedup_threshold": 0.9}, "needs embeddings"),
+        (lambda p: write(table(3, **{C.PAIR_ID: ["a", "b", "a"]}), p / "s.parquet"), {}, "pair_id is not unique"),
+        (lambda p: write(table(3), p / "s.parquet"), {"truth": "nope.parquet"}, "no such truth file"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, make, options, message):
+    src = make(tmp_path)
+    with pytest.raises(TbpsError, match=message):
+        run_select(SelectConfig(scores=(str(src),), out=str(tmp_path / "out" / "m.parquet"), **options))
+    assert _nothing_written(tmp_path)
+
+
+def test_a_truth_of_another_pool_fails_after_selecting_and_writes_nothing(tmp_path):
+    src = write(table(3), tmp_path / "s.parquet")
+    truth = write(pl.DataFrame({C.PAIR_ID: ["x"], C.DEFECT: ["none"]}), tmp_path / "truth.parquet")
+    with pytest.raises(TbpsError, match="truth"):
+        run_select(SelectConfig(scores=(str(src),), out=str(tmp_path / "out" / "m.parquet"), truth=str(truth)))
+    assert _nothing_written(tmp_path)
+
+
+def test_inputs_with_different_bank_sizes_cannot_share_a_bank_rank_rule(tmp_path):
+    a = write(table(2), tmp_path / "a.parquet", bank_size=1000)
+    b = write(table(2, **{C.PAIR_ID: ["x", "y"]}), tmp_path / "b.parquet", bank_size=10_000)
+    with pytest.raises(TbpsError, match="banks of different sizes"):
+        run_select(SelectConfig(scores=(str(a), str(b)), out=str(tmp_path / "out" / "m.parquet"), rule="paper-pretrain"))
+    r = run_select(SelectConfig(scores=(str(a), str(b)), out=str(tmp_path / "out" / "m.parquet"), min_score=0.0))
+    assert r.selection.rows_in == 4 and any("different sizes" in w for w in r.selection.warnings)
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def test_cli_select_with_truth_and_explain(tmp_path):
+    f = table(6, **{C.IMAGE_HASH: ["h", "h", "a", "b", "c", "d"], C.SCORE: [0.9, 0.8, 0.1, 0.7, 0.6, 0.5]})
+    src = write(f, tmp_path / "s.parquet")
+    truth = write(
+        pl.DataFrame({C.PAIR_ID: f[C.PAIR_ID], C.DEFECT: ["none", C.DEFECT_EXACT_DUP, C.DEFECT_BLANK, "none", "none", C.DEFECT_SWAPPED]}),
+        tmp_path / "truth.parquet",
+    )
+    out = tmp_path / "m.parquet"
+    res = CliRunner().invoke(app, ["select", str(src), "--min-score", "0.2", "--keep", "0.5", "--out", str(out), "--truth", str(truth), "--explain", "-q"])
+    assert res.exit_code == 0, res.output
+    for text in ("tbps select: 6 rows in, 3 kept", "exact-image", "duplicate-of:<pair_id>", "blank-image", "AUROC", "--keep 0.5 of 6 input rows"):
+        assert text in res.output
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["truth"]["overall"]["recall"] == 1.0 and rec["truth"]["overall"]["precision"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "text"),
+    [
+        (["--keep", "1.5"], 2, "--keep is a fraction"),
+        (["--keep", "0.4", "--budget", "3"], 2, "--keep and --budget"),
+        (["--rule", "paper-pretrain", "--max-bank-rank", "3"], 2, "--rule and --max-bank-rank"),
+    ],
+)
+def test_cli_option_errors_exit_2(tmp_path, args, code, text):
+    src = write(table(3), tmp_path / "s.parquet")
+    res = CliRunner().invoke(app, ["select", str(src), "--out", str(tmp_path / "out" / "m.parquet"), *args])
+    assert res.exit_code == code and text in res.output
+    assert _nothing_written(tmp_path)
+
+
+def test_cli_bad_input_exits_1(tmp_path):
+    src = write(table(3).drop(C.STATUS), tmp_path / "s.parquet")
+    res = CliRunner().invoke(app, ["select", str(src), "--out", str(tmp_path / "out" / "m.parquet")])
+    assert res.exit_code == 1 and "missing column(s) status" in res.output
+    assert _nothing_written(tmp_path)
