@@ -1,4 +1,8 @@
-"""Benchmark ``tbps select`` on a 10,000,000-row score table (issue 4).
+"""Benchmark ``tbps select`` on a 10,000,000-row score table (issue 4); section ``select``.
+
+(Not named ``select.py``: a script's directory comes first on ``sys.path``, and a
+``bench/select.py`` would shadow the standard library's ``select`` module for every script
+in ``bench/``, breaking ``subprocess``.)
 
 Goal: threshold + exact de-duplication + ``--keep 0.4`` in <= 30 s and <= 4 GiB peak RSS on
 2 cores. The table is generated once into a temporary directory (never the repo): 10 parts
@@ -9,31 +13,26 @@ case and punctuation, so only the normalised caption matches).
 The selection runs as ``tbps select`` in a fresh subprocess; its wall time and peak RSS
 (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``) are measured from here.
 
-    .venv/bin/python bench/select.py                 # generate, run, write RESULTS.md
-    .venv/bin/python bench/select.py --data DIR      # reuse (or create) the table in DIR
+    .venv/bin/python bench/selection.py                 # generate, run, write RESULTS.md
+    .venv/bin/python bench/selection.py --data DIR      # reuse (or create) the table in DIR
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
-
-# This file is named like the standard library's ``select`` module, which ``subprocess``
-# imports: take the bench directory off the front of sys.path before anything imports it.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np
 import polars as pl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 
 from tbps import columns as C  # noqa: E402
@@ -157,7 +156,7 @@ def main() -> None:
         f"dropped {dropped:,}; kept + dropped = rows in",
         f"- host load average when it ended: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (the machine is shared)",
         "",
-        "Command: `.venv/bin/python bench/select.py`",
+        "Command: `.venv/bin/python bench/selection.py`",
     ]
     text = "\n".join(lines)
     print(text)
