@@ -19,28 +19,33 @@ Near duplicates (:func:`near_duplicate_pairs`, :func:`greedy_keep`)
     components, which would drop C above).
 
     Finding the pairs: below ``exact_below`` rows, an exact blocked matrix product. Above it,
-    a SemDeDup-style search: a random orthogonal projection to ``project_dim`` dimensions,
-    spherical k-means (FAISS) on a sample, each row assigned to its ``probes`` nearest
-    centroids, and exact products only between a cluster's members and the rows that probe
-    that cluster; candidates pass a looser threshold in the projected space
-    (``2 * threshold - 1``) and are then checked with the full embeddings, so every reported
-    pair truly has cosine ``>= threshold`` (no false positives). A pair is missed only when
-    neither row's nearest centroid is among the other's probes; the benchmark
-    (``bench/dedup.py``) measures that recall against exact search.
+    a SemDeDup-style search: a random orthogonal projection to ``project_dim`` (32)
+    dimensions, spherical k-means (FAISS) on a sample, each row assigned to its ``probes`` (5)
+    nearest centroids, and products only between a cluster's members and the rows that probe
+    that cluster. Candidates pass a looser threshold in the projected space (four standard
+    deviations of the projection's error below ``threshold``) and are then checked with the
+    full embeddings, so every reported pair truly has cosine ``>= threshold`` (no false
+    positives). A pair is missed only when neither row's nearest centroid is among the
+    other's probes; ``bench/dedup.py`` measures that recall against exact search on random
+    unit vectors, the hardest case for clustering. Results are deterministic for a given
+    input, seed and thread count (BLAS rounding can move a centroid assignment at a tie).
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import polars as pl
 
 # Near-duplicate search defaults; see the module docstring and bench/dedup.py.
 EXACT_BELOW = 20_000
-PROBES = 3
-PROJECT_DIM = 64
-TRAIN_POINTS_PER_CLUSTER = 32
-KMEANS_ITERATIONS = 8
-BLOCK = 4096
+PROBES = 5
+PROJECT_DIM = 32
+TRAIN_POINTS_PER_CLUSTER = 16
+KMEANS_ITERATIONS = 6
+BLOCK = 2048  # rows per matrix product
+COLUMN_BLOCK = 16_384  # columns per matrix product (a product is at most 128 MiB)
 
 _UNDECIDED, _KEPT, _DROPPED = 0, 1, 2
 
@@ -138,11 +143,11 @@ def as_unit_float32(x: np.ndarray) -> np.ndarray:
 
 
 def default_clusters(n: int, probes: int = PROBES) -> int:
-    """The k-means cluster count for ``n`` rows: about ``sqrt(3 * probes * n)``.
+    """The k-means cluster count for ``n`` rows: about ``sqrt(2 * probes * n)``.
 
     It balances the two costs of the search: assigning rows to centroids grows with
     ``n * k``, comparing within clusters with ``probes * n^2 / k`` (the comparison costs about
-    three times as much per entry, for thresholding the products).
+    twice as much per entry, for thresholding the products).
 
     Args:
         n: rows to search.
@@ -151,22 +156,22 @@ def default_clusters(n: int, probes: int = PROBES) -> int:
     Returns:
         The cluster count, at least 1 and at most ``n // 8`` (or 1 for tiny inputs).
     """
-    return int(max(1, min(max(1, n // 8), round(np.sqrt(3 * probes * n)))))
+    return int(max(1, min(max(1, n // 8), round(np.sqrt(2 * probes * n)))))
 
 
 def _pairs_exact(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """All ``i < j`` with ``x_i . x_j >= threshold``, by blocked matrix products."""
     n = len(x)
     out_i, out_j = [], []
-    for start in range(0, n, BLOCK):
-        # Upper triangle only: block rows against themselves and every later row.
-        sims = x[start : start + BLOCK] @ x[start:].T
-        r, c = np.nonzero(sims >= threshold)
-        r = r + start
-        c = c + start
-        keep = c > r
-        out_i.append(r[keep])
-        out_j.append(c[keep])
+    for r0 in range(0, n, BLOCK):
+        rows = x[r0 : r0 + BLOCK]
+        # Upper triangle only: each row block against itself and every later row, in column blocks.
+        for c0 in range(r0, n, COLUMN_BLOCK):
+            r, c = np.nonzero(rows @ x[c0 : c0 + COLUMN_BLOCK].T >= threshold)
+            r, c = r + r0, c + c0
+            upper = c > r
+            out_i.append(r[upper])
+            out_j.append(c[upper])
     return _canonical(np.concatenate(out_i), np.concatenate(out_j), n)
 
 
@@ -197,43 +202,59 @@ def _pairs_clustered(
     if project_dim and project_dim < d:
         q, _ = np.linalg.qr(rng.standard_normal((d, project_dim)))
         y = as_unit_float32(x @ q.astype(np.float32))
-        # The projection moves a pair's cosine by about (1 - cos) / 4 (one sd at 64 dims);
-        # a margin of (1 - threshold) keeps true pairs with room to spare.
-        loose = max(-1.0, threshold - (1.0 - threshold))
+        # A random projection to d' dimensions moves a close pair's cosine by about
+        # 2 (1 - cos) / sqrt(d') (one standard deviation); the margin is four of them.
+        loose = max(-1.0, threshold - 8.0 / np.sqrt(project_dim) * (1.0 - threshold))
     else:
         y, loose, project_dim = x, threshold, d
     k = int(min(n, n_clusters or default_clusters(n, probes)))
     probes = int(min(probes, k))
+    t0 = time.perf_counter()
     sample = np.sort(rng.choice(n, size=min(n, k * TRAIN_POINTS_PER_CLUSTER), replace=False))
-    km = faiss.Kmeans(project_dim, k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True, min_points_per_centroid=1, max_points_per_centroid=10**9, verbose=False)
+    km = faiss.Kmeans(
+        project_dim, k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
+        min_points_per_centroid=1, max_points_per_centroid=10**9, verbose=False,
+    )
     km.train(np.ascontiguousarray(y[sample]))
+    t1 = time.perf_counter()
     index = faiss.IndexFlatIP(project_dim)
     index.add(km.centroids)
     _, nearest = index.search(y, probes)
     home = nearest[:, 0].astype(np.int64)
     members, mptr = _csr(home, np.arange(n, dtype=np.int64), k)
     probers, pptr = _csr(nearest.ravel().astype(np.int64), np.repeat(np.arange(n, dtype=np.int64), probes), k)
+    t2 = time.perf_counter()
     out_i, out_j = [], []
+    candidates = 0
     for c in range(k):
         a = members[mptr[c] : mptr[c + 1]]
         b = probers[pptr[c] : pptr[c + 1]]
         if len(a) == 0 or len(b) < 2:
             continue  # nothing to compare in this cluster
-        yb = y[b]
-        # Block the cluster's own rows so one product stays small however unbalanced k-means is.
-        for start in range(0, len(a), BLOCK):
-            rows = a[start : start + BLOCK]
-            r, cidx = np.nonzero(y[rows] @ yb.T >= loose)
-            out_i.append(rows[r])
-            out_j.append(b[cidx])
+        # Blocks on both sides keep one product small however unbalanced k-means is.
+        for c0 in range(0, len(b), COLUMN_BLOCK):
+            cols = b[c0 : c0 + COLUMN_BLOCK]
+            yb = y[cols].T
+            for r0 in range(0, len(a), BLOCK):
+                rows = a[r0 : r0 + BLOCK]
+                sims = y[rows] @ yb
+                # Most rows have no candidate: find the few that do before listing entries.
+                hot = np.flatnonzero(sims.max(axis=1) >= loose)
+                r, cc = np.nonzero(sims[hot] >= loose)
+                i, j = rows[hot[r]], cols[cc]
+                keep = i != j
+                i, j = i[keep], j[keep]
+                candidates += len(i)
+                if loose < threshold and len(i):
+                    # Candidates from the projection are checked on the full embeddings here.
+                    exact = np.einsum("ij,ij->i", x[i], x[j]) >= threshold
+                    i, j = i[exact], j[exact]
+                out_i.append(i)
+                out_j.append(j)
     i = np.concatenate(out_i) if out_i else np.zeros(0, np.int64)
     j = np.concatenate(out_j) if out_j else np.zeros(0, np.int64)
-    distinct = i != j
-    i, j = _canonical(i[distinct], j[distinct], n)
-    candidates = len(i)
-    if loose < threshold:
-        exact = np.einsum("ij,ij->i", x[i], x[j]) >= threshold
-        i, j = i[exact], j[exact]
+    i, j = _canonical(i, j, n)
+    t3 = time.perf_counter()
     stats = {
         "method": "clustered",
         "clusters": k,
@@ -241,6 +262,7 @@ def _pairs_clustered(
         "project_dim": project_dim,
         "largest_cluster": int(np.diff(mptr).max()),
         "candidates": int(candidates),
+        "seconds": {"kmeans": round(t1 - t0, 3), "assign": round(t2 - t1, 3), "compare": round(t3 - t2, 3)},
     }
     return (i, j), stats
 

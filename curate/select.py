@@ -235,6 +235,8 @@ class Selection:
         resolved: what each rule resolved to (cuts, targets, search parameters).
         warnings: things the user should know (scaled rules, short budgets).
         truth: defect metrics, when measured (see :mod:`tbps.curate.truth`).
+        timings: seconds spent in the slow parts (kept out of ``resolved``, which goes into
+            the manifest's metadata and must not vary between identical runs).
     """
 
     manifest: pl.LazyFrame
@@ -243,6 +245,7 @@ class Selection:
     resolved: dict
     warnings: list[str] = field(default_factory=list)
     truth: dict | None = None
+    timings: dict = field(default_factory=dict)
 
     @property
     def rows_in(self) -> int:
@@ -424,6 +427,7 @@ def select(
     """
     say = log or (lambda _msg: None)
     warnings: list[str] = []
+    timings: dict = {}
     resolved: dict = {"order": dict(zip(*order_columns(config.by)))}
     if config.dedup_threshold is not None and embeddings is None:
         raise TbpsError(
@@ -489,6 +493,9 @@ def select(
         hit = np.flatnonzero(near >= 0)
         dup_of[rows[hit]] = rows[near[hit]]
         rows = drop(STEP_NEAR, hit)
+        for col in (C.IMAGE_EMB, C.TEXT_EMB):
+            if "_seconds" in stats.get(col, {}):
+                timings[f"near_{col}_s"] = stats[col].pop("_seconds")
         resolved.setdefault("dedup", {})["near"] = {"threshold": config.dedup_threshold, **stats}
 
     # Steps 6-8: per-person caps, source quotas, then the global budget.
@@ -513,10 +520,12 @@ def select(
         resolved["budget"] = _budget_resolved(config, score, bank_rank, rows, target, rows_in, warnings)
         rows = drop(STEP_BUDGET, np.arange(min(target, len(rows)), len(rows)))
 
+    if len(rows) == 0:
+        warnings.append("no row was kept: the manifest is empty")
     outcome = _outcome(narrow, step, dup_of)
     kept = pl.Series(_ROW, np.flatnonzero(step == 0), dtype=pl.get_index_type())
     manifest = lf.filter(pl.col(_ROW).is_in(kept.implode())).drop(_ROW)
-    return Selection(manifest=manifest, outcome=outcome, steps=steps, resolved=resolved, warnings=warnings)
+    return Selection(manifest=manifest, outcome=outcome, steps=steps, resolved=resolved, warnings=warnings, timings=timings)
 
 
 def _narrow_columns(config: SelectConfig, modes: tuple[str, ...]) -> list[pl.Expr]:
@@ -644,7 +653,8 @@ def _near_duplicates(ids: pl.Series, embeddings: pl.LazyFrame, config: SelectCon
         say(f"searching {col} for near duplicates among {n:,} rows")
         i, j, st = D.near_duplicate_pairs(emb.get_column(col).to_numpy(), t)
         found[col] = (i, j)
-        stats[col] = {**st, "pairs": int(len(i))}
+        seconds = st.pop("seconds", None)  # timings go to the sidecar, never into the manifest
+        stats[col] = {**st, "pairs": int(len(i)), **({"_seconds": seconds} if seconds else {})}
     if modes == ("pair",):
         # Both embeddings must agree: keep the image pairs whose captions are close too.
         i, j = found[C.IMAGE_EMB]

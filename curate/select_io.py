@@ -300,11 +300,13 @@ def run_select(config: SelectConfig, *, log: Callable[[str], None] | None = None
         say(f"writing {paths.dropped}")
         selection.dropped().write_parquet(temps[0], compression_level=1, row_group_size=ROW_GROUP)
         t_write = time.perf_counter()
-        record = _record(config, selection, inputs, paths, temps, timings={
+        timings = {
             "read_inputs_s": round(t_read - t0, 3),
             "select_s": round(t_select - t_read, 3),
             "write_s": round(t_write - t_select, 3),
-        })
+            **selection.timings,
+        }
+        record = _record(config, selection, inputs, paths, temps, timings=timings)
         from tbps.provenance import write_json_atomic
 
         os.replace(temps[0], paths.dropped)
