@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -132,12 +134,13 @@ def _resolve(path: Path) -> tuple[str, list[Path], list[Path], dict | None]:
     return "parquet-dir", files, [], None
 
 
-def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False) -> ScoreInputs:
+def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False, hash_files: bool = True) -> ScoreInputs:
     """Open score tables lazily, check their columns, and hash their files.
 
     Args:
         paths: score run directories, directories of Parquet parts, or Parquet files.
         need_embeddings: also open the embeddings (every input must be a score run with them).
+        hash_files: fill in each file's SHA-256 now (else ``None``: see :func:`hash_inputs`).
 
     Returns:
         :class:`ScoreInputs`.
@@ -160,7 +163,7 @@ def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False) -
             rows += n
             model = model or kv.get("tbps.model")
             bank = bank or kv.get("tbps.bank_size")
-            hashed.append({"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)})
+            hashed.append({"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f) if hash_files else None})
             scans.append(pl.scan_parquet(f))
         if bank is None and record is not None:
             bank = (record.get("config") or {}).get("bank_size") or record.get("bank_size")
@@ -191,7 +194,7 @@ def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False) -
                         path=f,
                     )
                 dims.add(str(schema[C.IMAGE_EMB]))
-                table["embedding_files"].append({"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)})
+                table["embedding_files"].append({"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f) if hash_files else None})
                 emb_scans.append(pl.scan_parquet(f).select(C.PAIR_ID, C.IMAGE_EMB, C.TEXT_EMB))
         bank_sizes.add(table["bank_size"])
         tables.append(table)
@@ -206,6 +209,28 @@ def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False) -
     scores = pl.concat(scans, how="diagonal_relaxed") if len(scans) > 1 else scans[0]
     embeddings = (pl.concat(emb_scans) if len(emb_scans) > 1 else emb_scans[0]) if need_embeddings else None
     return ScoreInputs(scores=scores, embeddings=embeddings, bank_size=bank_size, tables=tables, warnings=warnings)
+
+
+def hash_inputs(tables: list[dict]) -> threading.Thread:
+    """Fill in the missing SHA-256 of every input file, in a background thread.
+
+    Hashing 1 GB takes about a second; a thread overlaps it with the single-threaded parts of
+    the selection (hashlib and file reads release the GIL). ``join()`` the thread before
+    using the hashes; a file that cannot be read gets ``"error: ..."`` instead of a digest.
+    """
+
+    def work() -> None:
+        for table in tables:
+            for entry in table["files"] + table.get("embedding_files", []):
+                if entry["sha256"] is None:
+                    try:
+                        entry["sha256"] = sha256_file(Path(entry["path"]))
+                    except OSError as exc:
+                        entry["sha256"] = f"error: {exc}"
+
+    thread = threading.Thread(target=work, name="tbps-hash-inputs", daemon=True)
+    thread.start()
+    return thread
 
 
 def output_paths(config: SelectConfig) -> OutputPaths:
@@ -241,7 +266,7 @@ def read_truth(path: str | Path) -> pl.DataFrame:
             f"found {', '.join(schema.names())}",
             path=path,
         )
-    return pl.read_parquet(path, columns=[C.PAIR_ID, C.DEFECT])
+    return pl.read_parquet(path, columns=[c for c in (C.PAIR_ID, C.DEFECT, C.DUPLICATE_OF) if c in schema])
 
 
 def _tmp(path: Path) -> Path:
@@ -268,8 +293,8 @@ def run_select(config: SelectConfig, *, log: Callable[[str], None] | None = None
     say = (lambda msg: log(f"[{time.perf_counter() - t0:6.1f}s] {msg}")) if log else (lambda _msg: None)
     if config.by not in BY:  # also checked by SelectConfig; kept here for configs built by hand
         raise TbpsError(f"unknown --by {config.by!r}")
-    say("hashing the inputs")
-    inputs = read_inputs(config.scores, need_embeddings=config.dedup_threshold is not None)
+    inputs = read_inputs(config.scores, need_embeddings=config.dedup_threshold is not None, hash_files=False)
+    hashing = hash_inputs(inputs.tables)
     mixed_banks = len({t["bank_size"] for t in inputs.tables}) > 1
     if mixed_banks and (config.rule or config.max_bank_rank is not None or config.by == "bank_rank"):
         raise TbpsError(
@@ -291,15 +316,18 @@ def run_select(config: SelectConfig, *, log: Callable[[str], None] | None = None
     temps = [_tmp(paths.dropped), _tmp(paths.manifest), _tmp(paths.sidecar)]
     try:
         paths.manifest.parent.mkdir(parents=True, exist_ok=True)
-        say(f"writing {paths.manifest}")
+        say(f"writing {paths.manifest} and {paths.dropped.name}")
         meta = {"tbps.select": json.dumps({"config": _config_dict(config), "resolved": selection.resolved}, sort_keys=True, default=str)}
         models = [t["model"] for t in inputs.tables if "model" in t]
         if models:
             meta["tbps.model"] = json.dumps(models[0], sort_keys=True)
-        selection.manifest.sink_parquet(temps[1], metadata=meta, compression_level=1, row_group_size=ROW_GROUP)
-        say(f"writing {paths.dropped}")
-        selection.dropped().write_parquet(temps[0], compression_level=1, row_group_size=ROW_GROUP)
+        with ThreadPoolExecutor(1) as pool:
+            # The drop table is written while the manifest streams (Polars releases the GIL).
+            dropped = pool.submit(lambda: selection.dropped().write_parquet(temps[0], compression_level=1, row_group_size=ROW_GROUP))
+            selection.manifest.sink_parquet(temps[1], metadata=meta, compression_level=1, row_group_size=ROW_GROUP)
+            dropped.result()
         t_write = time.perf_counter()
+        hashing.join()
         timings = {
             "read_inputs_s": round(t_read - t0, 3),
             "select_s": round(t_select - t_read, 3),
@@ -435,17 +463,20 @@ def _truth_table(truth: dict):
     from rich.table import Table
 
     t = Table(title=f"against the truth ({truth['matched']:,} pairs matched)", title_justify="left")
-    for col, justify in (("defect", "left"), ("pairs", "right"), ("removed", "right"), ("recall", "right"), ("AUROC score", "right"), ("AUROC bank_rank", "right")):
+    for col, justify in (("defect", "left"), ("pairs", "right"), ("removed", "right"), ("recall", "right"), ("resolved", "right"), ("AUROC score", "right"), ("AUROC bank_rank", "right")):
         t.add_column(col, justify=justify)
     o = truth["overall"]
     t.add_row(
-        "all defects", f"{o['defective']:,}", f"{o['removed_defective']:,}", _fmt(o["recall"]), _fmt(o["auroc_score"]), _fmt(o["auroc_bank_rank"])
+        "all defects", f"{o['defective']:,}", f"{o['removed_defective']:,}", _fmt(o["recall"]), "", _fmt(o["auroc_score"]), _fmt(o["auroc_bank_rank"])
     )
     for kind, k in truth["kinds"].items():
-        t.add_row(f"  {kind}", f"{k['pairs']:,}", f"{k['removed']:,}", _fmt(k["recall"]), _fmt(k["auroc_score"]), _fmt(k["auroc_bank_rank"]))
+        t.add_row(
+            f"  {kind}", f"{k['pairs']:,}", f"{k['removed']:,}", _fmt(k["recall"]), _fmt(k["resolved"]) if "resolved" in k else "",
+            _fmt(k["auroc_score"]), _fmt(k["auroc_bank_rank"]),
+        )
     t.caption = (
         f"precision of the removal {_fmt(o['precision'])} ({o['removed_defective']:,} of {o['removed']:,} removed pairs are defective; "
-        f"{o['removed_clean']:,} clean pairs removed)"
+        f"{o['removed_clean']:,} clean pairs removed); resolved: the duplicate or its original is gone"
     )
     return t
 

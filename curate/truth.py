@@ -5,6 +5,9 @@ and how (``columns.DEFECT_*``, ``none`` for clean pairs). Against a selection's 
 
 * **precision** of the removal: the share of removed pairs that are defective;
 * **recall**: the share of defective pairs that were removed (overall and per defect kind);
+* for duplicates, **resolved**: the share of duplicate pairs of which the copy *or* its
+  original is gone (which member of a duplicate group the truth calls the defect is arbitrary;
+  de-duplication keeps the better-scored one, which may be the copy). Needs ``duplicate_of``;
 * **AUROC** of ``score`` and of ``bank_rank`` as defect detectors: the probability that a
   defective pair looks worse than a clean one (a lower score; a higher bank rank), ties counting
   one half. Computed per kind against all clean pairs, and overall. Pairs without a score
@@ -84,9 +87,13 @@ def truth_metrics(outcome: pl.DataFrame, truth: pl.DataFrame) -> dict:
     """
     if truth.get_column(C.PAIR_ID).n_unique() < truth.height:
         raise TbpsError("the truth sidecar repeats pair_ids", field=C.PAIR_ID)
+    has_dup = C.DUPLICATE_OF in truth.columns
     joined = outcome.select(C.PAIR_ID, C.SCORE, C.BANK_RANK, C.STEP).join(
-        truth.select(C.PAIR_ID, C.DEFECT), on=C.PAIR_ID, how="left"
+        truth.select(C.PAIR_ID, C.DEFECT, *([C.DUPLICATE_OF] if has_dup else [])), on=C.PAIR_ID, how="left"
     )
+    if has_dup:
+        gone = outcome.select(pl.col(C.PAIR_ID).alias(C.DUPLICATE_OF), pl.col(C.STEP).is_not_null().alias("_original_gone"))
+        joined = joined.join(gone, on=C.DUPLICATE_OF, how="left")
     matched = joined.filter(pl.col(C.DEFECT).is_not_null())
     if matched.height == 0:
         raise TbpsError(
@@ -125,6 +132,8 @@ def truth_metrics(outcome: pl.DataFrame, truth: pl.DataFrame) -> dict:
     kinds = {}
     known = [k for k in C.DEFECT_KINDS if (defect == k).any()]
     extra = sorted(set(defect[bad].tolist()) - set(C.DEFECT_KINDS))
+    original_gone = matched.get_column("_original_gone").fill_null(False).to_numpy() if has_dup else None
+    has_original = matched.get_column(C.DUPLICATE_OF).is_not_null().to_numpy() if has_dup else None
     for kind in known + extra:
         mask = defect == kind
         kinds[kind] = {
@@ -134,6 +143,9 @@ def truth_metrics(outcome: pl.DataFrame, truth: pl.DataFrame) -> dict:
             "unscored": int((mask & ~scored).sum()),
             **detectors(mask),
         }
+        if has_dup and kind in (C.DEFECT_EXACT_DUP, C.DEFECT_NEAR_DUP):
+            dup = mask & has_original
+            kinds[kind]["resolved"] = _ratio(int((dup & (removed | original_gone)).sum()), int(dup.sum()))
     steps = {}
     for name in sorted(set(step[removed].tolist())):
         at = step == name

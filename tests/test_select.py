@@ -421,7 +421,7 @@ def test_cli_select_with_truth_and_explain(tmp_path):
         tmp_path / "truth.parquet",
     )
     out = tmp_path / "m.parquet"
-    res = CliRunner().invoke(app, ["select", str(src), "--min-score", "0.2", "--keep", "0.5", "--out", str(out), "--truth", str(truth), "--explain", "-q"])
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["select", str(src), "--min-score", "0.2", "--keep", "0.5", "--out", str(out), "--truth", str(truth), "--explain", "-q"])
     assert res.exit_code == 0, res.output
     for text in ("tbps select: 6 rows in, 3 kept", "exact-image", "duplicate-of:<pair_id>", "blank-image", "AUROC", "--keep 0.5 of 6 input rows"):
         assert text in res.output

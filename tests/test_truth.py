@@ -82,3 +82,21 @@ def test_truth_metrics_refuses_a_truth_of_another_pool():
     other = pl.DataFrame({C.PAIR_ID: ["x"], C.DEFECT: ["none"]})
     with pytest.raises(TbpsError, match="no pair_id of the score table is in the truth"):
         truth_metrics(_outcome(), other)
+
+
+def test_a_duplicate_is_resolved_when_its_copy_or_its_original_is_gone():
+    # d1 copies p0 (both kept: unresolved); d2 copies p1 and p1 went instead: resolved.
+    outcome = pl.DataFrame(
+        {C.PAIR_ID: ["p0", "p1", "d1", "d2"], C.SCORE: [0.5] * 4, C.BANK_RANK: [0] * 4, C.STEP: [None, "exact-image", None, None]},
+        schema_overrides={C.SCORE: pl.Float32, C.BANK_RANK: pl.Int32},
+    )
+    truth = pl.DataFrame(
+        {
+            C.PAIR_ID: ["p0", "p1", "d1", "d2"],
+            C.DEFECT: ["none", "none", C.DEFECT_EXACT_DUP, C.DEFECT_EXACT_DUP],
+            C.DUPLICATE_OF: [None, None, "p0", "p1"],
+        }
+    )
+    k = truth_metrics(outcome, truth)["kinds"][C.DEFECT_EXACT_DUP]
+    assert (k["recall"], k["resolved"]) == (0.0, 0.5)
+    assert "resolved" not in truth_metrics(outcome, truth.drop(C.DUPLICATE_OF))["kinds"][C.DEFECT_EXACT_DUP]
