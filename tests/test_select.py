@@ -449,3 +449,25 @@ def test_cli_bad_input_exits_1(tmp_path):
     res = CliRunner().invoke(app, ["select", str(src), "--out", str(tmp_path / "out" / "m.parquet")])
     assert res.exit_code == 1 and "missing column(s) status" in res.output
     assert _nothing_written(tmp_path)
+
+
+@pytest.mark.slow
+def test_synth_score_select_end_to_end(tmp_path):
+    """The real `tbps score` output (metadata, embeddings, score.json) and truth sidecar."""
+    runner = CliRunner(env={"COLUMNS": "200"})
+    world, scores, out = tmp_path / "w", tmp_path / "scores", tmp_path / "m.parquet"
+    synth = ["synth", "--out", str(world), "--identities", "12", "--pool-identities", "20", "--pool-size", "80", "--workers", "1", "-q"]
+    assert runner.invoke(app, synth).exit_code == 0
+    score = ["score", str(world / "pool" / "pool.json"), "--model", "tbps-tiny", "--bank", str(world / "benchmark" / "reid_raw.json"),
+             "--bank-size", "50", "--out", str(scores), "--workers", "0", "-q"]
+    res = runner.invoke(app, score)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["select", str(scores), "--rule", "paper-finetune", "--dedup-threshold", "0.999", "--keep", "0.5",
+                              "--truth", str(world / "pool" / "truth.parquet"), "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(out.with_suffix(".json").read_text())
+    bank = rec["inputs"][0]["bank_size"]
+    assert rec["resolved"]["bank_rank"]["max_bank_rank"] == scaled_rule("paper-finetune", bank) and bank <= 50
+    assert rec["truth"]["matched"] == rec["rows_in"] == 80
+    assert rec["rows_kept"] == pl.read_parquet(out).height <= 40
+    assert pl.read_parquet(out.with_name("m.dropped.parquet")).height == 80 - rec["rows_kept"]
