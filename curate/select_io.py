@@ -34,7 +34,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from tbps import columns as C
-from tbps.curate.select import BY, SelectConfig, Selection, check_columns, select
+from tbps.curate.select import SelectConfig, Selection, check_columns, select
 from tbps.errors import TbpsError
 
 SCORE_RECORD = "score.json"
@@ -269,6 +269,17 @@ def read_truth(path: str | Path) -> pl.DataFrame:
     return pl.read_parquet(path, columns=[c for c in (C.PAIR_ID, C.DEFECT, C.DUPLICATE_OF) if c in schema])
 
 
+def _check_writable(paths: OutputPaths) -> None:
+    """Refuse outputs that cannot be written before any work is done."""
+    for path in (paths.manifest, paths.dropped, paths.sidecar):
+        if path.is_dir():
+            raise TbpsError("the output path is a directory", path=path, field="out", hint="give --out a .parquet file name")
+    parent = paths.manifest.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise TbpsError("cannot create the output directory here", path=parent, field="out")
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
@@ -291,8 +302,6 @@ def run_select(config: SelectConfig, *, log: Callable[[str], None] | None = None
     """
     t0 = time.perf_counter()
     say = (lambda msg: log(f"[{time.perf_counter() - t0:6.1f}s] {msg}")) if log else (lambda _msg: None)
-    if config.by not in BY:  # also checked by SelectConfig; kept here for configs built by hand
-        raise TbpsError(f"unknown --by {config.by!r}")
     inputs = read_inputs(config.scores, need_embeddings=config.dedup_threshold is not None, hash_files=False)
     hashing = hash_inputs(inputs.tables)
     mixed_banks = len({t["bank_size"] for t in inputs.tables}) > 1
@@ -305,6 +314,7 @@ def run_select(config: SelectConfig, *, log: Callable[[str], None] | None = None
         )
     truth = read_truth(config.truth) if config.truth else None
     paths = output_paths(config)
+    _check_writable(paths)
     t_read = time.perf_counter()
     selection = select(inputs.scores, config, embeddings=inputs.embeddings, bank_size=inputs.bank_size, log=say)
     selection.warnings[:0] = inputs.warnings

@@ -368,7 +368,8 @@ def test_option_errors(options, message):
 
 
 def _nothing_written(tmp_path: Path) -> bool:
-    return not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    out = tmp_path / "out"
+    return not out.exists() or all(p.name == "m.parquet" and p.is_dir() for p in out.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -384,6 +385,7 @@ def _nothing_written(tmp_path: Path) -> bool:
         (lambda p: write(table(3), p / "s.parquet"), {"dedup_threshold": 0.9}, "needs embeddings"),
         (lambda p: write(table(3, **{C.PAIR_ID: ["a", "b", "a"]}), p / "s.parquet"), {}, "pair_id is not unique"),
         (lambda p: write(table(3), p / "s.parquet"), {"truth": "nope.parquet"}, "no such truth file"),
+        (lambda p: (p / "out" / "m.parquet").mkdir(parents=True) or write(table(3), p / "s.parquet"), {}, "output path is a directory"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, make, options, message):
