@@ -448,7 +448,7 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
     """
     from tbps import models
     from tbps.data.readers import read_captions, read_dataset
-    from tbps.models.encode import autocast_dtype, caption_truncated, encode_texts, resolve_device
+    from tbps.models.encode import autocast_dtype, encode_texts, resolve_device
 
     log = log or (lambda _msg: None)
     t0 = time.perf_counter()
@@ -519,10 +519,10 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
         distinct = sorted({c for c in usable if c is not None})
         where = {c: i for i, c in enumerate(distinct)}
         caption_of_row = np.array([where.get(c, -1) if c is not None else -1 for c in usable], dtype=np.int64)
-        txt = encode_texts(loaded, distinct, device=device, precision=config.precision)
+        txt, truncated = encode_texts(loaded, distinct, device=device, precision=config.precision, return_truncated=True)
         scores, emb = _part_tables(
             rows, img_emb, img_status, img_error, img_hash, part.image_of_row, txt, caption_of_row,
-            caption_truncated(loaded, distinct), bank_emb,
+            truncated, bank_emb,
         )
         # Embeddings first: a score part on disk means its embeddings are there too.
         _write_parquet(emb, out / EMBEDDINGS_DIR / part_name(part.k), metadata)

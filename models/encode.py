@@ -150,12 +150,31 @@ def embed_pixels(loaded: LoadedModel, pixels: torch.Tensor, *, device: torch.dev
     return feats.cpu().numpy()
 
 
-def caption_truncated(loaded: LoadedModel, captions: Sequence[str]) -> np.ndarray:
-    """Whether each caption has more tokens than the model's context (start/end tokens included)."""
+def caption_truncated(loaded: LoadedModel, captions: Sequence[str], tokens: torch.Tensor | None = None) -> np.ndarray:
+    """Whether each caption has more tokens than the model's context (start/end tokens included).
+
+    Args:
+        loaded: the model.
+        captions: the captions.
+        tokens: their tokenisation by ``loaded.tokenizer``, when already at hand: only rows whose
+            last position is filled (the caption reached the context) are tokenised again.
+
+    Returns:
+        A bool array, one flag per caption.
+    """
     encode = getattr(loaded.tokenizer, "encode", None)
-    if encode is None:  # Hugging Face tokenizers: tokenise without truncation
-        return np.array([len(loaded.tokenizer.tokenizer(c)["input_ids"]) > loaded.context_length for c in captions])
-    return np.array([len(encode(c)) + 2 > loaded.context_length for c in captions], dtype=bool)
+
+    def too_long(c: str) -> bool:
+        if encode is None:  # Hugging Face tokenizers: tokenise without truncation
+            return len(loaded.tokenizer.tokenizer(c)["input_ids"]) > loaded.context_length
+        return len(encode(c)) + 2 > loaded.context_length
+
+    if tokens is None or encode is None:
+        return np.array([too_long(c) for c in captions], dtype=bool)
+    flags = np.zeros(len(captions), dtype=bool)
+    for i in torch.nonzero(tokens[:, -1] != 0).flatten().tolist():
+        flags[i] = too_long(captions[i])
+    return flags
 
 
 def _trimmable(model: torch.nn.Module) -> bool:
@@ -196,7 +215,8 @@ def encode_texts(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
-) -> np.ndarray:
+    return_truncated: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Caption embeddings, float32 and L2-normalised; captions longer than the context are truncated.
 
     Captions are batched by token length, and for open_clip CLIP models each batch is cut after
@@ -208,15 +228,17 @@ def encode_texts(
         batch_size: captions per forward pass.
         device: where the model runs.
         precision: ``auto``, ``fp32`` or ``bf16`` (autocast).
+        return_truncated: also return :func:`caption_truncated`'s flags (from the same tokens).
 
     Returns:
-        An array of shape (len(captions), embed_dim), in the order of ``captions``.
+        An array of shape (len(captions), embed_dim), in the order of ``captions``; with
+        ``return_truncated``, a tuple of it and the bool flags.
     """
     device = torch.device(device)
     dtype = autocast_dtype(precision, device)
     out = np.zeros((len(captions), loaded.embed_dim), dtype=np.float32)
     if not len(captions):
-        return out
+        return (out, np.zeros(0, dtype=bool)) if return_truncated else out
     tokens = loaded.tokenizer(list(captions))
     trim = _trimmable(loaded.model)
     # Similar lengths together, so each cut batch wastes little; the order is restored below.
@@ -227,7 +249,7 @@ def encode_texts(
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             feats = _encode_text_trimmed(loaded.model, batch) if trim else loaded.model.encode_text(batch)
         out[idx.numpy()] = torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
-    return out
+    return (out, caption_truncated(loaded, captions, tokens)) if return_truncated else out
 
 
 @dataclass

@@ -234,3 +234,16 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "two" / "score.json").exists()
     assert table(tmp_path / "one").equals(table(tmp_path / "two"))
+
+
+def test_truncation_flags_from_tokens_match_a_full_retokenisation():
+    from tbps import models
+    from tbps.models.encode import caption_truncated, encode_texts
+
+    loaded = models.load("tbps-tiny")
+    # Around the boundary: captions of 60..65 BPE tokens against a 64-token context (62 + start/end fit).
+    captions = ["a " * k + "person" for k in range(58, 66)] + ["short"]
+    _, flags = encode_texts(loaded, captions, return_truncated=True)
+    exact = [len(loaded.tokenizer.encode(c)) + 2 > loaded.context_length for c in captions]
+    assert flags.tolist() == exact == caption_truncated(loaded, captions).tolist()
+    assert True in exact and False in exact
