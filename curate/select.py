@@ -35,8 +35,10 @@ bank_rank`` lower ``bank_rank`` first, then higher ``score``, then ``pair_id``. 
 therefore broken the same way every run, whatever the input order.
 
 Dropped rows carry their step and reason: ``status``, ``no-score``, ``min-score``,
-``bank-rank``, ``duplicate-of:<pair_id>`` (the kept, or better, row of the group),
-``per-person``, ``quota``, ``budget``. Rows in = kept + dropped, always.
+``bank-rank``, ``duplicate-of:<pair_id>``, ``per-person``, ``quota``, ``budget``. Rows in =
+kept + dropped, always. ``duplicate-of`` names the row the duplicate lost to: the best row of
+its group in that pass (exact), or the best kept row it is a near copy of (near); a later step
+may still drop that row for a reason of its own (the drop table then says so for it too).
 
 Output order: the manifest and the drop table keep the input order (inputs in the order given,
 part files by name, rows as stored), so the same inputs and parameters give the same bytes
