@@ -25,5 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q
 
+# Benchmarks print what they measure and rewrite their section of bench/RESULTS.md (slow).
+bench: $(STAMP)
+	for b in synth score selection dedup adapters eval_metrics; do $(BIN)/python bench/$$b.py || exit 1; done
+
 clean:
 	rm -rf runs .pytest_cache

@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 import torch
 
 from tbps import columns as C
+from tbps.curate.select import PAPER_BANK_SIZE  # the paper's rules live with `tbps select`
 from tbps.errors import TbpsError, UsageError
 
 PARAMS_FILE = "params.json"
@@ -58,9 +59,6 @@ BANK_FILE = "bank.parquet"
 SCORES_DIR = "scores"
 EMBEDDINGS_DIR = "embeddings"
 
-# The paper's keep rules as bank ranks for a 10,000-caption bank (see the module docstring).
-PAPER_BANK_SIZE = 10_000
-PAPER_RULES = {"paper-pretrain": 48, "paper-finetune": 1799}
 # "Strictly higher" means higher by more than float32 noise: the own caption's cosine and the
 # bank's come from different kernels, and a bank caption equal to the own caption must tie.
 TIE_EPS = 1e-6
