@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -58,8 +59,14 @@ def bank_file(world: Path, workdir: Path, size: int = 10_000) -> Path:
     return path
 
 
-def model_only(loaded, pairs: pl.DataFrame, batch: int, n: int) -> float:
-    """Pairs/s of the model alone: image and caption forward passes on ready tensors.
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (DataLoader workers) so far."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def model_only(loaded, pairs: pl.DataFrame, batch: int, n: int) -> tuple[float, float]:
+    """(pairs per wall second, CPU seconds per pair) of the model alone: forward passes on ready tensors.
 
     The same forward paths ``run_score`` uses (``embed_pixels``; the length-cut text tower of
     ``encode_texts`` on pre-tokenised captions), without decoding, I/O or tables.
@@ -69,12 +76,12 @@ def model_only(loaded, pairs: pl.DataFrame, batch: int, n: int) -> float:
     pixels = torch.randn(batch, 3, *loaded.image_size)
     tokens = loaded.tokenizer(pairs[C.CAPTION].head(n).to_list())
     tokens = tokens[torch.argsort(tokens.argmax(dim=-1), stable=True)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     with torch.no_grad():
         for start in range(0, len(tokens), batch):
             embed_pixels(loaded, pixels[: len(tokens[start : start + batch])], device=torch.device("cpu"), dtype=None)
             _encode_text_trimmed(loaded.model, tokens[start : start + batch])
-    return len(tokens) / (time.perf_counter() - t0)
+    return len(tokens) / (time.perf_counter() - t0), (cpu_seconds() - c0) / len(tokens)
 
 
 def paper_baseline(loaded, pairs: pl.DataFrame, bank: list[str], n: int) -> float:
@@ -143,13 +150,15 @@ def main() -> None:
     cfg = ScoreConfig(data=str(pool), model="tbps-tiny", bank=str(bank_path), out=str(workdir / "e2e"), precision="fp32",
                       batch_size=a.batch_size, workers=a.workers, device="cpu")
     # The machine is shared: measure the model alone before and after the run and average.
-    fwd_before = model_only(loaded, pairs, a.batch_size, 4096)
-    t0 = time.perf_counter()
+    fwd_before, cpu_fwd_before = model_only(loaded, pairs, a.batch_size, 4096)
+    t0, c0 = time.perf_counter(), cpu_seconds()
     s = run_score(cfg)
     total = time.perf_counter() - t0
+    cpu_e2e = (cpu_seconds() - c0) / s.rows
     e2e = s.rows / total
-    fwd_after = model_only(loaded, pairs, a.batch_size, 4096)
+    fwd_after, cpu_fwd_after = model_only(loaded, pairs, a.batch_size, 4096)
     fwd = (fwd_before + fwd_after) / 2
+    cpu_fwd = (cpu_fwd_before + cpu_fwd_after) / 2
     bank = sample_bank(read_captions(bank_path), 10_000, 0)
     t0 = time.perf_counter()
     bank_emb = torch.from_numpy(encode_texts(loaded, bank))
@@ -164,7 +173,10 @@ def main() -> None:
         f"- pool: {s.rows:,} pairs ({ok.height:,} ok), bank {len(bank):,} captions, batch {a.batch_size}, {a.workers} workers, fp32",
         f"- end to end (whole `run_score`, including model load and bank embedding): {total:.1f} s = **{e2e:,.0f} pairs/s**",
         f"- model-only forward (image + caption on ready tensors, same batch and forward paths; before {fwd_before:,.0f}, "
-        f"after {fwd_after:,.0f}): {fwd:,.0f} pairs/s -> end-to-end / model-only ratio **{e2e / fwd:.2f}**",
+        f"after {fwd_after:,.0f}): {fwd:,.0f} pairs/s -> end-to-end / model-only ratio (wall) **{e2e / fwd:.2f}**",
+        f"- CPU time per pair (this process + its DataLoader workers; steadier than wall time on a shared machine): "
+        f"end to end {1000 * cpu_e2e:.2f} ms, model only {1000 * cpu_fwd:.2f} ms (before {1000 * cpu_fwd_before:.2f}, after "
+        f"{1000 * cpu_fwd_after:.2f}) -> model-only / end-to-end throughput ratio (CPU) **{cpu_fwd / cpu_e2e:.2f}**",
         f"- bank rank ({ok.height:,} x {len(bank):,}, fp32 chunked matmul): {t_rank:.2f} s = **{100 * t_rank / total:.1f}%** of the "
         f"end-to-end time; embedding the bank once (a fixed cost per run, {len(bank):,} captions): {t_bank_embed:.2f} s = "
         f"{100 * t_bank_embed / total:.1f}%; both together {100 * (t_rank + t_bank_embed) / total:.1f}%",
@@ -216,6 +228,8 @@ def main() -> None:
         f"**{100 * np.mean(keep32 == keep16):.2f}%** of pairs"
     )
     print(lines[-1], flush=True)
+    load = os.getloadavg()
+    lines.append(f"- host load average at the end: {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f} (a shared 2-core machine)")
     body = "## tbps score\n\nCommand: `python bench/score.py --pairs {} --baseline-pairs {}`\n\n{}".format(
         a.pairs, a.baseline_pairs, "\n".join(lines))
     write_section("score", body)
