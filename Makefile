@@ -18,9 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tbps synth --out runs/demo-world --seed 0
-	$(BIN)/tbps info runs/demo-world/benchmark/reid_raw.json --image-root runs/demo-world/benchmark/imgs
-	$(BIN)/tbps info runs/demo-world/pool/pool.json --image-root runs/demo-world/pool/images
+	$(BIN)/tbps demo --quick --out runs/demo-quick
 
 test: $(STAMP)
 	$(BIN)/pytest -q
