@@ -177,6 +177,17 @@ def test_prepare_out_replaces_only_a_previous_demo(tmp_path):
     assert prepare_out(out) == out and sorted(p.name for p in out.iterdir()) == [MARKER]
 
 
+def test_cli_reports_bad_options_and_a_foreign_out_dir(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["demo", "--seeds", "0", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "--seeds" in res.output
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    res = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "mine")])
+    assert res.exit_code == 1 and "holds no previous tbps demo" in res.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
