@@ -132,11 +132,17 @@ def test_claims_state_the_numbers():
 def test_filter_claim_reads_the_truth_metrics():
     overall = {"auroc_bank_rank": 0.8, "auroc_score": 0.75, "removed_defective": 30, "defective": 40, "recall": 0.75,
                "precision": 0.5, "pairs": 100, "removed": 60}
-    truth = {"overall": overall, "kinds": {"blank-image": {"auroc_bank_rank": 0.99}, "swapped-attribute": {"auroc_bank_rank": 0.52}},
-             "paper_rule": {"overall": {**overall, "removed": 20, "recall": 0.3, "precision": 0.6}}}
+    kinds = {"blank-image": {"auroc_bank_rank": 0.99, "recall": 1.0}, "exact-duplicate": {"auroc_bank_rank": 0.5, "recall": 0.9}}
+    truth = {"overall": overall, "kinds": kinds, "paper_rule": {"overall": {**overall, "removed": 20, "recall": 0.3, "precision": 0.6}}}
     (claim,) = judge_claims({}, truth)
-    assert claim.verdict == "holds" and claim.numbers["weak_kinds"] == ["swapped-attribute"]
+    # Duplicates are de-duplication's job: their AUROC does not count against the filter.
+    assert claim.verdict == "holds" and claim.numbers["weak_kinds"] == []
     assert "AUROC of bank_rank 0.800" in claim.measured and "80 pairs kept" in claim.measured
+    assert "exact-duplicate 0.900" in claim.measured
+    kinds["swapped-attribute"] = {"auroc_bank_rank": 0.52, "recall": 0.3}
+    (claim,) = judge_claims({}, truth)
+    assert claim.verdict == "mixed" and claim.numbers["weak_kinds"] == ["swapped-attribute"]
+    assert "swapped-attribute 0.520" in claim.measured
     truth["overall"] = {**overall, "auroc_bank_rank": 0.4}
     assert judge_claims({}, truth)[0].verdict == "does not hold"
 
