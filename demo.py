@@ -383,7 +383,8 @@ class Claim:
     Attributes:
         name: what is claimed.
         paper: what the paper reports.
-        verdict: ``holds``, ``does not hold``, ``mixed`` or ``not measured``.
+        verdict: ``holds``, ``does not hold`` (either may add "(within seed noise)"), ``mixed``,
+            ``not measured``, or :data:`NOT_JUDGED`.
         measured: the numbers, in a sentence.
         numbers: the same numbers, for the JSON record.
     """
@@ -406,15 +407,24 @@ def _pm(d: dict[str, Any], unit: str = "") -> str:
     return text
 
 
-def _verdict(checks: list[bool]) -> str:
-    return "holds" if all(checks) else ("does not hold" if not any(checks) else "mixed")
+def _verdict(checks: list[tuple[bool, bool]]) -> str:
+    """``holds`` / ``does not hold`` / ``mixed`` from (passed, within seed noise) checks.
+
+    A unanimous verdict that rests on a difference within seed noise says so.
+    """
+    passed = [ok for ok, _ in checks]
+    verdict = "holds" if all(passed) else ("does not hold" if not any(passed) else "mixed")
+    if verdict != "mixed" and any(noisy for _, noisy in checks):
+        verdict += " (within seed noise)"
+    return verdict
 
 
 def judge_claims(measured: dict[str, list[dict[str, Any]]], filter_truth: dict[str, Any] | None, *, judged: bool = True) -> list[Claim]:
     """The paper's claims, judged on this run's measurements (see the module docstring).
 
     A "better" claim holds when the mean paired difference is positive on every metric it
-    names; a positive difference within seed noise still counts, and the text says so. The
+    names; a verdict that rests on a difference within seed noise says so ("holds (within
+    seed noise)"). The
     filter claim holds when the AUROC of ``bank_rank`` is above 0.5 overall and at least
     :data:`WEAK_AUROC` for every defect kind a score can see (duplicates excepted: they are
     de-duplication's job, and their removal recall is reported); it is mixed when some kind
@@ -468,7 +478,7 @@ def judge_claims(measured: dict[str, list[dict[str, Any]]], filter_truth: dict[s
         saving = 100.0 * (1.0 - t_f / t_a) if t_a > 0 else float("nan")
         claims.append(Claim(
             "filtered 40% vs the full pool", f"better, with {PAPER_TIME_SAVING}% less training time",
-            _verdict([r1["diff"] > 0, ap["diff"] > 0, saving > 0]),
+            _verdict([(r1["diff"] > 0, r1["noise"]), (ap["diff"] > 0, ap["noise"]), (saving > 0, False)]),
             f"after WoRA fine-tuning R@1 {r1['a']:.2f} vs {r1['b']:.2f} ({_pm(r1, ' pts')}), mAP {ap['a']:.2f} vs {ap['b']:.2f} "
             f"({_pm(ap, ' pts')}); pretrained only R@1 {_pm(pre, ' pts')}; stage-A training time {t_f:.0f} s vs {t_a:.0f} s "
             f"({saving:.1f}% less)",
@@ -479,7 +489,7 @@ def judge_claims(measured: dict[str, list[dict[str, Any]]], filter_truth: dict[s
         pre = paired(measured, "pretrain-filtered", "pretrain-random", "R1")
         claims.append(Claim(
             "filtered 40% vs a random 40%", "the filter's choice beats chance at the same size",
-            _verdict([r1["diff"] > 0, ap["diff"] > 0]),
+            _verdict([(r1["diff"] > 0, r1["noise"]), (ap["diff"] > 0, ap["noise"])]),
             f"after WoRA fine-tuning R@1 {r1['a']:.2f} vs {r1['b']:.2f} ({_pm(r1, ' pts')}), mAP {ap['a']:.2f} vs {ap['b']:.2f} "
             f"({_pm(ap, ' pts')}); pretrained only R@1 {_pm(pre, ' pts')}",
             {"R1": r1, "mAP": ap, "pretrain_R1": pre},
@@ -489,7 +499,7 @@ def judge_claims(measured: dict[str, list[dict[str, Any]]], filter_truth: dict[s
         share = 100.0 * measured["filtered-wora"][0]["trainable"] / measured["filtered-full"][0]["trainable"]
         claims.append(Claim(
             "WoRA vs full fine-tuning", "WoRA matches or beats full fine-tuning while training a small share of the parameters",
-            _verdict([r1["diff"] >= 0]),
+            _verdict([(r1["diff"] >= 0, r1["noise"])]),
             f"R@1 {r1['a']:.2f} vs {r1['b']:.2f} (gap {_pm(r1, ' pts')}), training {share:.2f}% of the parameters",
             {"R1": r1, "trainable_share_pct": share},
         ))
@@ -498,7 +508,7 @@ def judge_claims(measured: dict[str, list[dict[str, Any]]], filter_truth: dict[s
         vs_d, vs_l = paired(measured, "filtered-wora", "filtered-dora", "R1"), paired(measured, "filtered-wora", "filtered-lora", "R1")
         claims.append(Claim(
             "WoRA vs DoRA vs LoRA at the same rank", "WoRA is the best of the three",
-            _verdict([vs_d["diff"] > 0, vs_l["diff"] > 0]),
+            _verdict([(vs_d["diff"] > 0, vs_d["noise"]), (vs_l["diff"] > 0, vs_l["noise"])]),
             f"R@1 WoRA {means['wora']:.2f}, DoRA {means['dora']:.2f}, LoRA {means['lora']:.2f} "
             f"(WoRA - DoRA {_pm(vs_d, ' pts')}, WoRA - LoRA {_pm(vs_l, ' pts')})",
             {"R1": means, "vs_dora": vs_d, "vs_lora": vs_l},
@@ -612,7 +622,7 @@ class DemoResult:
             parts.append(kinds)
         claims = Table("claim", "paper", "verdict", "measured", title="the paper's claims, as measured here")
         for c in self.claims:
-            colour = {"holds": "green", "does not hold": "red"}.get(c.verdict, "yellow")
+            colour = "green" if c.verdict.startswith("holds") else ("red" if c.verdict.startswith("does not") else "yellow")
             claims.add_row(c.name, c.paper, f"[{colour}]{c.verdict}[/]", c.measured)
         parts.append(claims)
         return parts

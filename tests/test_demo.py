@@ -122,6 +122,17 @@ def test_claims_are_judged_as_measured(measured, expected):
     assert [c.verdict for c in claims] == expected
 
 
+def test_verdicts_that_rest_on_seed_noise_say_so():
+    measured = _measured(5, 3, 2, 40, 35, 30, 39)
+    # Two seeds: WoRA beats DoRA by 1 and 9 points (mean 5, std 5.66: within noise), LoRA by 10 and 11.
+    measured["filtered-wora"] = [_run(40, trainable=20), _run(48, trainable=20)]
+    measured["filtered-dora"] = [_run(39), _run(39)]
+    measured["filtered-lora"] = [_run(30), _run(37)]
+    claim = judge_claims(measured, None)[3]
+    assert claim.verdict == "holds (within seed noise)"
+    assert "WoRA - DoRA +5.00 ± 5.66 pts (within seed noise)" in claim.measured
+
+
 def test_claims_state_the_numbers():
     claims = judge_claims(_measured(5, 3, 2, 40, 35, 30, 39), None)
     data, _, wora_full, _ = claims
