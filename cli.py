@@ -109,7 +109,7 @@ def version() -> None:
 @app.command()
 def score(
     data: str = typer.Argument(..., help="The pairs to score: any dataset the readers support."),
-    model: str = typer.Option(..., "--model", help="tbps-tiny, NAME:TAG, NAME:/file.pt, an exported checkpoint or a run dir."),
+    model: str = typer.Option(..., "--model", help="tbps-tiny, NAME:TAG, NAME:/file.pt, a model config .json, an exported checkpoint or a run dir."),
     bank: str = typer.Option(..., "--bank", help="Reference bank: a dataset or a .txt file, one caption per line."),
     out_dir: str = typer.Option(..., "--out", help="Output directory (re-run the same command to resume)."),
     format: Optional[str] = FormatOpt,

@@ -402,7 +402,7 @@ def _iter_part_images(parts: list[_Part], loaded, config: ScoreConfig, device, d
     # Batches never cross parts: a part's floats must not depend on which parts run beside it.
     batches = iter_image_batches(
         loaded, flat, batch_size=config.batch_size, workers=config.workers, max_pixels=config.max_pixels,
-        groups=[len(part.images) for part in parts],
+        groups=[len(part.images) for part in parts], pin_memory=device.type == "cuda",
     )
     pending = iter(parts)
     buf_emb: list[np.ndarray] = []

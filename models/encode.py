@@ -62,7 +62,7 @@ class ImageBatch:
     """One decoded batch: positions in the input list, pixels, and per-image outcome."""
 
     index: torch.Tensor  # (n,) positions in the path list
-    pixels: torch.Tensor  # (n, 3, H, W); zeros where the image could not be decoded
+    pixels: torch.Tensor  # (n, 3, H, W) uint8 (see PedestrianTransform) or float; zeros where the image could not be decoded
     ok: torch.Tensor  # (n,) bool
     status: list[str]
     error: list[str | None]
@@ -72,8 +72,9 @@ class ImageBatch:
 class _ImageFiles(Dataset):
     def __init__(self, paths: Sequence[str | None], preprocess, image_size: tuple[int, int], max_pixels: int | None):
         self.paths = paths
-        self.preprocess = preprocess
-        self.image_size = image_size
+        # uint8 out of the workers when the preprocessing can split off its normalisation.
+        self.preprocess = getattr(preprocess, "to_uint8", preprocess)
+        self.blank = torch.zeros(3, *image_size, dtype=torch.uint8 if hasattr(preprocess, "to_uint8") else torch.float32)
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
@@ -85,7 +86,7 @@ class _ImageFiles(Dataset):
         path = self.paths[i]
         res = open_image(path, max_pixels=self.max_pixels)
         if res.image is None:
-            return i, torch.zeros(3, *self.image_size), False, res.status, res.error, res.image_hash
+            return i, self.blank, False, res.status, res.error, res.image_hash
         return i, self.preprocess(res.image), True, STATUS_OK, None, res.image_hash
 
 
@@ -109,6 +110,7 @@ def iter_image_batches(
     workers: int = 2,
     max_pixels: int | None = None,
     groups: Sequence[int] | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[ImageBatch]:
     """Decode and preprocess images in DataLoader workers, in input order.
 
@@ -120,6 +122,7 @@ def iter_image_batches(
         max_pixels: a decompression-bomb limit below Pillow's default, if any.
         groups: sizes of consecutive groups of ``paths`` that batches must not cross (so a
             group's batches, and with them its float results, do not depend on its neighbours).
+        pin_memory: page-lock the batches (faster copies to a GPU).
 
     Returns:
         An iterator of :class:`ImageBatch`, in the order of ``paths``.
@@ -137,15 +140,19 @@ def iter_image_batches(
         collate_fn=_collate,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        pin_memory=pin_memory,
     )
     yield from loader
 
 
 @torch.no_grad()
 def embed_pixels(loaded: LoadedModel, pixels: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None) -> np.ndarray:
-    """Image embeddings (float32, L2-normalised) of a preprocessed batch."""
+    """Image embeddings (float32, L2-normalised) of a preprocessed batch (uint8 is normalised on ``device``)."""
+    pixels = pixels.to(device, non_blocking=True)
+    if pixels.dtype == torch.uint8:
+        pixels = loaded.preprocess.normalise(pixels)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        feats = loaded.model.encode_image(pixels.to(device, non_blocking=True))
+        feats = loaded.model.encode_image(pixels)
     feats = torch.nn.functional.normalize(feats.float(), dim=-1)
     return feats.cpu().numpy()
 
@@ -236,6 +243,7 @@ def encode_texts(
     """
     device = torch.device(device)
     dtype = autocast_dtype(precision, device)
+    loaded.model.to(device)  # a no-op when it is there already
     out = np.zeros((len(captions), loaded.embed_dim), dtype=np.float32)
     if not len(captions):
         return (out, np.zeros(0, dtype=bool)) if return_truncated else out
@@ -292,12 +300,14 @@ def encode_images(
     """
     device = torch.device(device)
     dtype = autocast_dtype(precision, device)
+    loaded.model.to(device)  # a no-op when it is there already
     n = len(paths)
     emb = np.zeros((n, loaded.embed_dim), dtype=np.float32)
     status: list[str] = [STATUS_OK] * n
     error: list[str | None] = [None] * n
     hashes: list[str | None] = [None] * n
-    for batch in iter_image_batches(loaded, paths, batch_size=batch_size, workers=workers, max_pixels=max_pixels):
+    batches = iter_image_batches(loaded, paths, batch_size=batch_size, workers=workers, max_pixels=max_pixels, pin_memory=device.type == "cuda")
+    for batch in batches:
         idx = batch.index.numpy()
         ok = batch.ok.numpy()
         if ok.any():

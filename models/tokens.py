@@ -1,0 +1,80 @@
+"""Tokenising captions fast: open_clip's CLIP tokenizer with each distinct word's ids cached.
+
+open_clip's ``SimpleTokenizer`` spends most of its time per word: byte-encoding it, looking up its
+BPE merge in a cache and mapping the pieces to ids, then building the output tensor row by row.
+Captions of a dataset share a small vocabulary, so :class:`WordCachedTokenizer` keeps the ids of
+each word it has seen and fills a numpy array. The text cleaning, the word split and the BPE
+itself are open_clip's own, so the output is the same tensor (tested on unicode, HTML entities and
+captions past the context). Other tokenizers (Hugging Face, reduction masks) are used as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+# A bound on the cache (distinct words, each a few ids): real caption vocabularies are far
+# smaller; input full of unique tokens (hashes, numbers) only clears it now and then.
+MAX_CACHED_WORDS = 1_000_000
+
+
+class WordCachedTokenizer:
+    """open_clip ``SimpleTokenizer`` semantics with a per-word id cache.
+
+    Args:
+        inner: the open_clip ``SimpleTokenizer`` (without a reduction mask).
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.context_length = inner.context_length
+        self._sot, self._eot = inner.sot_token_id, inner.eot_token_id
+        self._words: dict[str, tuple[int, ...]] = {}
+
+    def __getattr__(self, name: str) -> Any:  # everything else is open_clip's
+        if name == "inner":  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        inner = self.inner
+        unicode_word = "".join(inner.byte_encoder[b] for b in word.encode("utf-8"))
+        return tuple(inner.encoder[piece] for piece in inner.bpe(unicode_word).split(" "))
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of ``text`` without start/end tokens, as ``SimpleTokenizer.encode``."""
+        words = self._words
+        if len(words) > MAX_CACHED_WORDS:
+            words.clear()
+        ids: list[int] = []
+        for word in self.inner.pat.findall(self.inner.clean_fn(text)):
+            cached = words.get(word)
+            if cached is None:
+                cached = words[word] = self._word_ids(word)
+            ids.extend(cached)
+        return ids
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """A (len(texts), context) int64 tensor: start, ids, end, zeros; cut to the context with the end token kept."""
+        if isinstance(texts, str):
+            texts = [texts]
+        context = context_length or self.context_length
+        out = np.zeros((len(texts), context), dtype=np.int64)
+        for i, text in enumerate(texts):
+            ids = [self._sot, *self.encode(text), self._eot]
+            if len(ids) > context:
+                ids = ids[:context]
+                ids[-1] = self._eot
+            out[i, : len(ids)] = ids
+        return torch.from_numpy(out)
+
+
+def fast_tokenizer(tokenizer: Any) -> Any:
+    """``tokenizer`` wrapped in :class:`WordCachedTokenizer` when it is open_clip's plain CLIP tokenizer."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    if type(tokenizer) is SimpleTokenizer and getattr(tokenizer, "reduction_fn", None) is None:
+        return WordCachedTokenizer(tokenizer)
+    return tokenizer

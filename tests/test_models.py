@@ -1,0 +1,94 @@
+"""Model specs: an open_clip config file gives a seeded random model; bad files get clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from tbps import models
+from tbps.errors import TbpsError
+
+
+def _config_file(tmp_path, name="my-vit", image_size=(64, 32)):
+    config = open_clip.get_model_config(models.TINY)
+    config["vision_cfg"]["image_size"] = list(image_size)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_a_config_file_gives_a_seeded_model_at_its_image_size(tmp_path):
+    path = _config_file(tmp_path)
+    first, again, other = models.load(str(path), seed=3), models.load(str(path), seed=3), models.load(str(path), seed=4)
+    assert first.name == "my-vit"
+    assert first.image_size == (64, 32)
+    assert first.identity["spec"] == str(path) and first.identity["weights"] == "random(seed=3)"
+    assert len(first.identity["config_sha"]) == 32
+    w = [m.model.visual.conv1.weight for m in (first, again, other)]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
+    with torch.no_grad():
+        out = first.model.encode_image(torch.zeros(2, 3, 64, 32))
+    assert out.shape == (2, first.embed_dim)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "model config file not found"),
+        ("{not json", "cannot read model config"),
+        ('{"embed_dim": 64}', "missing vision_cfg, text_cfg"),
+        ("[1, 2]", "missing embed_dim, vision_cfg, text_cfg"),
+    ],
+)
+def test_bad_config_files_are_refused_with_the_reason(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(TbpsError, match=message):
+        models.load(str(path))
+
+
+@pytest.mark.parametrize(
+    ("mode", "size"),
+    [("RGB", (32, 96)), ("RGB", (50, 130)), ("RGB", (17, 40)), ("L", (32, 96)), ("RGBA", (64, 64)), ("P", (33, 97))],
+)
+def test_preprocess_equals_torchvision_bit_for_bit(mode, size):
+    from PIL import Image
+    from torchvision import transforms as T
+
+    rng = np.random.default_rng(sum(size))
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    loaded = models.load(models.TINY)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    reference = T.Compose([T.Resize(loaded.image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.ToTensor(), T.Normalize(mean, std)])
+    ours = models.PedestrianTransform(loaded.image_size, mean, std)(im)
+    assert ours.shape == (3, *loaded.image_size) and ours.dtype == torch.float32
+    assert torch.equal(ours, reference(im.convert("RGB")))
+
+
+def test_the_word_cached_tokenizer_equals_open_clips():
+    from tbps.models.tokens import WordCachedTokenizer
+
+    loaded = models.load(models.TINY)
+    assert isinstance(loaded.tokenizer, WordCachedTokenizer)
+    reference = open_clip.get_tokenizer(models.TINY)
+    captions = [
+        "A woman in a red coat carrying a black backpack.",
+        "a woman in a RED coat, carrying a black backpack!!",  # repeated words come from the cache
+        "Ein Mann mit grüner Jacke und Schuhen — 3 Taschen; naïve café",
+        "&amp; &lt;b&gt; it's he'll we'd   multiple\tspaces\nand lines",
+        "行人穿着蓝色的衬衫 and 🎒 emoji",
+        "",
+        "   ",
+        " ".join(["word"] * 200),  # past the context: cut, the end token kept
+        " ".join(f"w{i}" for i in range(100)),
+    ]
+    assert torch.equal(loaded.tokenizer(captions), reference(captions))
+    assert torch.equal(loaded.tokenizer(captions[0]), reference(captions[0]))
+    assert torch.equal(loaded.tokenizer(captions, context_length=12), reference(captions, context_length=12))
+    assert loaded.tokenizer.encode(captions[2]) == reference.encode(captions[2])
+    assert loaded.tokenizer.context_length == reference.context_length
