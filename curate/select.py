@@ -562,12 +562,9 @@ def _check_pair_ids(narrow: pl.DataFrame, pair_id: pl.Series) -> None:
 def _exact_key(narrow: pl.DataFrame, mode: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The two 64-bit key words and validity of ``rows`` for one exact-dedup mode."""
     def part(prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        idx = pl.Series(rows)
-        return (
-            narrow.get_column(f"{prefix}_0").gather(idx).to_numpy(),
-            narrow.get_column(f"{prefix}_1").gather(idx).to_numpy(),
-            narrow.get_column(f"{prefix}_ok").gather(idx).to_numpy(),
-        )
+        # numpy gathers: the hash columns convert without a copy, and fancy indexing beats
+        # a Polars gather by an int64 index Series several times over on ten million rows.
+        return tuple(narrow.get_column(f"{prefix}_{suffix}").to_numpy()[rows] for suffix in ("0", "1", "ok"))
 
     if mode == "image":
         return part(_IMAGE_KEY)
