@@ -82,13 +82,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a quick check of this script only)")
     ap.add_argument("--precision", default="bf16", help="of the main run: bf16 (the benchmark) or fp32 (for a CPU check)")
     a = ap.parse_args()
+    # fp32 means fp32: no TF32 in cuDNN convolutions (PyTorch allows it there by default) or matmuls.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark runs on a GPU machine")
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="tbps-bench-score-gpu-"))
     clear_outputs(workdir)
     t0 = time.perf_counter()
-    world = make_world(workdir, a.pairs, workers=os.cpu_count() or 2)
+    world = make_world(workdir, a.pairs)
     print(f"world: {time.perf_counter() - t0:.1f} s", flush=True)
     pool, bank_path, spec = world / "pool" / "pool.json", bank_file(world, workdir), str(config_file(workdir))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (script check only)"
@@ -143,19 +146,20 @@ def main() -> None:
     body = "\n".join([
         "## tbps score on a GPU",
         "",
-        f"Command: `python bench/score_gpu.py --pairs {a.pairs} --batch-size {a.batch_size} --workers {a.workers}` "
+        f"Command: `python bench/score_gpu.py --pairs {a.pairs} --batch-size {a.batch_size} --workers {a.workers} "
+        f"--precision {a.precision} --bank-size {a.bank_size} --baseline-pairs {a.baseline_pairs} --fp32-pairs {a.fp32_pairs}` "
         f"on a lent machine ({gpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}).",
         "",
-        f"- model: open_clip ViT-B-16 at 384x128 (height x width), random weights, bf16 autocast; bank {a.bank_size:,} captions",
+        f"- model: open_clip ViT-B-16 at 384x128 (height x width), random weights, {a.precision} (autocast); bank {a.bank_size:,} captions",
         f"- end to end (whole `run_score`: model load, bank embedding, decoding in {a.workers} DataLoader workers): "
         f"{figures['pairs']:,} pairs in {figures['seconds']:.1f} s = **{figures['pairs_per_s']:,.0f} pairs/s**; the scoring loop alone "
         f"(after model load and bank embedding): {figures['steady_pairs_per_s']:,.0f} pairs/s",
-        f"- model-only bf16 forward (image + caption on ready GPU tensors, batch {a.batch_size}): "
+        f"- model-only {a.precision} forward (image + caption on ready GPU tensors, batch {a.batch_size}): "
         f"{figures['model_only_pairs_per_s']:,.0f} pairs/s -> end-to-end / model-only **{figures['ratio']:.2f}**",
         f"- peak GPU memory allocated: {figures['peak_gpu_mib']:,} MiB",
-        f"- the paper's released filter op for op (see bench/score.py; bf16 autocast, bank embedded once) on "
+        f"- the paper's released filter op for op (see bench/score.py; {a.precision}, bank embedded once) on "
         f"{a.baseline_pairs} pairs: {figures['baseline_ms_per_pair']:,.1f} ms/pair -> tbps is **{figures['speedup']:,.0f}x** faster",
-        f"- bf16 vs fp32 on the GPU ({figures['agreement_pairs']:,} pairs): max |score diff| {figures['max_abs_score_diff']:.4f}, "
+        f"- bf16 vs fp32 (TF32 off) on the GPU ({figures['agreement_pairs']:,} pairs): max |score diff| {figures['max_abs_score_diff']:.4f}, "
         f"Spearman **{figures['spearman']:.4f}**, median |bank_rank diff| {figures['median_abs_bank_rank_diff']:.0f}, "
         f"paper-finetune decisions agree on **{100 * figures['finetune_rule_agreement']:.2f}%**",
     ])

@@ -425,7 +425,7 @@ def _iter_part_images(parts: list[_Part], loaded, config: ScoreConfig, device, d
     for batch in batches:
         emb = np.zeros((len(batch.status), loaded.embed_dim), np.float32)
         if batch.ok.any():
-            emb[batch.ok.numpy()] = embed_pixels(loaded, batch.pixels[batch.ok], device=device, dtype=dtype)
+            emb[batch.ok.numpy()] = embed_pixels(loaded, batch.decoded_pixels(), device=device, dtype=dtype)
         buf_emb.append(emb)
         for m, v in zip(buf_meta, (batch.status, batch.error, batch.image_hash)):
             m.extend(v)

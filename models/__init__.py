@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -94,10 +96,18 @@ class PedestrianTransform:
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, im: Image.Image) -> torch.Tensor:
+        """One image, resized and normalised: a float32 tensor (3, height, width)."""
         return self.normalise(self.to_uint8(im))
 
     def to_uint8(self, im: Image.Image) -> torch.Tensor:
-        """The resized image as a uint8 tensor (3, height, width): the part that needs the PIL image."""
+        """The part that needs the PIL image: converted to RGB and resized.
+
+        Args:
+            im: a PIL image of any mode and size.
+
+        Returns:
+            A uint8 tensor (3, height, width).
+        """
         if im.mode != "RGB":
             im = im.convert("RGB")
         if im.size != (self.width, self.height):
@@ -105,13 +115,21 @@ class PedestrianTransform:
         return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels (3, H, W) or a batch (N, 3, H, W), on any device -> normalised float32.
+        """uint8 pixels to the model's input, where they are: the same values as image by image.
 
         Decoding workers send uint8 (a quarter of the bytes) and the batch is normalised in one
-        vectorised pass where the model runs; the result equals normalising image by image.
+        vectorised pass on the model's device. The divisor is a tensor, not a Python number:
+        CUDA turns division by a number into a multiplication by its reciprocal, one bit off.
+
+        Args:
+            pixels: uint8 (3, H, W) or a batch (N, 3, H, W), on any device.
+
+        Returns:
+            float32 pixels of the same shape, on the same device.
         """
-        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
-        return pixels.float().div_(255).sub_(mean).div_(std)
+        device = pixels.device
+        scale = torch.full((), 255.0, device=device)
+        return pixels.float().div_(scale).sub_(self.mean.to(device)).div_(self.std.to(device))
 
     def __repr__(self) -> str:
         return f"PedestrianTransform(size=({self.height}, {self.width}), bicubic, normalise)"
@@ -206,15 +224,37 @@ def save_checkpoint(loaded: LoadedModel, path: str | Path, extra: dict[str, Any]
     return path
 
 
+def _register_config(name: str, config: dict[str, Any], source: Path) -> None:
+    """Make ``name`` an open_clip model config, unless it already is with this content.
+
+    open_clip keeps one registry per process, keyed by name: a second, different config under a
+    known name (a built-in, or another file with the same stem) would silently replace it, so
+    that is refused.
+    """
+    if name in open_clip.list_models():
+        if open_clip.get_model_config(name) != config:
+            raise TbpsError(
+                f"a different model config named {name!r} is already known (an open_clip built-in or another file)",
+                path=source,
+                hint="rename the config file: its name is the model's name",
+            )
+        return
+    global _CONFIG_TMP
+    if _CONFIG_TMP is None:
+        _CONFIG_TMP = Path(tempfile.mkdtemp(prefix="tbps-configs-"))
+    copy = _CONFIG_TMP / f"{name}.json"  # open_clip names a config after its file
+    copy.write_text(json.dumps(config))
+    open_clip.add_model_config(copy)
+
+
+_CONFIG_TMP: Path | None = None
+
+
 def _load_exported(path: Path) -> LoadedModel:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     meta = payload[CHECKPOINT_KEY]
     name = meta["name"]
-    if name not in open_clip.list_models():
-        # A checkpoint of a config this installation does not know: register it from the file.
-        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"tbps-config-{name}.json"
-        tmp.write_text(__import__("json").dumps(meta["config"]))
-        open_clip.add_model_config(tmp)
+    _register_config(name, meta["config"], path)  # the checkpoint carries its config
     with _quiet_open_clip():
         model = open_clip.create_model(name, pretrained=None)
     model.load_state_dict(payload["state_dict"])
@@ -222,9 +262,7 @@ def _load_exported(path: Path) -> LoadedModel:
 
 
 def _create_from_config(path: Path, seed: int) -> LoadedModel:
-    """A model with random weights from an open_clip config file, registered under the file's stem."""
-    import json
-
+    """A model with random weights from an open_clip config file, named after the file's stem."""
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -238,7 +276,7 @@ def _create_from_config(path: Path, seed: int) -> LoadedModel:
             path=path,
             hint="copy one from open_clip.get_model_config('ViT-B-16') and edit it",
         )
-    open_clip.add_model_config(path)
+    _register_config(path.stem, config, path)
     loaded = create(path.stem, seed=seed)
     loaded.identity.update(spec=str(path), config_sha=file_hash(path))
     return loaded

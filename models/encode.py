@@ -28,6 +28,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def place(loaded: LoadedModel, device: torch.device | str | None) -> torch.device:
+    """The device to run ``loaded`` on: ``device``, with the model moved there, or the model's own when None."""
+    if device is None:
+        return next(loaded.model.parameters()).device
+    device = torch.device(device)
+    loaded.model.to(device)  # a no-op when it is there already
+    return device
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 autocast runs natively (fast) on this device."""
     if device.type == "cuda":
@@ -67,6 +76,15 @@ class ImageBatch:
     status: list[str]
     error: list[str | None]
     image_hash: list[str | None]
+
+    def decoded_pixels(self) -> torch.Tensor:
+        """The pixels of the images that decoded (the batch itself, not a copy, when all did)."""
+        return self.pixels if bool(self.ok.all()) else self.pixels[self.ok]
+
+    def pin_memory(self) -> "ImageBatch":
+        """The batch with its pixels in page-locked memory (called by a DataLoader with ``pin_memory``)."""
+        self.pixels = self.pixels.pin_memory()
+        return self
 
 
 class _ImageFiles(Dataset):
@@ -220,7 +238,7 @@ def encode_texts(
     captions: Sequence[str],
     *,
     batch_size: int = 512,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     precision: str = "fp32",
     return_truncated: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -233,7 +251,7 @@ def encode_texts(
         loaded: the model.
         captions: the captions.
         batch_size: captions per forward pass.
-        device: where the model runs.
+        device: where to run: the model is moved there; None runs it where it is.
         precision: ``auto``, ``fp32`` or ``bf16`` (autocast).
         return_truncated: also return :func:`caption_truncated`'s flags (from the same tokens).
 
@@ -241,9 +259,8 @@ def encode_texts(
         An array of shape (len(captions), embed_dim), in the order of ``captions``; with
         ``return_truncated``, a tuple of it and the bool flags.
     """
-    device = torch.device(device)
+    device = place(loaded, device)
     dtype = autocast_dtype(precision, device)
-    loaded.model.to(device)  # a no-op when it is there already
     out = np.zeros((len(captions), loaded.embed_dim), dtype=np.float32)
     if not len(captions):
         return (out, np.zeros(0, dtype=bool)) if return_truncated else out
@@ -280,7 +297,7 @@ def encode_images(
     *,
     batch_size: int = 256,
     workers: int = 2,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     precision: str = "fp32",
     max_pixels: int | None = None,
 ) -> ImageEncoding:
@@ -291,16 +308,15 @@ def encode_images(
         paths: image file paths.
         batch_size: images per forward pass.
         workers: DataLoader worker processes decoding images.
-        device: where the model runs.
+        device: where to run: the model is moved there; None runs it where it is.
         precision: ``auto``, ``fp32`` or ``bf16`` (autocast).
         max_pixels: a decompression-bomb limit below Pillow's default, if any.
 
     Returns:
         An :class:`ImageEncoding` in the order of ``paths``.
     """
-    device = torch.device(device)
+    device = place(loaded, device)
     dtype = autocast_dtype(precision, device)
-    loaded.model.to(device)  # a no-op when it is there already
     n = len(paths)
     emb = np.zeros((n, loaded.embed_dim), dtype=np.float32)
     status: list[str] = [STATUS_OK] * n
@@ -311,7 +327,7 @@ def encode_images(
         idx = batch.index.numpy()
         ok = batch.ok.numpy()
         if ok.any():
-            emb[idx[ok]] = embed_pixels(loaded, batch.pixels[batch.ok], device=device, dtype=dtype)
+            emb[idx[ok]] = embed_pixels(loaded, batch.decoded_pixels(), device=device, dtype=dtype)
         for j, i in enumerate(idx):
             status[i], error[i], hashes[i] = batch.status[j], batch.error[j], batch.image_hash[j]
     return ImageEncoding(emb, status, error, hashes)

@@ -15,8 +15,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-# A bound on the cache (distinct words, each a few ids): real caption vocabularies are far
-# smaller; input full of unique tokens (hashes, numbers) only clears it now and then.
+# A bound on this cache (distinct words, each a few ids): real caption vocabularies are far
+# smaller; input full of unique tokens (hashes, numbers) only clears it now and then. (open_clip's
+# own BPE cache inside the tokenizer grows the same way, with or without this one.)
 MAX_CACHED_WORDS = 1_000_000
 
 
@@ -43,8 +44,19 @@ class WordCachedTokenizer:
         unicode_word = "".join(inner.byte_encoder[b] for b in word.encode("utf-8"))
         return tuple(inner.encoder[piece] for piece in inner.bpe(unicode_word).split(" "))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the word cache (spawned workers refill their own)."""
+        return {**self.__dict__, "_words": {}}
+
     def encode(self, text: str) -> list[int]:
-        """The ids of ``text`` without start/end tokens, as ``SimpleTokenizer.encode``."""
+        """The ids of ``text``, as ``SimpleTokenizer.encode``.
+
+        Args:
+            text: one caption.
+
+        Returns:
+            Its token ids, without the start and end tokens.
+        """
         words = self._words
         if len(words) > MAX_CACHED_WORDS:
             words.clear()
@@ -57,10 +69,20 @@ class WordCachedTokenizer:
         return ids
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
-        """A (len(texts), context) int64 tensor: start, ids, end, zeros; cut to the context with the end token kept."""
-        if isinstance(texts, str):
-            texts = [texts]
+        """Token ids of captions, as ``SimpleTokenizer.__call__``.
+
+        Args:
+            texts: one caption or several.
+            context_length: the row length (default: the tokenizer's context).
+
+        Returns:
+            A (len(texts), context) int64 tensor: start, ids, end, then zeros; a caption longer than
+            the context is cut, keeping the end token last.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
         context = context_length or self.context_length
+        if not context:
+            raise ValueError("a context length is needed")
         out = np.zeros((len(texts), context), dtype=np.int64)
         for i, text in enumerate(texts):
             ids = [self._sot, *self.encode(text), self._eot]
@@ -72,7 +94,14 @@ class WordCachedTokenizer:
 
 
 def fast_tokenizer(tokenizer: Any) -> Any:
-    """``tokenizer`` wrapped in :class:`WordCachedTokenizer` when it is open_clip's plain CLIP tokenizer."""
+    """The tokenizer to use for a model: cached when it is open_clip's plain CLIP tokenizer.
+
+    Args:
+        tokenizer: what ``open_clip.get_tokenizer`` returned.
+
+    Returns:
+        A :class:`WordCachedTokenizer` around it, or the tokenizer itself.
+    """
     from open_clip.tokenizer import SimpleTokenizer
 
     if type(tokenizer) is SimpleTokenizer and getattr(tokenizer, "reduction_fn", None) is None:

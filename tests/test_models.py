@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import open_clip
@@ -33,6 +35,28 @@ def test_a_config_file_gives_a_seeded_model_at_its_image_size(tmp_path):
     with torch.no_grad():
         out = first.model.encode_image(torch.zeros(2, 3, 64, 32))
     assert out.shape == (2, first.embed_dim)
+
+
+def test_a_checkpoint_of_a_config_file_model_loads_in_a_new_process(tmp_path):
+    path = _config_file(tmp_path, name="exported-vit")
+    checkpoint = models.save_checkpoint(models.load(str(path), seed=5), tmp_path / "model.pt")
+    probe = (
+        "import sys, torch\n"
+        "from tbps import models\n"
+        "m = models.load(sys.argv[1])\n"
+        "print(m.name, m.image_size, float(m.model.visual.conv1.weight.sum()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(checkpoint)], capture_output=True, text=True, check=True).stdout.split()
+    original = models.load(str(path), seed=5)
+    assert out[0] == "exported-vit" and out[1:3] == ["(64,", "32)"]
+    assert float(out[3]) == pytest.approx(float(original.model.visual.conv1.weight.detach().sum()), abs=1e-4)
+
+
+def test_a_config_file_may_not_redefine_a_known_model(tmp_path):
+    path = _config_file(tmp_path, name="ViT-B-16")  # tbps-tiny's config under a built-in name
+    with pytest.raises(TbpsError, match="a different model config named 'ViT-B-16' is already known"):
+        models.load(str(path))
+    assert open_clip.get_model_config("ViT-B-16")["vision_cfg"]["image_size"] == 224  # untouched
 
 
 @pytest.mark.parametrize(
@@ -92,3 +116,35 @@ def test_the_word_cached_tokenizer_equals_open_clips():
     assert torch.equal(loaded.tokenizer(captions, context_length=12), reference(captions, context_length=12))
     assert loaded.tokenizer.encode(captions[2]) == reference.encode(captions[2])
     assert loaded.tokenizer.context_length == reference.context_length
+
+
+def test_the_tokenizer_pickles_without_its_word_cache():
+    import pickle
+
+    loaded = models.load(models.TINY)
+    before = loaded.tokenizer(["a man in a red coat"])
+    copy = pickle.loads(pickle.dumps(loaded.tokenizer))
+    assert copy._words == {} and loaded.tokenizer._words
+    assert torch.equal(copy(["a man in a red coat"]), before)
+
+
+def test_uint8_batches_embed_as_images_normalised_one_by_one():
+    from PIL import Image
+
+    from tbps.models.encode import embed_pixels
+
+    loaded = models.load(models.TINY)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (96, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    uint8 = torch.stack([loaded.preprocess.to_uint8(im) for im in images])
+    floats = torch.stack([loaded.preprocess(im) for im in images])
+    assert uint8.dtype == torch.uint8
+    cpu = torch.device("cpu")
+    assert np.array_equal(embed_pixels(loaded, uint8, device=cpu, dtype=None), embed_pixels(loaded, floats, device=cpu, dtype=None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_normalising_on_cuda_equals_normalising_on_the_cpu():
+    loaded = models.load(models.TINY)
+    uint8 = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (4, 3, 96, 32), dtype=np.uint8))
+    assert torch.equal(loaded.preprocess.normalise(uint8.cuda()).cpu(), loaded.preprocess.normalise(uint8))
