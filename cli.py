@@ -447,7 +447,7 @@ def demo(
 ) -> None:
     """The whole paradigm on the synthetic world: synth, scorer, score, select, train (full/filtered/random; WoRA, DoRA, LoRA, full), eval.
 
-    The full demo takes about 15 minutes on 2 CPU cores (each extra seed about 12). Prints the test-split table and the paper's claims as measured; writes OUT/results.md, OUT/results.json and OUT/report.html.
+    The full demo takes about 20 minutes on 2 CPU cores (each extra seed about 17). Prints the test-split table and the paper's claims as measured; writes OUT/results.md, OUT/results.json and OUT/report.html.
 
     Example: tbps demo --quick --out runs/demo-quick
     """
