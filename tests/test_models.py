@@ -118,6 +118,24 @@ def test_the_word_cached_tokenizer_equals_open_clips():
     assert loaded.tokenizer.context_length == reference.context_length
 
 
+def test_the_tokenizer_cleans_plain_ascii_captions_as_open_clip_does():
+    import random
+    import string
+
+    tok = models.load(models.TINY).tokenizer
+    assert tok._lower
+    rng = random.Random(0)
+    plain = string.printable.replace("&", "").replace("\r", "").replace("\x0b", "").replace("\x0c", "")
+    texts = ["".join(rng.choice(plain) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
+    texts += ["  A  Woman\tIN a <b>red</b> coat\n", "it's 'quoted' \"twice\" `back` \\ ~^|{}", "-- ... ;; ::", "x" * 300]
+    # And ones that must take open_clip's own path: entities, control and non-ASCII characters.
+    texts += ["&amp;", "a &lt;b&gt;", "tab\x0bvt", "esc\x1b[31mred", "caf\u00e9", "\u201cquoted\u201d", "line\r\nbreak", "del\x7f"]
+    for text in texts:
+        assert tok.clean(text) == tok.inner.clean_fn(text), repr(text)
+    reference = open_clip.get_tokenizer(models.TINY)
+    assert torch.equal(tok(texts), reference(texts))
+
+
 def test_the_tokenizer_pickles_without_its_word_cache():
     import pickle
 
