@@ -463,6 +463,9 @@ def demo(
 
 def main() -> None:
     """Entry point of the ``tbps`` console script and ``python -m tbps``."""
+    from tbps.runtime import hold_freed_memory
+
+    hold_freed_memory()  # the program, not the library, sets process-wide allocator policy
     app()
 
 
