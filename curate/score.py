@@ -15,8 +15,9 @@ The engine:
 * Pairs are sorted by image path and cut into parts of about ``chunk_size`` pairs that never
   split an image's pairs, so every distinct image is decoded and embedded once. Captions are
   embedded once per distinct caption within a part.
-* One DataLoader decodes all images of this process's parts in worker processes while the main
-  process runs the model; embeddings never accumulate beyond one part.
+* DataLoader workers decode all images of this process's parts, while the main process runs the
+  model on a GPU, or in windows between the forward passes when the model runs on the same CPU
+  cores (see ``tbps.models.encode.iter_image_batches``); embeddings never accumulate beyond one part.
 * The bank rank is a chunked matrix product against the bank embeddings, compared in fp32.
 * Each part is written atomically (temporary file, then rename); a re-run skips the parts that
   exist, so a killed run resumes and ends with the table an uninterrupted run writes. A run with
@@ -80,7 +81,8 @@ class ScoreConfig:
         id_col: person id column of a generic table.
         bank_size: captions sampled from the bank.
         seed: seed of the bank sample (and of random model weights).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (captions go in batches of a fixed size, so their
+            embeddings do not depend on it).
         workers: DataLoader worker processes decoding images.
         precision: ``auto`` (bf16 where supported natively), ``fp32`` or ``bf16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -402,7 +404,7 @@ def _iter_part_images(parts: list[_Part], loaded, config: ScoreConfig, device, d
     # Batches never cross parts: a part's floats must not depend on which parts run beside it.
     batches = iter_image_batches(
         loaded, flat, batch_size=config.batch_size, workers=config.workers, max_pixels=config.max_pixels,
-        groups=[len(part.images) for part in parts], pin_memory=device.type == "cuda",
+        groups=[len(part.images) for part in parts], pin_memory=device.type == "cuda", overlap=device.type != "cpu",
     )
     pending = iter(parts)
     buf_emb: list[np.ndarray] = []

@@ -120,6 +120,15 @@ def _collate(items) -> ImageBatch:
     )
 
 
+# On a CPU, decoding workers and the model's threads share the cores: decoding while the model
+# runs stalls the model's parallel regions (a thread that lost its core holds up the others) and
+# cost about 15% of the image throughput on 2 cores (bench/RESULTS.md, section score). There,
+# the workers decode a window of batches while the model waits, then the model runs on the
+# window while the workers are gone. A window is as many batches as a streaming loader keeps in
+# flight (prefetch_factor x workers), so memory is the same either way.
+PREFETCH_FACTOR = 4
+
+
 def iter_image_batches(
     loaded: LoadedModel,
     paths: Sequence[str | None],
@@ -129,6 +138,7 @@ def iter_image_batches(
     max_pixels: int | None = None,
     groups: Sequence[int] | None = None,
     pin_memory: bool = False,
+    overlap: bool = True,
 ) -> Iterator[ImageBatch]:
     """Decode and preprocess images in DataLoader workers, in input order.
 
@@ -141,6 +151,9 @@ def iter_image_batches(
         groups: sizes of consecutive groups of ``paths`` that batches must not cross (so a
             group's batches, and with them its float results, do not depend on its neighbours).
         pin_memory: page-lock the batches (faster copies to a GPU).
+        overlap: decode while the caller works on earlier batches (for a GPU); when False,
+            decode a window of batches, hand them over, and decode the next window only when
+            they have been consumed (for a model on the same CPU cores as the workers).
 
     Returns:
         An iterator of :class:`ImageBatch`, in the order of ``paths``.
@@ -151,16 +164,39 @@ def iter_image_batches(
     for size in sizes:
         batches += [list(range(s, min(s + batch_size, start + size))) for s in range(start, start + size, batch_size)]
         start += size
-    loader = DataLoader(
-        ds,
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=_collate,
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-        pin_memory=pin_memory,
-    )
-    yield from loader
+
+    if overlap or workers == 0:
+        yield from DataLoader(ds, batch_sampler=batches, **_loader_options(workers, pin_memory))
+        return
+    # One set of workers for all windows: each pass over the loader reads the sampler's window.
+    windows = _Window()
+    loader = DataLoader(ds, batch_sampler=windows, persistent_workers=True, **_loader_options(workers, pin_memory))
+    size = PREFETCH_FACTOR * workers
+    for first in range(0, len(batches), size):
+        windows.batches = batches[first : first + size]
+        yield from list(loader)  # decoded while the caller waits; the workers then sit idle
+
+
+class _Window:
+    """A batch sampler whose batches are set from outside: one window per pass of a persistent loader."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _loader_options(workers: int, pin_memory: bool) -> dict:
+    return {
+        "num_workers": workers,
+        "collate_fn": _collate,
+        "prefetch_factor": PREFETCH_FACTOR if workers > 0 else None,
+        "pin_memory": pin_memory,
+    }
 
 
 @torch.no_grad()
@@ -232,12 +268,19 @@ def _encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.
     return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
 
 
+# Captions per forward pass by default. With tbps-tiny, 256 keeps a batch's largest activation
+# (256 captions x up to 64 tokens x 512 floats: at most 32 MiB, less as a batch is cut after its
+# longest caption) within what glibc serves from its heap once tbps.runtime has set it up;
+# batches of 512 took fresh pages from the kernel at every batch.
+TEXT_BATCH = 256
+
+
 @torch.no_grad()
 def encode_texts(
     loaded: LoadedModel,
     captions: Sequence[str],
     *,
-    batch_size: int = 512,
+    batch_size: int = TEXT_BATCH,
     device: torch.device | str | None = None,
     precision: str = "fp32",
     return_truncated: bool = False,
@@ -322,7 +365,10 @@ def encode_images(
     status: list[str] = [STATUS_OK] * n
     error: list[str | None] = [None] * n
     hashes: list[str | None] = [None] * n
-    batches = iter_image_batches(loaded, paths, batch_size=batch_size, workers=workers, max_pixels=max_pixels, pin_memory=device.type == "cuda")
+    batches = iter_image_batches(
+        loaded, paths, batch_size=batch_size, workers=workers, max_pixels=max_pixels,
+        pin_memory=device.type == "cuda", overlap=device.type != "cpu",
+    )
     for batch in batches:
         idx = batch.index.numpy()
         ok = batch.ok.numpy()

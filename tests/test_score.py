@@ -150,6 +150,31 @@ def test_every_bad_input_row_gets_a_status(world, tmp_path):
     assert got.filter(pl.col(C.PAIR_ID) == "4:0")[C.TRUNCATED].item() is False
 
 
+def test_windowed_decoding_yields_the_streamed_batches(tmp_path):
+    from tbps import models
+    from tbps.models.encode import PREFETCH_FACTOR, iter_image_batches
+
+    world = make_world(tmp_path / "w", n_images=40)
+    (world / "empty.jpg").write_bytes(b"")
+    paths = [str(p) for p in sorted((world / "imgs").rglob("*.jpg"))] + [str(world / "empty.jpg"), str(world / "nope.jpg"), None]
+    loaded = models.load("tbps-tiny")
+    kw = dict(batch_size=2, workers=2, groups=[5, 20, len(paths) - 25])
+    streamed = list(iter_image_batches(loaded, paths, overlap=True, **kw))
+    windowed = list(iter_image_batches(loaded, paths, overlap=False, **kw))
+    assert len(streamed) > 2 * PREFETCH_FACTOR * kw["workers"]  # more than two windows
+    assert len(windowed) == len(streamed)
+    for a, b in zip(streamed, windowed):
+        assert torch.equal(a.index, b.index) and torch.equal(a.pixels, b.pixels) and torch.equal(a.ok, b.ok)
+        assert (a.status, a.error, a.image_hash) == (b.status, b.error, b.image_hash)
+    assert torch.cat([b.index for b in windowed]).tolist() == list(range(len(paths)))
+
+
+def test_decoding_workers_give_the_table_of_in_process_decoding(world, tmp_path):
+    run_score(config(world, tmp_path / "inline", workers=0, batch_size=2, chunk_size=5))
+    run_score(config(world, tmp_path / "workers", workers=2, batch_size=2, chunk_size=5))  # CPU: windows of batches
+    assert table(tmp_path / "inline").equals(table(tmp_path / "workers"))
+
+
 def test_duplicate_pair_ids_are_refused_before_work(world, tmp_path):
     pairs = pl.DataFrame({C.PAIR_ID: ["x", "y", "x"], "image": ["p000/000.jpg"] * 3, "caption": ["a", "b", "c"]})
     pairs.write_parquet(world / "imgs" / "dup.parquet")
