@@ -36,7 +36,8 @@ from tbps import columns as C  # noqa: E402
 from tbps import models  # noqa: E402
 from tbps.curate.score import ScoreConfig, bank_rank, read_score_table, run_score, sample_bank  # noqa: E402
 from tbps.data.readers import read_captions, read_dataset  # noqa: E402
-from tbps.models.encode import encode_texts  # noqa: E402
+from tbps.models.encode import TEXT_BATCH, encode_texts  # noqa: E402
+from tbps.runtime import hold_freed_memory  # noqa: E402
 
 
 def make_world(workdir: Path, pairs: int, workers: int = 2) -> Path:
@@ -81,7 +82,7 @@ def model_only(loaded, pairs: pl.DataFrame, batch: int, n: int, bank: list[str])
 
     The same forward paths ``run_score`` uses (``embed_pixels``; the length-cut text tower of
     ``encode_texts`` on pre-tokenised captions) for ``n`` pairs, and the text forward of the bank
-    (which a run embeds once, in batches of 512). Returns pairs per wall second and CPU seconds
+    (which a run embeds once, in batches of ``TEXT_BATCH``). Returns pairs per wall second and CPU seconds
     per pair of the pairs' forwards, and wall and CPU seconds of the bank's.
     """
     from tbps.models.encode import _encode_text_trimmed, embed_pixels
@@ -101,8 +102,8 @@ def model_only(loaded, pairs: pl.DataFrame, batch: int, n: int, bank: list[str])
             _encode_text_trimmed(loaded.model, tokens[start : start + batch])
     t1, c1 = time.perf_counter(), cpu_seconds()
     with torch.no_grad():
-        for start in range(0, len(bank_tokens), 512):
-            _encode_text_trimmed(loaded.model, bank_tokens[start : start + 512])
+        for start in range(0, len(bank_tokens), TEXT_BATCH):
+            _encode_text_trimmed(loaded.model, bank_tokens[start : start + TEXT_BATCH])
     t2, c2 = time.perf_counter(), cpu_seconds()
     return {"pairs_per_s": len(tokens) / (t1 - t0), "cpu_per_pair": (c1 - c0) / len(tokens), "bank_s": t2 - t1, "bank_cpu_s": c2 - c1}
 
@@ -111,11 +112,12 @@ def paper_baseline(loaded, pairs: pl.DataFrame, bank: list[str], n: int, device:
     """Seconds per pair of the paper's released filter, op for op, with the CLIP model in BLIP-2's place.
 
     ``read_cuhk_4x_top50.py`` in JT-Sun/Filtering-WoRA embeds the bank once into a list of
-    per-caption features, then for each pair: opens and preprocesses the image, runs one image
-    and one text forward at batch 1, loops over the 10,000 bank features with
-    ``(image @ feature[:, 0, :].t()).max().item()`` into a Python list, sorts the 10,001 values
-    and keeps the pair when its own score is at index 49 or above. Its extra multimodal
-    (Q-Former) forward has no CLIP counterpart and is left out, which favours the baseline.
+    per-caption features, then for each pair: opens and preprocesses the image, runs three
+    feature extractions at batch 1 (multimodal, image, text), loops over the 10,000 bank
+    features with ``(image @ feature[:, 0, :].t()).max().item()`` into a Python list, sorts the
+    10,001 values and keeps the pair when its own score is at index 49 or above. Here the
+    multimodal extraction is its vision-tower forward; its Q-Former part has no CLIP
+    counterpart and is left out, which favours the baseline.
     ``device``/``bf16``: where the model is, and whether the forwards run under bf16 autocast.
     """
     import contextlib
@@ -135,6 +137,7 @@ def paper_baseline(loaded, pairs: pl.DataFrame, bank: list[str], n: int, device:
         kept = 0
         for row in pairs.head(n).iter_rows(named=True):
             im = loaded.preprocess(Image.open(row[C.IMAGE_PATH]).convert("RGB")).unsqueeze(0).to(dev)
+            loaded.model.encode_image(im)  # the multimodal pass runs the vision tower too (its Q-Former part is left out)
             img = torch.nn.functional.normalize(loaded.model.encode_image(im), dim=-1)
             txt = torch.nn.functional.normalize(loaded.model.encode_text(loaded.tokenizer([row[C.CAPTION]]).to(dev)), dim=-1)
             own = (img @ txt.t()).max().item()
@@ -144,6 +147,28 @@ def paper_baseline(loaded, pairs: pl.DataFrame, bank: list[str], n: int, device:
             kept += own >= sorted(result, reverse=True)[49]
         sync()
     return (time.perf_counter() - t0) / n
+
+
+def _probe_model_only(mode: str, pool: str, bank: str, batch: str) -> None:
+    """(Run in a fresh process.) Model-only throughput and page faults with the allocator ``mode``: default or held."""
+    if mode == "held":
+        hold_freed_memory()
+    loaded = models.load("tbps-tiny")
+    pairs = read_dataset(pool)
+    model_only(loaded, pairs, int(batch), 512, ["a warm-up caption"])  # the process's first batches: the allocator's steady state
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    res = model_only(loaded, pairs, int(batch), 4096, sample_bank(read_captions(bank), 10_000, 0)[:256])
+    res["faults_per_pair"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 4096
+    print("PROBE", json.dumps(res))
+
+
+def allocator_probe(mode: str, pool: Path, bank: Path, batch: int) -> dict:
+    """Model-only pairs/s and page faults per pair of a fresh process with glibc's defaults or freed memory kept."""
+    res = subprocess.run([sys.executable, __file__, "--probe-model-only", mode, str(pool), str(bank), str(batch)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(res.stderr[-2000:])
+    return json.loads(next(line for line in res.stdout.splitlines() if line.startswith("PROBE"))[6:])
 
 
 # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork and exec, so a child of this (large)
@@ -182,7 +207,13 @@ def main() -> None:
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--bf16-pairs", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=3, help="end-to-end runs, alternating with model-only runs")
+    ap.add_argument("--probe-model-only", nargs=4, metavar=("MODE", "POOL", "BANK", "BATCH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.probe_model_only:
+        _probe_model_only(*a.probe_model_only)
+        return
+    hold_freed_memory()  # as the tbps program does before any command
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="tbps-bench-score-"))
     clear_outputs(workdir)
     world = make_world(workdir, a.pairs)
@@ -193,50 +224,74 @@ def main() -> None:
     pairs = read_dataset(pool)
     lines = []
 
-    # 1 + 2: end to end, model only, and the bank-rank share.
-    cfg = ScoreConfig(data=str(pool), model="tbps-tiny", bank=str(bank_path), out=str(workdir / "e2e"), precision="fp32",
-                      batch_size=a.batch_size, workers=a.workers, device="cpu")
-    # The machine is shared: measure the model alone before and after the run and average.
+    # 1 + 2: end to end, model only, and the bank-rank share. The machine is shared and its speed
+    # drifts by 10-20% within minutes, so model-only and end-to-end runs alternate (model, run,
+    # model, run, ..., model) and each run is compared with the model-only runs on either side.
     bank = sample_bank(read_captions(bank_path), 10_000, 0)
-    before = model_only(loaded, pairs, a.batch_size, 4096, bank)
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    s = run_score(cfg)
-    total = time.perf_counter() - t0
-    cpu_e2e = (cpu_seconds() - c0) / s.rows
-    e2e = s.rows / total
-    after = model_only(loaded, pairs, a.batch_size, 4096, bank)
-    fwd_before, fwd_after = before["pairs_per_s"], after["pairs_per_s"]
-    fwd = (fwd_before + fwd_after) / 2
-    cpu_fwd = (before["cpu_per_pair"] + after["cpu_per_pair"]) / 2
-    bank_fwd, bank_cpu = (before["bank_s"] + after["bank_s"]) / 2, (before["bank_cpu_s"] + after["bank_cpu_s"]) / 2
-    # All the forward work of the run (every pair, and the bank once) on ready tensors, against the whole run.
-    all_fwd_s, all_fwd_cpu = s.rows / fwd + bank_fwd, s.rows * cpu_fwd + bank_cpu
+    fwd_runs = [model_only(loaded, pairs, a.batch_size, 4096, bank)]
+    runs = []
+    for r in range(a.repeats):
+        cfg = ScoreConfig(data=str(pool), model="tbps-tiny", bank=str(bank_path), out=str(workdir / f"e2e{r}"), precision="fp32",
+                          batch_size=a.batch_size, workers=a.workers, device="cpu")
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        s = run_score(cfg)
+        runs.append({"wall": time.perf_counter() - t0, "cpu": cpu_seconds() - c0, "loop": s.pairs_per_second, "rows": s.rows})
+        fwd_runs.append(model_only(loaded, pairs, a.batch_size, 4096, bank))
+    rows = runs[0]["rows"]
+    per_run = []
+    for r, run in enumerate(runs):
+        around = fwd_runs[r : r + 2]
+        fwd = sum(m["pairs_per_s"] for m in around) / 2
+        cpu_fwd = sum(m["cpu_per_pair"] for m in around) / 2
+        bank_fwd, bank_cpu = (sum(m["bank_s"] for m in around) / 2, sum(m["bank_cpu_s"] for m in around) / 2)
+        per_run.append({
+            "e2e": rows / run["wall"], "fwd": fwd, "wall_ratio": rows / run["wall"] / fwd, "cpu_ratio": cpu_fwd * rows / run["cpu"],
+            # All the forward work of the run (every pair, and the bank once) on ready tensors, against the whole run.
+            "all_wall_ratio": (rows / fwd + bank_fwd) / run["wall"], "all_cpu_ratio": (rows * cpu_fwd + bank_cpu) / run["cpu"],
+            "loop": run["loop"], "loop_ratio": run["loop"] / fwd, "cpu_e2e": run["cpu"] / rows, "cpu_fwd": cpu_fwd,
+            "bank_fwd": bank_fwd, "bank_cpu": bank_cpu, "wall": run["wall"],
+        })
+
+    def med(key: str) -> float:
+        return float(np.median([x[key] for x in per_run]))
+
+    def each(key: str, fmt: str = "{:.2f}") -> str:
+        return ", ".join(fmt.format(x[key]) for x in per_run)
+
     fresh = models.load("tbps-tiny")  # a cold tokenizer word cache, as in a run
     t0 = time.perf_counter()
     bank_emb = torch.from_numpy(encode_texts(fresh, bank))
     t_bank_embed = time.perf_counter() - t0
-    table = read_score_table(workdir / "e2e").collect()
+    table = read_score_table(workdir / "e2e0").collect()
     ok = table.filter(pl.col(C.STATUS) == "ok")
     img = torch.nn.functional.normalize(torch.randn(ok.height, loaded.embed_dim), dim=1)
     t0 = time.perf_counter()
     bank_rank(img, torch.from_numpy(ok[C.SCORE].to_numpy()), bank_emb)
     t_rank = time.perf_counter() - t0
+    total, e2e = med("wall"), med("e2e")
+    alloc = {mode: allocator_probe(mode, pool, bank_path, a.batch_size) for mode in ("default", "held")}
     lines += [
-        f"- pool: {s.rows:,} pairs ({ok.height:,} ok), bank {len(bank):,} captions, batch {a.batch_size}, {a.workers} workers, fp32",
-        f"- end to end (whole `run_score`, including model load and bank embedding): {total:.1f} s = **{e2e:,.0f} pairs/s**",
-        f"- model-only forward (image + caption on ready tensors, same batch and forward paths; before {fwd_before:,.0f}, "
-        f"after {fwd_after:,.0f}): {fwd:,.0f} pairs/s -> end-to-end / model-only ratio (wall) **{e2e / fwd:.2f}**",
-        f"- CPU time per pair (this process + its DataLoader workers; steadier than wall time on a shared machine): "
-        f"end to end {1000 * cpu_e2e:.2f} ms, model only {1000 * cpu_fwd:.2f} ms (before {1000 * before['cpu_per_pair']:.2f}, after "
-        f"{1000 * after['cpu_per_pair']:.2f}) -> model-only / end-to-end throughput ratio (CPU) **{cpu_fwd / cpu_e2e:.2f}**",
-        f"- counting the bank's forward as model work too (its {len(bank):,} captions on ready tokens: {bank_fwd:.1f} s, "
-        f"{bank_cpu:.1f} CPU-s): all the run's forward passes take {all_fwd_s:.1f} s against the run's {total:.1f} s -> ratio "
-        f"(wall) **{all_fwd_s / total:.2f}**, (CPU) **{all_fwd_cpu / (cpu_e2e * s.rows):.2f}**",
+        f"- pool: {rows:,} pairs ({ok.height:,} ok), bank {len(bank):,} captions, batch {a.batch_size} images / {TEXT_BATCH} captions, "
+        f"{a.workers} workers, fp32; glibc keeps freed memory (`tbps.runtime.hold_freed_memory`, as the `tbps` program sets it)",
+        f"- {a.repeats} end-to-end runs alternating with {a.repeats + 1} model-only runs; figures are medians over the runs, "
+        f"each run compared with the model-only runs before and after it (per run in brackets)",
+        f"- end to end (whole `run_score`, including model load and bank embedding): {total:.1f} s = **{e2e:,.0f} pairs/s** "
+        f"[{each('e2e', '{:,.0f}')}]",
+        f"- model-only forward (image + caption on ready tensors, same batch and forward paths): {med('fwd'):,.0f} pairs/s "
+        f"[{each('fwd', '{:,.0f}')}] -> end-to-end / model-only (wall) **{med('wall_ratio'):.2f}** [{each('wall_ratio')}]",
+        f"- CPU time per pair (this process + its DataLoader workers): end to end {1000 * med('cpu_e2e'):.2f} ms, model only "
+        f"{1000 * med('cpu_fwd'):.2f} ms -> model-only / end-to-end (CPU) **{med('cpu_ratio'):.2f}** [{each('cpu_ratio')}]",
+        f"- counting the bank's forward as model work too (its {len(bank):,} captions on ready tokens: {med('bank_fwd'):.1f} s, "
+        f"{med('bank_cpu'):.1f} CPU-s): all the run's forward passes against the whole run -> (wall) **{med('all_wall_ratio'):.2f}** "
+        f"[{each('all_wall_ratio')}], (CPU) **{med('all_cpu_ratio'):.2f}** [{each('all_cpu_ratio')}]",
         f"- the scoring loop alone (after model load and bank embedding; what dominates a run of millions of pairs): "
-        f"{s.pairs_per_second:,.0f} pairs/s -> loop / model-only **{s.pairs_per_second / fwd:.2f}**",
+        f"{med('loop'):,.0f} pairs/s [{each('loop', '{:,.0f}')}] -> loop / model-only **{med('loop_ratio'):.2f}** [{each('loop_ratio')}]",
         f"- bank rank ({ok.height:,} x {len(bank):,}, fp32 chunked matmul): {t_rank:.2f} s = **{100 * t_rank / total:.1f}%** of the "
         f"end-to-end time; embedding the bank once (a fixed cost per run, {len(bank):,} captions): {t_bank_embed:.2f} s = "
         f"{100 * t_bank_embed / total:.1f}%; both together {100 * (t_rank + t_bank_embed) / total:.1f}%",
+        f"- the allocator setting, model-only in two fresh processes: glibc's defaults {alloc['default']['pairs_per_s']:,.0f} pairs/s "
+        f"({alloc['default']['faults_per_pair']:,.0f} page faults per pair), freed memory kept {alloc['held']['pairs_per_s']:,.0f} "
+        f"pairs/s ({alloc['held']['faults_per_pair']:,.0f} page faults per pair): x{alloc['held']['pairs_per_s'] / alloc['default']['pairs_per_s']:.2f}",
     ]
     print("\n".join(lines), flush=True)
 
@@ -244,8 +299,10 @@ def main() -> None:
     per_pair = 0.0 if a.skip_baseline else paper_baseline(loaded, pairs.filter(pl.col(C.STATUS) == "ok"), bank, a.baseline_pairs)
     if per_pair:
         lines.append(
-            f"- paper's released filter (`read_cuhk_4x_top50.py`, op for op: forward per pair, Python loop over {len(bank):,} bank "
-            f"features, sort of the {len(bank) + 1:,} scores; bank embedded once; its extra Q-Former forward left out) on "
+            f"- paper's released filter (`read_cuhk_4x_top50.py`, op for op: per pair three batch-1 extractions as released, i.e. "
+            f"the multimodal pass's vision forward, an image and a text forward, then a Python loop over {len(bank):,} bank "
+            f"features and a sort of the {len(bank) + 1:,} scores; bank embedded once; the Q-Former part of the multimodal "
+            f"pass left out) on "
             f"{a.baseline_pairs} pairs: {per_pair * 1000:.0f} ms/pair = {1 / per_pair:.2f} pairs/s -> tbps is **{e2e * per_pair:,.0f}x** faster"
         )
         print(lines[-1], flush=True)
