@@ -15,9 +15,8 @@ out of them unchanged, so for such captions only the whitespace and case steps r
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import re
+from typing import Any, Sequence
 
 import numpy as np
 import torch
