@@ -29,6 +29,7 @@ Output directory::
 
     OUT/params.json            the parameters that fix the result (checked on resume)
     OUT/bank.parquet           the sampled bank captions
+    OUT/bank-embeddings.npy    their embeddings (float32, L2-normalised): computed once, read on resume
     OUT/scores/part-NNNNNN.parquet      columns.SCORE_SCHEMA, one row per input pair
     OUT/embeddings/part-NNNNNN.parquet  columns.embedding_schema(D), ok pairs only (float16)
     OUT/score.json             provenance, counts, timings (written when every part exists)
@@ -57,6 +58,7 @@ from tbps.errors import TbpsError, UsageError
 PARAMS_FILE = "params.json"
 RECORD_FILE = "score.json"
 BANK_FILE = "bank.parquet"
+BANK_EMBEDDINGS_FILE = "bank-embeddings.npy"
 SCORES_DIR = "scores"
 EMBEDDINGS_DIR = "embeddings"
 
@@ -290,6 +292,33 @@ def _check_params(out: Path, params: dict) -> None:
     write_json_atomic(path, params)
 
 
+def _bank_embeddings(out: Path, loaded, bank: list[str], device, precision: str, rank: int, world: int) -> torch.Tensor:
+    """The bank's caption embeddings, embedded once per output directory and then read from it.
+
+    Rank 0 embeds the bank and writes it atomically; the other ranks wait and read it, and a
+    resumed run reads it instead of embedding 10,000 captions again (params.json has already
+    checked that model, bank and precision are the same).
+    """
+    from tbps.models.encode import encode_texts
+
+    path = out / BANK_EMBEDDINGS_FILE
+    if rank == 0 and not path.exists():
+        emb = encode_texts(loaded, bank, device=device, precision=precision)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, emb)
+        os.replace(tmp, path)
+    _barrier(world)
+    emb = np.load(path)
+    if emb.shape != (len(bank), loaded.embed_dim) or emb.dtype != np.float32:
+        raise TbpsError(
+            f"the stored bank embeddings have shape {emb.shape} ({emb.dtype}), not ({len(bank)}, {loaded.embed_dim}) float32",
+            path=path,
+            hint="delete the file to embed the bank again",
+        )
+    return torch.from_numpy(emb)
+
+
 def _write_parquet(table: pa.Table, path: Path, metadata: dict[str, str]) -> None:
     """Write one part atomically: a temporary file in the same directory, then rename."""
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}})
@@ -507,7 +536,7 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
     if skipped:
         log(f"resuming: {skipped} of {len(mine)} parts already written, {len(todo)} to score")
 
-    bank_emb = torch.from_numpy(encode_texts(loaded, bank, device=device, precision=config.precision))
+    bank_emb = _bank_embeddings(out, loaded, bank, device, config.precision, rank, world)
     parts = [_prepare_part(k, pairs.slice(s, e - s)) for k in todo for s, e in [parts_plan[k]]]
     total = sum(p.rows.height for p in parts)
     done = 0

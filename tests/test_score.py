@@ -175,6 +175,26 @@ def test_decoding_workers_give_the_table_of_in_process_decoding(world, tmp_path)
     assert table(tmp_path / "inline").equals(table(tmp_path / "workers"))
 
 
+def test_the_bank_is_embedded_once_per_output_directory(world, tmp_path):
+    from tbps import models
+    from tbps.curate.score import BANK_EMBEDDINGS_FILE
+    from tbps.models.encode import encode_texts
+
+    out = tmp_path / "out"
+    run_score(config(world, out))
+    stored = np.load(out / BANK_EMBEDDINGS_FILE)
+    bank = pl.read_parquet(out / "bank.parquet")[C.CAPTION].to_list()
+    assert stored.dtype == np.float32 and stored.shape == (len(bank), 128)
+    np.testing.assert_array_equal(stored, encode_texts(models.load("tbps-tiny"), bank))
+    # A resumed run reads the stored embeddings: a damaged file is reported, not silently re-embedded.
+    for part in (out / "scores").glob("part-*.parquet"):
+        part.unlink()
+        break
+    np.save(out / BANK_EMBEDDINGS_FILE, stored[:3])
+    with pytest.raises(TbpsError, match="stored bank embeddings"):
+        run_score(config(world, out))
+
+
 def test_duplicate_pair_ids_are_refused_before_work(world, tmp_path):
     pairs = pl.DataFrame({C.PAIR_ID: ["x", "y", "x"], "image": ["p000/000.jpg"] * 3, "caption": ["a", "b", "c"]})
     pairs.write_parquet(world / "imgs" / "dup.parquet")
