@@ -14,7 +14,8 @@ nothing needs preloading. Measured with tbps-tiny on the 2-core development mach
   (``bench/score.py``, bench/RESULTS.md);
 - ``tbps score`` of 20,000 pairs, two runs each: 65 and 72 s with glibc's defaults, 64.6 and
   64.1 s with memory kept; peak RSS 1,270 and 1,496 MiB against 1,519 and 1,850 MiB. The price is
-  up to ``TRIM_THRESHOLD`` of freed memory kept; the peak stays flat in the number of pairs.
+  freed memory kept, up to ``TRIM_THRESHOLD`` per heap and process (forked DataLoader workers
+  inherit the setting); the peak stays flat in the number of pairs.
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ _USER_CHOICE = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_
 def hold_freed_memory() -> bool:
     """Make glibc keep freed large blocks for reuse instead of unmapping them (see the module doc).
 
-    Does nothing outside Linux with glibc, when glibc's ``MALLOC_*`` variables are set, or when
-    another allocator is preloaded.
+    Does nothing outside Linux with glibc, when glibc's ``MALLOC_*`` variables or
+    ``GLIBC_TUNABLES=glibc.malloc.*`` are set, or when another allocator is preloaded.
 
     Returns:
         Whether the settings were applied.
     """
     if not sys.platform.startswith("linux") or any(k in os.environ for k in _USER_CHOICE):
+        return False
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):  # glibc's newer way to set the same
         return False
     if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc
         return False

@@ -295,21 +295,27 @@ def _check_params(out: Path, params: dict) -> None:
 def _bank_embeddings(out: Path, loaded, bank: list[str], device, precision: str, rank: int, world: int) -> torch.Tensor:
     """The bank's caption embeddings, embedded once per output directory and then read from it.
 
-    Rank 0 embeds the bank and writes it atomically; the other ranks wait and read it, and a
-    resumed run reads it instead of embedding 10,000 captions again (params.json has already
-    checked that model, bank and precision are the same).
+    Rank 0 embeds the bank and writes it atomically; the other torchrun ranks wait and read it,
+    and a resumed run reads it instead of embedding 10,000 captions again (params.json has
+    already checked that model, bank and precision are the same). ``--shard`` processes started
+    together each embed it once and write the same values; the last rename wins.
     """
+    import tempfile
+
     from tbps.models.encode import encode_texts
 
     path = out / BANK_EMBEDDINGS_FILE
     if rank == 0 and not path.exists():
         emb = encode_texts(loaded, bank, device=device, precision=precision)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
+        # A unique name: shard processes on several hosts may write into one directory at once.
+        with tempfile.NamedTemporaryFile(dir=out, prefix=f".{path.name}.", suffix=".tmp", delete=False) as fh:
             np.save(fh, emb)
-        os.replace(tmp, path)
+        os.replace(fh.name, path)
     _barrier(world)
-    emb = np.load(path)
+    try:
+        emb = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise TbpsError(f"the stored bank embeddings cannot be read ({exc})", path=path, hint="delete the file to embed the bank again") from None
     if emb.shape != (len(bank), loaded.embed_dim) or emb.dtype != np.float32:
         raise TbpsError(
             f"the stored bank embeddings have shape {emb.shape} ({emb.dtype}), not ({len(bank)}, {loaded.embed_dim}) float32",
@@ -477,7 +483,7 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
     """
     from tbps import models
     from tbps.data.readers import read_captions, read_dataset
-    from tbps.models.encode import autocast_dtype, encode_texts, resolve_device
+    from tbps.models.encode import TEXT_BATCH, autocast_dtype, encode_texts, resolve_device
 
     log = log or (lambda _msg: None)
     t0 = time.perf_counter()
@@ -514,6 +520,7 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
         "parts": len(parts_plan),
         "precision": "bf16" if dtype is not None else "fp32",
         "embed_dim": loaded.embed_dim,
+        "text_batch": TEXT_BATCH,  # caption embeddings depend (in the last bits) on how they were batched
         "reader": config.reader_options(),
     }
     if rank == 0:

@@ -130,6 +130,9 @@ def test_the_tokenizer_cleans_plain_ascii_captions_as_open_clip_does():
     texts += ["  A  Woman\tIN a <b>red</b> coat\n", "it's 'quoted' \"twice\" `back` \\ ~^|{}", "-- ... ;; ::", "x" * 300]
     # And ones that must take open_clip's own path: entities, control and non-ASCII characters.
     texts += ["&amp;", "a &lt;b&gt;", "tab\x0bvt", "esc\x1b[31mred", "caf\u00e9", "\u201cquoted\u201d", "line\r\nbreak", "del\x7f"]
+    from tbps.models.tokens import _PLAIN
+
+    assert sum(bool(_PLAIN.fullmatch(t)) for t in texts) == len(texts) - 8  # the shortcut is taken, except for the last 8
     for text in texts:
         assert tok.clean(text) == tok.inner.clean_fn(text), repr(text)
     reference = open_clip.get_tokenizer(models.TINY)
