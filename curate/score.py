@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -300,11 +301,10 @@ def _bank_embeddings(out: Path, loaded, bank: list[str], device, precision: str,
     already checked that model, bank and precision are the same). ``--shard`` processes started
     together each embed it once and write the same values; the last rename wins.
     """
-    import tempfile
-
     from tbps.models.encode import encode_texts
 
     path = out / BANK_EMBEDDINGS_FILE
+    emb = None
     if rank == 0 and not path.exists():
         emb = encode_texts(loaded, bank, device=device, precision=precision)
         # A unique name: shard processes on several hosts may write into one directory at once.
@@ -312,15 +312,18 @@ def _bank_embeddings(out: Path, loaded, bank: list[str], device, precision: str,
             np.save(fh, emb)
         os.replace(fh.name, path)
     _barrier(world)
+    if emb is not None:  # embedded here: the file holds the same values
+        return torch.from_numpy(emb)
+    redo = "delete the file to embed the bank again"
     try:
         emb = np.load(path)
     except (OSError, ValueError) as exc:
-        raise TbpsError(f"the stored bank embeddings cannot be read ({exc})", path=path, hint="delete the file to embed the bank again") from None
+        raise TbpsError(f"the stored bank embeddings cannot be read ({exc})", path=path, hint=redo) from None
     if emb.shape != (len(bank), loaded.embed_dim) or emb.dtype != np.float32:
         raise TbpsError(
             f"the stored bank embeddings have shape {emb.shape} ({emb.dtype}), not ({len(bank)}, {loaded.embed_dim}) float32",
             path=path,
-            hint="delete the file to embed the bank again",
+            hint=redo,
         )
     return torch.from_numpy(emb)
 

@@ -193,6 +193,9 @@ def test_the_bank_is_embedded_once_per_output_directory(world, tmp_path):
     np.save(out / BANK_EMBEDDINGS_FILE, stored[:3])
     with pytest.raises(TbpsError, match="stored bank embeddings"):
         run_score(config(world, out))
+    (out / BANK_EMBEDDINGS_FILE).write_bytes(b"not a numpy file")
+    with pytest.raises(TbpsError, match="cannot be read"):
+        run_score(config(world, out))
 
 
 def test_duplicate_pair_ids_are_refused_before_work(world, tmp_path):
