@@ -1,0 +1,207 @@
+"""Writing and hashing files: the one atomic write and the one content hash of tbps.
+
+Every file tbps writes goes through :func:`atomic_write` (or :func:`atomic_dir` for a directory):
+the content goes to a temporary created exclusively in the target's directory (``mkstemp``: a
+fresh name, ``O_EXCL``, never following a link), which is renamed over the target only when it
+is complete. A killed process leaves either the old file or the new one, plus at most a temp
+named ``.<target name>.<pid>.<random>.tbps-tmp``; :func:`sweep_temps` removes those whose process
+is gone, and directory readers skip them (:func:`is_temp`). Written files get the permissions
+the user's umask gives (``mkstemp`` alone would leave them ``0600``).
+
+Every content hash is :data:`HASH_ALGO` (blake2b with a 16-byte digest, hex), and records that
+store a hash name the algorithm beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+HASH_ALGO = "blake2b-128"
+TEMP_SUFFIX = ".tbps-tmp"
+_BLOCK = 1 << 20
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
+def content_hash(data: bytes) -> str:
+    """The :data:`HASH_ALGO` hex digest of ``data``."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_hash(path: str | Path) -> str:
+    """The :data:`HASH_ALGO` hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_parts(parts: list[str | bytes]) -> str:
+    """The :data:`HASH_ALGO` hex digest of a sequence of strings or bytes, each length-prefixed."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def is_temp(name: str | Path) -> bool:
+    """Whether a file name is one of tbps's temporaries (directory readers skip them)."""
+    return Path(name).name.endswith(TEMP_SUFFIX)
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[IO[bytes]]:
+    """Yield a binary file whose content replaces ``path`` when the block ends without error.
+
+    Args:
+        path: the file to write; its directory is created when missing.
+
+    Yields:
+        A binary file object open for writing (pass it to ``pq.write_table``, ``torch.save``,
+        ``np.save`` ...). On an exception the temporary is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    with atomic_write(path) as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text to ``path`` atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON (non-JSON values through ``str``) to ``path`` atomically."""
+    return write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory that replaces the directory ``path`` when the block succeeds.
+
+    The old directory (if any) is renamed aside first and deleted only after the new one is in
+    place, so a kill at any instant leaves the old or the new one under ``path`` or aside as a
+    temp that :func:`restore_dir` brings back.
+
+    Args:
+        path: the directory to (re)write; its parent is created when missing.
+
+    Yields:
+        The temporary directory to fill.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, _DIR_MODE)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put the complete directory ``new`` at ``path``, keeping the old one aside until it is there."""
+    old = None
+    if path.exists() or path.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent))
+        os.replace(path, old / path.name)
+    os.replace(new, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _parse_temp(name: str) -> tuple[str, int, bool] | None:
+    """(target name, pid, is an aside copy) of a temp ``.<target>[.old].<pid>.<random>.tbps-tmp``."""
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+        return None
+    parts = name[1 : -len(TEMP_SUFFIX)].split(".")
+    if len(parts) < 3 or not parts[-2].isdigit():
+        return None
+    aside = len(parts) >= 4 and parts[-3] == "old"
+    target = ".".join(parts[: -3 if aside else -2])
+    return (target, int(parts[-2]), aside) if target else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_temps(directory: str | Path, *, recursive: bool = False) -> list[Path]:
+    """Remove tbps temporaries left in ``directory`` by processes that no longer run.
+
+    A temp of a live process (a concurrent run on the same directory) is left alone. An aside
+    copy of a directory (from :func:`atomic_dir`) is restored first when its target is missing.
+
+    Args:
+        directory: the output directory to clean.
+        recursive: also clean its sub-directories.
+
+    Returns:
+        The paths removed.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    entries = directory.rglob(f"*{TEMP_SUFFIX}") if recursive else directory.glob(f".*{TEMP_SUFFIX}")
+    for tmp in sorted(entries):
+        parsed = _parse_temp(tmp.name)
+        if parsed is None or _alive(parsed[1]):
+            continue  # not a tbps temp, or a concurrent run's
+        target, _, aside = parsed
+        if aside and not (tmp.parent / target).exists() and (tmp / target).exists():
+            os.replace(tmp / target, tmp.parent / target)  # killed between the two renames
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        removed.append(tmp)
+    return removed
