@@ -57,3 +57,17 @@ def hold_freed_memory() -> bool:
     if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl's mallopt does nothing
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def offline_by_default() -> bool:
+    """Keep Hugging Face Hub (open_clip's and transformers' downloader) offline unless ``TBPS_ALLOW_DOWNLOAD=1``.
+
+    Must run before huggingface_hub is imported: it reads the variable once, at import.
+
+    Returns:
+        Whether the process is now offline.
+    """
+    if os.environ.get("TBPS_ALLOW_DOWNLOAD") == "1":
+        return False
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return os.environ["HF_HUB_OFFLINE"] == "1"

@@ -34,6 +34,14 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _results import write_section  # noqa: E402 - bench/ is on sys.path (at its end)
+
+from tbps.models.adapters import adapter_config, apply_adapters  # noqa: E402
+from tbps.models.openclip import create  # noqa: E402
+from tbps.models.protocol import count_parameters  # noqa: E402
+
 # (label, method, wora_norm)
 KINDS = [
     ("wora", "wora", "per-input"),
@@ -60,12 +68,6 @@ def _peak_rss_mib() -> float:
 
 def _setup(batch: int, rank: int, kinds: list[tuple[str, str, str]]):
     """The base model, one adapted copy and AdamW per kind, a fixed batch and the loss."""
-    import torch
-    import torch.nn.functional as F
-
-    from tbps.models import create
-    from tbps.train.adapters import apply_adapters
-
     loaded = create("tbps-tiny", seed=0)
     base = loaded.model.train()
     gen = torch.Generator().manual_seed(0)
@@ -97,9 +99,6 @@ def _step(model, opt, loss_fn) -> float:
 
 
 def _shares(base, runs) -> dict[str, dict]:
-    from tbps.models import count_parameters
-    from tbps.train.adapters import adapter_config
-
     total = count_parameters(base)[1]
     out = {}
     for label, (model, _) in runs.items():
@@ -162,8 +161,6 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    import torch
-
     torch.set_num_threads(args.threads)  # a benchmark script, not library code: it owns the process
     if args.child:
         print(json.dumps(memory_child(args.child, args.batch, args.rank, args.memory_steps)))
@@ -204,8 +201,6 @@ def main() -> None:
     )
     if args.no_write:
         return
-    from _results import write_section  # noqa: E402 - bench/ is on sys.path (at its end)
-
     command = "python bench/adapters.py" + "".join(
         f" --{k.replace('_', '-')} {v}"
         for k, v in (("steps", args.steps), ("warmup", args.warmup), ("batch", args.batch), ("rank", args.rank), ("threads", args.threads))

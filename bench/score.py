@@ -85,7 +85,8 @@ def model_only(loaded, pairs: pl.DataFrame, batch: int, n: int, bank: list[str])
     (which a run embeds once, in batches of ``TEXT_BATCH``). Returns pairs per wall second and CPU seconds
     per pair of the pairs' forwards, and wall and CPU seconds of the bank's.
     """
-    from tbps.models.encode import _encode_text_trimmed, embed_pixels
+    from tbps.models.encode import embed_pixels
+    from tbps.models.openclip import encode_text_trimmed
 
     pixels = torch.randn(batch, 3, *loaded.image_size)
     tokens = loaded.tokenizer(pairs[C.CAPTION].head(n).to_list())
@@ -94,16 +95,16 @@ def model_only(loaded, pairs: pl.DataFrame, batch: int, n: int, bank: list[str])
     bank_tokens = bank_tokens[torch.argsort(bank_tokens.argmax(dim=-1), stable=True)]
     with torch.no_grad():  # one warm-up batch, untimed (first calls pay one-off kernel set-up)
         embed_pixels(loaded, pixels, device=torch.device("cpu"), dtype=None)
-        _encode_text_trimmed(loaded.model, tokens[:batch])
+        encode_text_trimmed(loaded.model, tokens[:batch])
     t0, c0 = time.perf_counter(), cpu_seconds()
     with torch.no_grad():
         for start in range(0, len(tokens), batch):
             embed_pixels(loaded, pixels[: len(tokens[start : start + batch])], device=torch.device("cpu"), dtype=None)
-            _encode_text_trimmed(loaded.model, tokens[start : start + batch])
+            encode_text_trimmed(loaded.model, tokens[start : start + batch])
     t1, c1 = time.perf_counter(), cpu_seconds()
     with torch.no_grad():
         for start in range(0, len(bank_tokens), TEXT_BATCH):
-            _encode_text_trimmed(loaded.model, bank_tokens[start : start + TEXT_BATCH])
+            encode_text_trimmed(loaded.model, bank_tokens[start : start + TEXT_BATCH])
     t2, c2 = time.perf_counter(), cpu_seconds()
     return {"pairs_per_s": len(tokens) / (t1 - t0), "cpu_per_pair": (c1 - c0) / len(tokens), "bank_s": t2 - t1, "bank_cpu_s": c2 - c1}
 
@@ -323,7 +324,7 @@ def main() -> None:
         print(lines[-1], flush=True)
 
     # 5: bf16 against fp32 on a subset (forced bf16 is emulated, and slow, on CPUs without native bf16).
-    from tbps.models.encode import bf16_supported
+    from tbps.models.device import bf16_supported
 
     sub = world / "pool" / "pool-bf16.json"
     sub.write_text(json.dumps(json.loads(pool.read_text())[: a.bf16_pairs]))

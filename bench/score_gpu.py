@@ -34,7 +34,8 @@ from tbps import columns as C  # noqa: E402
 from tbps import models  # noqa: E402
 from tbps.curate.score import ScoreConfig, read_score_table, run_score, sample_bank  # noqa: E402
 from tbps.data.readers import read_captions, read_dataset  # noqa: E402
-from tbps.models.encode import _encode_text_trimmed, embed_pixels  # noqa: E402
+from tbps.models.encode import embed_pixels  # noqa: E402
+from tbps.models.openclip import encode_text_trimmed  # noqa: E402
 
 NAME = "ViT-B-16-384x128"
 
@@ -58,13 +59,13 @@ def model_only(loaded, captions: list[str], batch: int, device: torch.device, bf
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, 2 * batch, batch):  # warm-up
             embed_pixels(loaded, pixels, device=device, dtype=dtype)
-            _encode_text_trimmed(loaded.model, tokens[start : start + batch])
+            encode_text_trimmed(loaded.model, tokens[start : start + batch])
         sync()
         t0 = time.perf_counter()
         for start in range(0, len(tokens), batch):
             chunk = tokens[start : start + batch]
             embed_pixels(loaded, pixels[: len(chunk)], device=device, dtype=dtype)
-            _encode_text_trimmed(loaded.model, chunk)
+            encode_text_trimmed(loaded.model, chunk)
         sync()
     return len(tokens) / (time.perf_counter() - t0)
 

@@ -15,55 +15,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tbps.columns import STATUS_OK
-from tbps.errors import UsageError
-from tbps.models import LoadedModel
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from tbps.data.images import open_image
+from tbps.models.device import autocast_dtype
+from tbps.models.protocol import Encoder
 
 
-def place(loaded: LoadedModel, device: torch.device | str | None) -> torch.device:
+def place(loaded: Encoder, device: torch.device | str | None) -> torch.device:
     """The device to run ``loaded`` on: ``device``, with the model moved there, or the model's own when None."""
     if device is None:
         return next(loaded.model.parameters()).device
     device = torch.device(device)
     loaded.model.to(device)  # a no-op when it is there already
     return device
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast runs natively (fast) on this device."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        # Without AVX512-BF16 or AMX, oneDNN emulates bf16 and it is slower than fp32.
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a ``--precision`` value, or None for plain fp32.
-
-    Args:
-        precision: ``auto`` (bf16 where the device supports it natively), ``fp32`` or ``bf16``.
-        device: where the model runs.
-
-    Returns:
-        ``torch.bfloat16`` or None.
-    """
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}", field="--precision", value=precision)
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if bf16_supported(device) else None
 
 
 @dataclass
@@ -99,8 +62,6 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from tbps.data.images import open_image
-
         path = self.paths[i]
         res = open_image(path, max_pixels=self.max_pixels)
         if res.image is None:
@@ -133,7 +94,7 @@ PREFETCH_FACTOR = 4
 
 
 def iter_image_batches(
-    loaded: LoadedModel,
+    loaded: Encoder,
     paths: Sequence[str | None],
     *,
     batch_size: int = 256,
@@ -203,72 +164,35 @@ def _loader_options(workers: int, pin_memory: bool) -> dict:
 
 
 @torch.no_grad()
-def embed_pixels(loaded: LoadedModel, pixels: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None) -> np.ndarray:
+def embed_pixels(loaded: Encoder, pixels: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None) -> np.ndarray:
     """Image embeddings (float32, L2-normalised) of a preprocessed batch (uint8 is normalised on ``device``)."""
     pixels = pixels.to(device, non_blocking=True)
     if pixels.dtype == torch.uint8:
         pixels = loaded.preprocess.normalise(pixels)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        feats = loaded.model.encode_image(pixels)
+        feats = loaded.encode_image(pixels)
     feats = torch.nn.functional.normalize(feats.float(), dim=-1)
     return feats.cpu().numpy()
 
 
-def caption_truncated(loaded: LoadedModel, captions: Sequence[str], tokens: torch.Tensor | None = None) -> np.ndarray:
+def caption_truncated(loaded: Encoder, captions: Sequence[str], tokens: torch.Tensor | None = None) -> np.ndarray:
     """Whether each caption has more tokens than the model's context (start/end tokens included).
 
     Args:
         loaded: the model.
         captions: the captions.
         tokens: their tokenisation by ``loaded.tokenizer``, when already at hand: only rows whose
-            last position is filled (the caption reached the context) are tokenised again.
+            last position is filled (the caption reached the context) are checked again.
 
     Returns:
         A bool array, one flag per caption.
     """
-    encode = getattr(loaded.tokenizer, "encode", None)
-
-    def too_long(c: str) -> bool:
-        if encode is None:  # Hugging Face tokenizers: tokenise without truncation
-            return len(loaded.tokenizer.tokenizer(c)["input_ids"]) > loaded.context_length
-        return len(encode(c)) + 2 > loaded.context_length
-
-    if tokens is None or encode is None:
-        return np.array([too_long(c) for c in captions], dtype=bool)
+    if tokens is None:
+        return np.array([loaded.caption_too_long(c) for c in captions], dtype=bool)
     flags = np.zeros(len(captions), dtype=bool)
     for i in torch.nonzero(tokens[:, -1] != 0).flatten().tolist():
-        flags[i] = too_long(captions[i])
+        flags[i] = loaded.caption_too_long(captions[i])
     return flags
-
-
-def _trimmable(model: torch.nn.Module) -> bool:
-    """Whether the text tower pools the end-of-text token under a causal mask (open_clip CLIP).
-
-    Then no position after the last end-of-text token of a batch can reach the pooled output,
-    and the batch can be cut there: the same embeddings for a fraction of the work.
-    """
-    import open_clip
-
-    mask = getattr(model, "attn_mask", None)
-    return (
-        isinstance(model, open_clip.CLIP)
-        and getattr(model, "text_pool_type", None) == "argmax"
-        and mask is not None
-        and bool(torch.equal(torch.isinf(mask), torch.triu(torch.ones_like(mask, dtype=torch.bool), 1)))
-    )
-
-
-def _encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """open_clip ``CLIP.encode_text`` on tokens cut after the batch's last end-of-text token."""
-    from open_clip.transformer import text_global_pool
-
-    length = int(tokens.argmax(dim=-1).max()) + 1
-    tokens = tokens[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type)
-    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
 
 
 # Captions per forward pass by default. With tbps-tiny, 256 keeps a batch's largest activation
@@ -280,7 +204,7 @@ TEXT_BATCH = 256
 
 @torch.no_grad()
 def encode_texts(
-    loaded: LoadedModel,
+    loaded: Encoder,
     captions: Sequence[str],
     *,
     batch_size: int = TEXT_BATCH,
@@ -290,8 +214,8 @@ def encode_texts(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Caption embeddings, float32 and L2-normalised; captions longer than the context are truncated.
 
-    Captions are batched by token length, and for open_clip CLIP models each batch is cut after
-    its longest caption (the causal text tower gives the same embeddings; see ``_trimmable``).
+    Captions are batched by token length when the model allows it (``Encoder.text_lengths``),
+    so a family can cut each batch after its longest caption.
 
     Args:
         loaded: the model.
@@ -311,14 +235,14 @@ def encode_texts(
     if not len(captions):
         return (out, np.zeros(0, dtype=bool)) if return_truncated else out
     tokens = loaded.tokenizer(list(captions))
-    trim = _trimmable(loaded.model)
-    # Similar lengths together, so each cut batch wastes little; the order is restored below.
-    order = torch.argsort(tokens.argmax(dim=-1), stable=True) if trim else torch.arange(len(captions))
+    lengths = loaded.text_lengths(tokens)
+    # Similar lengths together, so each batch cut after its longest caption wastes little; the order is restored below.
+    order = torch.argsort(lengths, stable=True) if lengths is not None else torch.arange(len(captions))
     for start in range(0, len(captions), batch_size):
         idx = order[start : start + batch_size]
         batch = tokens[idx].to(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            feats = _encode_text_trimmed(loaded.model, batch) if trim else loaded.model.encode_text(batch)
+            feats = loaded.encode_text(batch)
         out[idx.numpy()] = torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
     return (out, caption_truncated(loaded, captions, tokens)) if return_truncated else out
 
@@ -338,7 +262,7 @@ class ImageEncoding:
 
 
 def encode_images(
-    loaded: LoadedModel,
+    loaded: Encoder,
     paths: Sequence[str | None],
     *,
     batch_size: int = 256,

@@ -19,6 +19,7 @@ import re
 from typing import Any, Sequence
 
 import numpy as np
+import open_clip.tokenizer
 import torch
 
 # A bound on this cache (distinct words, each a few ids): real caption vocabularies are far
@@ -42,8 +43,6 @@ class WordCachedTokenizer:
         self.context_length = inner.context_length
         self._sot, self._eot = inner.sot_token_id, inner.eot_token_id
         self._words: dict[str, tuple[int, ...]] = {}
-        import open_clip.tokenizer
-
         # The shortcut in clean() reproduces only the default "lower" cleaning.
         self._lower = inner.clean_fn is getattr(open_clip.tokenizer, "_clean_lower", None)
 
@@ -128,8 +127,6 @@ def fast_tokenizer(tokenizer: Any) -> Any:
     Returns:
         A :class:`WordCachedTokenizer` around it, or the tokenizer itself.
     """
-    from open_clip.tokenizer import SimpleTokenizer
-
-    if type(tokenizer) is SimpleTokenizer and getattr(tokenizer, "reduction_fn", None) is None:
+    if type(tokenizer) is open_clip.tokenizer.SimpleTokenizer and getattr(tokenizer, "reduction_fn", None) is None:
         return WordCachedTokenizer(tokenizer)
     return tokenizer

@@ -2,12 +2,16 @@
 
 One behaviour table over adapter kinds x models: outputs equal the base at initialisation,
 magnitudes start at the norms of the *loaded* weights, only the intended parameters move in
-training, merged equals unmerged, and a saved adapter reloads onto a fresh base exactly.
+training, merged equals unmerged, and a saved adapter reloads onto a fresh base exactly. The
+method registry has its own tests: every registered method is in that table, passes the two
+core properties, and appears in ``tbps train --help`` and in the README's table.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tbps.errors import TbpsError, UsageError
-from tbps.models import count_parameters, create
-from tbps.train.adapters import (
+from tbps.models.adapters import (
+    CONFIG_FILE,
+    METHODS,
+    REGISTRY,
+    VARIANTS,
+    WEIGHTS_FILE,
     AdaptedLinear,
     AdaptedMultiheadAttention,
     AdapterLayer,
@@ -27,6 +35,8 @@ from tbps.train.adapters import (
     merge_adapters,
     save_adapters,
 )
+from tbps.models.openclip import create
+from tbps.models.protocol import count_parameters
 
 # (method, wora_norm, adapter parameter names expected on an adapted layer, magnitude shape kind)
 KINDS = {
@@ -77,14 +87,8 @@ def _toy(batch_first: bool) -> tuple[nn.Module, tuple, int]:
     return base, (x, pad), 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not spin against other work on a
-    shared 2-core machine (there the file took ~4x longer with 2 threads). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: with 2 threads on a shared 2-core machine this file took ~4x longer.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +200,7 @@ def test_adapter_properties(request, model_name, kind, tmp_path):
 
     # Save / load onto a fresh base: identical outputs.
     save_adapters(model, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]  # no temporaries left
     saved = set(adapter_state_dict(model))
     assert saved == expected
     if method != "full":
@@ -321,3 +326,45 @@ def test_top_level_re_exports():
     import tbps
 
     assert tbps.apply_adapters is apply_adapters and tbps.merge_adapters is merge_adapters
+
+
+# ----------------------------------------------------------------------------- the method registry
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_every_registered_method_is_in_the_behaviour_table_and_declares_its_name():
+    assert {KINDS[k][0] for k in KINDS} == set(METHODS)  # test_adapter_properties covers each method
+    for name, cls in VARIANTS.items():
+        assert cls.name == name and REGISTRY[name].endswith(f":{cls.__name__}")
+        assert set(cls.parameters) <= ADAPTER_NAMES, f"{name}: name new parameters in ADAPTER_NAMES"
+
+
+@pytest.mark.parametrize("method", list(VARIANTS))
+def test_a_registered_method_starts_at_the_base_and_merges_to_what_it_computes(method):
+    """The two properties every method must have, over the registry itself (a new method is tested as it lands)."""
+    base, inputs, rank = _toy(batch_first=True)
+    reference = _reference("toy-batch-first", copy.deepcopy(base).requires_grad_(False), inputs)
+    model = apply_adapters(copy.deepcopy(base), method, rank=rank)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model, inputs), reference, **INIT_TOL)
+        layers = [m for m in model.modules() if isinstance(m, AdapterLayer) and getattr(m, "method", None)]
+        assert layers and all(m.variant is VARIANTS[method] for m in layers)
+        for layer in layers:
+            assert {n for n, _ in layer.named_parameters(recurse=False)} & ADAPTER_NAMES == set(VARIANTS[method].parameters)
+            layer.lora_B.normal_(std=0.05)  # move away from the base: W' != W0
+        moved = _out(model, inputs)
+        assert (moved - reference).abs().max() > 1e-3
+        torch.testing.assert_close(_out(merge_adapters(model), inputs), moved, rtol=0, atol=1e-5)
+
+
+def test_every_method_appears_in_train_help_and_in_the_readme_table(cli):
+    result = cli("train", "--help", env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    # The option's row (one line at 200 columns), not the example that also says --adapter.
+    line = next(ln for ln in result.output.splitlines() if re.match(r"\W*--adapter\s", ln))
+    trains = [m for m in METHODS if m != "none"]  # `tbps train --adapter none` is refused
+    assert set(VARIANTS) <= set(trains) and all(re.search(rf"\b{m}\b", line) for m in trains), line
+    section = README.read_text(encoding="utf-8").split("## Training with WoRA", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1) for m in re.finditer(r"^\| `([a-z0-9-]+)`", section, flags=re.MULTILINE)}
+    assert set(METHODS) <= rows, f"README's --adapter table lacks {sorted(set(METHODS) - rows)}"

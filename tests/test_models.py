@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from tbps import models
+from tbps.models import openclip
+from tbps.models.preprocess import PedestrianTransform
 from tbps.errors import TbpsError
 
 
 def _config_file(tmp_path, name="my-vit", image_size=(64, 32)):
-    config = open_clip.get_model_config(models.TINY)
+    config = open_clip.get_model_config(openclip.TINY)
     config["vision_cfg"]["image_size"] = list(image_size)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))
@@ -39,7 +41,7 @@ def test_a_config_file_gives_a_seeded_model_at_its_image_size(tmp_path):
 
 def test_a_checkpoint_of_a_config_file_model_loads_in_a_new_process(tmp_path):
     path = _config_file(tmp_path, name="exported-vit")
-    checkpoint = models.save_checkpoint(models.load(str(path), seed=5), tmp_path / "model.pt")
+    checkpoint = models.load(str(path), seed=5).save(tmp_path / "model.pt")
     probe = (
         "import sys, torch\n"
         "from tbps import models\n"
@@ -86,10 +88,10 @@ def test_preprocess_equals_torchvision_bit_for_bit(mode, size):
 
     rng = np.random.default_rng(sum(size))
     im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
-    loaded = models.load(models.TINY)
+    loaded = models.load(openclip.TINY)
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     reference = T.Compose([T.Resize(loaded.image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.ToTensor(), T.Normalize(mean, std)])
-    ours = models.PedestrianTransform(loaded.image_size, mean, std)(im)
+    ours = PedestrianTransform(loaded.image_size, mean, std)(im)
     assert ours.shape == (3, *loaded.image_size) and ours.dtype == torch.float32
     assert torch.equal(ours, reference(im.convert("RGB")))
 
@@ -97,9 +99,9 @@ def test_preprocess_equals_torchvision_bit_for_bit(mode, size):
 def test_the_word_cached_tokenizer_equals_open_clips():
     from tbps.models.tokens import WordCachedTokenizer
 
-    loaded = models.load(models.TINY)
+    loaded = models.load(openclip.TINY)
     assert isinstance(loaded.tokenizer, WordCachedTokenizer)
-    reference = open_clip.get_tokenizer(models.TINY)
+    reference = open_clip.get_tokenizer(openclip.TINY)
     captions = [
         "A woman in a red coat carrying a black backpack.",
         "a woman in a RED coat, carrying a black backpack!!",  # repeated words come from the cache
@@ -122,7 +124,7 @@ def test_the_tokenizer_cleans_plain_ascii_captions_as_open_clip_does():
     import random
     import string
 
-    tok = models.load(models.TINY).tokenizer
+    tok = models.load(openclip.TINY).tokenizer
     assert tok._lower
     rng = random.Random(0)
     plain = string.printable.replace("&", "").replace("\r", "").replace("\x0b", "").replace("\x0c", "")
@@ -135,14 +137,14 @@ def test_the_tokenizer_cleans_plain_ascii_captions_as_open_clip_does():
     assert sum(bool(_PLAIN.fullmatch(t)) for t in texts) == len(texts) - 8  # the shortcut is taken, except for the last 8
     for text in texts:
         assert tok.clean(text) == tok.inner.clean_fn(text), repr(text)
-    reference = open_clip.get_tokenizer(models.TINY)
+    reference = open_clip.get_tokenizer(openclip.TINY)
     assert torch.equal(tok(texts), reference(texts))
 
 
 def test_the_tokenizer_pickles_without_its_word_cache():
     import pickle
 
-    loaded = models.load(models.TINY)
+    loaded = models.load(openclip.TINY)
     before = loaded.tokenizer(["a man in a red coat"])
     copy = pickle.loads(pickle.dumps(loaded.tokenizer))
     assert copy._words == {} and loaded.tokenizer._words
@@ -154,7 +156,7 @@ def test_uint8_batches_embed_as_images_normalised_one_by_one():
 
     from tbps.models.encode import embed_pixels
 
-    loaded = models.load(models.TINY)
+    loaded = models.load(openclip.TINY)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (96, 32, 3), dtype=np.uint8)) for _ in range(3)]
     uint8 = torch.stack([loaded.preprocess.to_uint8(im) for im in images])
@@ -166,6 +168,6 @@ def test_uint8_batches_embed_as_images_normalised_one_by_one():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_normalising_on_cuda_equals_normalising_on_the_cpu():
-    loaded = models.load(models.TINY)
+    loaded = models.load(openclip.TINY)
     uint8 = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (4, 3, 96, 32), dtype=np.uint8))
     assert torch.equal(loaded.preprocess.normalise(uint8.cuda()).cpu(), loaded.preprocess.normalise(uint8))

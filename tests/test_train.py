@@ -19,14 +19,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from tbps import columns as C
-from tbps.cli import app
 from tbps.models import load
+from tbps.models.adapters import WEIGHTS_FILE, adapter_state_dict
 from tbps.models.encode import encode_images, encode_texts
-from tbps.train.adapters import WEIGHTS_FILE, adapter_state_dict
-from tbps.train.checkpoint import build_model, load_run_model
+from tbps.models.runs import load_run
+from tbps.train.checkpoint import build_model
 from tbps.train.data import GlobalBatches
 from tbps.train.loop import TrainConfig, lr_factor, train
 from tbps.train.loss import clip_loss, sdm_loss
@@ -44,14 +43,7 @@ COLOURS = {
 FAST = ["--model", "tbps-tiny", "--batch-size", "8", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--warmup", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine two spinning OpenMP threads run 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _render(path: Path, rgb: tuple[int, int, int], rng: np.random.Generator) -> None:
     arr = np.zeros((96, 32, 3), np.uint8)
@@ -80,26 +72,22 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
-def _invoke(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
-def run_dir(world, tmp_path_factory) -> Path:
+def run_dir(world, tmp_path_factory, cli) -> Path:
     """A 4-step wora run through the CLI with validation (1 of 17 manifest images missing)."""
     run = tmp_path_factory.mktemp("runs") / "wora"
-    res = _invoke("train", "--manifest", world / "manifest.parquet", "--val", world / "pairs.csv", "--out", run, *FAST,
+    res = cli("train", "--manifest", world / "manifest.parquet", "--val", world / "pairs.csv", "--out", run, *FAST,
                   "--steps", "4", "--val-every", "2", "--lr", "1e-3", "--log-every", "1", "--max-missing", "0.1", "--quiet")
     assert res.exit_code == 0, res.output
     assert "skipped missing-image" in res.output
     return run
 
 
-def test_cli_run_writes_a_complete_run_directory(run_dir):
+def test_cli_run_writes_a_complete_run_directory(run_dir, tiny_clip):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "complete" and record["step"] == 4
     assert record["config"]["adapter"] == "wora" and record["config"]["steps"] == 4
-    assert record["base_model"]["identity"] == load("tbps-tiny", seed=0).identity
+    assert record["base_model"]["identity"] == tiny_clip.identity
     assert record["adapter"]["method"] == "wora" and record["adapter"]["modules"]
     assert record["data"]["kind"] == "manifest" and len(record["data"]["sha"]) == 32
     assert record["data"]["rows"] == 17 and record["data"]["used"] == 16 and record["data"]["skipped"] == {"missing-image": 1}
@@ -120,7 +108,7 @@ def test_cli_run_writes_a_complete_run_directory(run_dir):
 
 
 def test_only_adapter_parameters_and_temperature_changed(run_dir):
-    trained = load_run_model(run_dir, "last").model
+    trained = load_run(run_dir, "last").model
     start = build_model("tbps-tiny", 0, "wora", 8, None, "per-input").model
     adapted = set(adapter_state_dict(start))
     assert "logit_scale" in adapted and any(n.endswith("lora_B") for n in adapted)
@@ -130,8 +118,8 @@ def test_only_adapter_parameters_and_temperature_changed(run_dir):
     assert any(n.endswith("lora_B") for n in changed)
 
 
-def test_export_merge_gives_the_run_model(run_dir, world, tmp_path):
-    res = _invoke("export", run_dir, "--merge", "--out", tmp_path / "wora.pt")
+def test_export_merge_gives_the_run_model(run_dir, world, tmp_path, cli, tiny_clip):
+    res = cli("export", run_dir, "--merge", "--out", tmp_path / "wora.pt")
     assert res.exit_code == 0, res.output
     from_run, exported = load(str(run_dir)), load(str(tmp_path / "wora.pt"))
     assert from_run.identity["run"] == "wora" and from_run.identity["checkpoint"] == "best"
@@ -142,7 +130,7 @@ def test_export_merge_gives_the_run_model(run_dir, world, tmp_path):
         a, b = fn(from_run, items, batch_size=8), fn(exported, items, batch_size=8)
         a, b = getattr(a, "embeddings", a), getattr(b, "embeddings", b)
         assert np.abs(a - b).max() <= 1e-5
-    assert not np.allclose(encode_texts(load("tbps-tiny"), captions), encode_texts(exported, captions), atol=1e-4)
+    assert not np.allclose(encode_texts(tiny_clip, captions), encode_texts(exported, captions), atol=1e-4)
 
 
 def test_sdm_treats_pairs_of_one_person_as_positives():
@@ -234,27 +222,27 @@ def _names_run_state(path: Path) -> bool:
         (["--manifest", "{w}/manifest.parquet", "--device", "gpu"], 2, "--device must be auto, cpu, cuda or cuda:N"),
     ],
 )
-def test_bad_input_is_refused_before_training(world, tmp_path, args, code, message):
+def test_bad_input_is_refused_before_training(world, tmp_path, args, code, message, cli):
     pl.read_parquet(world / "manifest.parquet").drop(C.PERSON_ID).write_parquet(world / "noid.parquet")
     out = tmp_path / "run"
     # The case's options come last: where an option repeats, the last one counts.
-    res = _invoke("train", "--max-missing", "0.1", "--out", out, *FAST, "--steps", "2", *[a.format(w=world) for a in args])
+    res = cli("train", "--max-missing", "0.1", "--out", out, *FAST, "--steps", "2", *[a.format(w=world) for a in args])
     assert res.exit_code == code, res.output
     assert message in " ".join(res.output.split()), res.output
     assert _names_run_state(out)
 
 
-def test_unusable_resume_checkpoint_is_refused(run_dir, world, tmp_path):
+def test_unusable_resume_checkpoint_is_refused(run_dir, world, tmp_path, cli):
     args = ["train", "--manifest", world / "manifest.parquet", "--val", world / "pairs.csv", *FAST, "--steps", "4",
             "--val-every", "2", "--lr", "1e-3", "--max-missing", "0.1", "--quiet"]
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
-    res = _invoke(*args, "--out", copy)
+    res = cli(*args, "--out", copy)
     assert res.exit_code == 1 and "not empty" in res.output and "--resume" in res.output
-    res = _invoke(*args, "--out", copy, "--resume", "--rank", "4")
+    res = cli(*args, "--out", copy, "--resume", "--rank", "4")
     assert res.exit_code == 1 and "rank: run has 8, now 4" in " ".join(res.output.split()), res.output
     (copy / "last" / "trainer.pt").unlink()
-    res = _invoke(*args, "--out", copy, "--resume")
+    res = cli(*args, "--out", copy, "--resume")
     assert res.exit_code == 1 and "last checkpoint is incomplete" in " ".join(res.output.split()), res.output
 
 

@@ -1,1 +1,1 @@
-"""Training: WoRA/DoRA/LoRA adapters and the fine-tuning loop."""
+"""Training: the fine-tuning loop, its data and losses, checkpoint writing and resume (adapters are model code: ``tbps.models.adapters``)."""

@@ -1,47 +1,31 @@
-"""The run directory of ``tbps train``: what it holds, how to resume it, load it and export it.
+"""Writing a run directory of ``tbps train`` and resuming it (its layout: :mod:`tbps.models.runs`).
 
-Layout::
-
-    RUN/run.json        the record: resolved TrainConfig, base model spec and identity, adapter
-                        config, data path + content hash, trainable/total parameters, training
-                        wall time, pairs seen, best step and its val metrics, versions, git commit.
-                        Its presence marks a run directory for ``tbps.models.load``.
-    RUN/log.jsonl       one JSON line per log interval (``kind: train``) and per validation
-                        (``kind: val``)
-    RUN/last/           the latest state, for ``--resume``:
-        adapter_config.json, adapter_model.safetensors   the trained tensors (save_adapters)
-        trainer.pt      optimizer, scheduler, step, micro-batch, RNG states, the config
-    RUN/best/           the weights of the best validation step (only with ``--val``)
-
-The weights are always written by :func:`tbps.train.adapters.save_adapters`: for the adapter
+The weights are always written by :func:`tbps.models.adapters.save_adapters`: for the adapter
 methods that is the adapter tensors (plus the learnable ``logit_scale``), never the frozen base
 weights; for ``full`` it is every parameter, i.e. the full state dict. A checkpoint directory is
-written beside its final name and renamed into place, so a killed run leaves the previous one.
+written beside its final name and renamed into place (:func:`tbps.files.atomic_dir`), so a killed
+run leaves the previous one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tbps.errors import TbpsError, UsageError
-from tbps.models import RUN_MARKER, LoadedModel, file_hash
+from tbps.errors import TbpsError
+from tbps.files import atomic_dir, write_text
+from tbps.models import load
+from tbps.models.adapters import ADAPTER_METHODS, CONFIG_FILE, WEIGHTS_FILE, apply_adapters, save_adapters
+from tbps.models.protocol import Encoder
+from tbps.models.runs import BEST, LAST, LOG_FILE, RUN_MARKER, TRAINER_FILE
 
-LOG_FILE = "log.jsonl"
-LAST = "last"
-BEST = "best"
-TRAINER_FILE = "trainer.pt"
 
-
-def build_model(model: str, seed: int, adapter: str, rank: int, targets: list[str] | None, wora_norm: str) -> LoadedModel:
+def build_model(model: str, seed: int, adapter: str, rank: int, targets: list[str] | None, wora_norm: str) -> Encoder:
     """The base model with fresh adapters, as a training run starts.
 
     The learnable temperature ``logit_scale`` trains with the adapters (``extra_trainable``).
@@ -57,9 +41,6 @@ def build_model(model: str, seed: int, adapter: str, rank: int, targets: list[st
     Returns:
         The loaded model, adapted in place.
     """
-    from tbps.models import load
-    from tbps.train.adapters import ADAPTER_METHODS, apply_adapters
-
     loaded = load(model, seed=seed)
     opts: dict[str, Any] = {"targets": targets} if adapter in ADAPTER_METHODS else {}
     if adapter in ADAPTER_METHODS:
@@ -68,16 +49,6 @@ def build_model(model: str, seed: int, adapter: str, rank: int, targets: list[st
         torch.manual_seed(seed)
         apply_adapters(loaded.model, method=adapter, rank=rank, wora_norm=wora_norm, **opts)
     return loaded
-
-
-def _weights_hash(directory: Path) -> str:
-    """blake2b-128 of the adapter config and weights files of a checkpoint directory."""
-    from tbps.train.adapters import CONFIG_FILE, WEIGHTS_FILE
-
-    h = hashlib.blake2b(digest_size=16)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        h.update(file_hash(directory / name).encode())
-    return h.hexdigest()
 
 
 def write_checkpoint(run: Path, name: str, model: torch.nn.Module, trainer: dict[str, Any] | None = None) -> Path:
@@ -92,19 +63,11 @@ def write_checkpoint(run: Path, name: str, model: torch.nn.Module, trainer: dict
     Returns:
         The checkpoint directory.
     """
-    from tbps.train.adapters import save_adapters
-
-    final, tmp, old = run / name, run / f".{name}.tmp", run / f".{name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapters(model, tmp)
-    if trainer is not None:
-        torch.save(trainer, tmp / TRAINER_FILE)
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    with atomic_dir(run / name) as tmp:
+        save_adapters(model, tmp)
+        if trainer is not None:
+            torch.save(trainer, tmp / TRAINER_FILE)
+    return run / name
 
 
 def rng_state() -> dict[str, Any]:
@@ -146,8 +109,6 @@ def read_resume_state(run: Path, config: dict[str, Any], free: set[str]) -> tupl
         TbpsError: no run or no last checkpoint, missing or unreadable files, or a config that
             differs from the saved one in a field that shapes the result.
     """
-    from tbps.train.adapters import CONFIG_FILE, WEIGHTS_FILE
-
     last = run / LAST
     if not (run / RUN_MARKER).is_file():
         raise TbpsError("cannot resume: not a run directory", path=run, hint=f"a run holds {RUN_MARKER}; drop --resume to start one")
@@ -170,115 +131,6 @@ def read_resume_state(run: Path, config: dict[str, Any], free: set[str]) -> tupl
     return last, state
 
 
-def load_weights(loaded: LoadedModel, directory: Path) -> LoadedModel:
-    """Apply and load the saved adapters (or full weights) onto a freshly loaded base model.
-
-    Args:
-        loaded: the base model, unadapted.
-        directory: a checkpoint directory (``RUN/best`` or ``RUN/last``).
-
-    Returns:
-        ``loaded``, its model adapted and loaded.
-    """
-    from tbps.train.adapters import load_adapters
-
-    # load_adapters initialises lora_A before loading: keep the caller's RNG stream untouched.
-    with torch.random.fork_rng(devices=[]):
-        load_adapters(loaded.model, directory)
-    return loaded
-
-
-def check_base(run: Path, record: dict[str, Any], base: LoadedModel) -> None:
-    """Refuse a base model whose identity (spec, weights, content hash) differs from the run's.
-
-    Args:
-        run: the run directory, for the message.
-        record: its ``run.json``.
-        base: the base model as it loads now.
-
-    Raises:
-        TbpsError: the identities differ (adapters on other base weights are meaningless).
-    """
-    expected = (record.get("base_model") or {}).get("identity")
-    if expected and expected != base.identity:
-        raise TbpsError(
-            "the base model now loads other weights than the run was trained on",
-            path=run,
-            field="model",
-            value=base.identity,
-            hint=f"the run was trained on {expected}",
-        )
-
-
-def load_run_model(path: str | Path, checkpoint: str | None = None) -> LoadedModel:
-    """Rebuild a run's model: the base model from ``run.json`` with the run's trained weights.
-
-    Args:
-        path: the run directory.
-        checkpoint: ``best`` or ``last``; default: the run's result (``best`` with validation,
-            else ``last``).
-
-    Returns:
-        The model in eval mode; ``identity`` names the run, the checkpoint, its step, the content
-        hash of its weights and the base model's identity.
-
-    Raises:
-        TbpsError: run.json is unreadable, the checkpoint is missing, or the base model now
-            loads with other weights than the run was trained on.
-    """
-    from tbps.models import load
-
-    run = Path(path)
-    try:
-        record = json.loads((run / RUN_MARKER).read_text())
-        config = record["config"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TbpsError(f"unreadable run record ({exc})", path=run / RUN_MARKER) from exc
-    if checkpoint not in (None, BEST, LAST):
-        raise UsageError(f"the checkpoint is {BEST} or {LAST}", field="--checkpoint", value=checkpoint)
-    which = checkpoint or record.get("result_checkpoint") or LAST
-    if checkpoint is None and not (run / which).is_dir():
-        which = LAST  # a run stopped before its first validation: its last state is all there is
-    directory = run / which
-    if not directory.is_dir():
-        raise TbpsError("the run has no such checkpoint", path=directory, hint="the run may not have saved one yet")
-    loaded = load(config["model"], seed=int(config["seed"]))
-    check_base(run, record, loaded)
-    load_weights(loaded, directory)
-    loaded.model.eval()
-    steps = record.get("checkpoints", {}).get(which, {})
-    loaded.identity = {
-        "spec": str(run),
-        "run": run.resolve().name,
-        "checkpoint": which,
-        "step": steps.get("step"),
-        "sha": _weights_hash(directory),
-        "adapter": config.get("adapter"),
-        "base": loaded.identity,
-    }
-    return loaded
-
-
-def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """Fold a run's adapters into plain weights and write an open_clip checkpoint.
-
-    Args:
-        run: the run directory.
-        out: the checkpoint file to write (``tbps.models.load`` reads it back).
-        checkpoint: ``best`` or ``last``; default: the run's result.
-
-    Returns:
-        The written path and the identity of the exported weights.
-    """
-    from tbps.models import save_checkpoint
-    from tbps.train.adapters import merge_adapters
-
-    loaded = load_run_model(run, checkpoint)
-    merge_adapters(loaded.model)
-    path = save_checkpoint(loaded, out, extra={"exported_from": loaded.identity})
-    return path, loaded.identity
-
-
 def append_log(run: Path, line: dict[str, Any]) -> None:
     """Append one JSON line to ``RUN/log.jsonl``."""
     with open(run / LOG_FILE, "a") as f:
@@ -291,5 +143,5 @@ def truncate_log(run: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    write_text(path, "".join(ln + "\n" for ln in keep))
 

@@ -3,8 +3,8 @@
 Where the pairs come from:
 
 * a **manifest** (``tbps select`` output, or any Parquet file with at least ``pair_id``,
-  ``image_path``, ``caption`` and ``person_id``); relative image paths resolve against
-  ``image_root`` or the manifest's directory;
+  ``image_path``, ``caption`` and ``person_id``); relative image paths resolve inside
+  ``image_root`` or the manifest's directory, refused (``path-outside-root``) when they leave it;
 * any **dataset** the readers support (``tbps.data.readers.read_dataset``), optionally
   restricted to one split.
 
@@ -42,6 +42,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from tbps import columns as C
+from tbps.data.images import open_image
+from tbps.data.paths import ImageResolver
+from tbps.data.readers import read_dataset
+from tbps.data.splits import select_split
 from tbps.errors import TbpsError
 
 REQUIRED_COLUMNS = (C.PAIR_ID, C.IMAGE_PATH, C.CAPTION, C.PERSON_ID)
@@ -77,7 +81,8 @@ def read_manifest(path: str | Path, image_root: str | None = None) -> pl.DataFra
         image_root: where relative image paths resolve; default: the manifest's directory.
 
     Returns:
-        The manifest with absolute ``image_path`` values.
+        The manifest with absolute ``image_path`` values; a relative path that leaves the image
+        root gives its row the status ``path-outside-root``.
 
     Raises:
         TbpsError: the file is missing, unreadable, or lacks a required column.
@@ -101,10 +106,32 @@ def read_manifest(path: str | Path, image_root: str | None = None) -> pl.DataFra
             raise TbpsError("column must hold strings", path=path, field=name, value=str(frame.schema[name]))
     root = Path(image_root) if image_root else path.resolve().parent
     frame = frame.with_columns(pl.col(C.PERSON_ID).cast(pl.String))
-    relative = ~pl.col(C.IMAGE_PATH).str.starts_with("/")
-    return frame.with_columns(
-        pl.when(relative).then(pl.lit(f"{root}/") + pl.col(C.IMAGE_PATH)).otherwise(pl.col(C.IMAGE_PATH)).alias(C.IMAGE_PATH)
+    return _resolve_image_paths(frame, root)
+
+
+def _resolve_image_paths(frame: pl.DataFrame, root: Path) -> pl.DataFrame:
+    """Relative image paths resolved inside the image root by the readers' resolver.
+
+    A path that leaves the root (``..``, a symlink pointing out) gets the readers' status
+    (``path-outside-root``) and reason, and no image path. Absolute paths are kept: ``tbps
+    select`` writes the paths a reader already resolved inside its own image root.
+    """
+    given = frame.get_column(C.IMAGE_PATH).to_list()
+    relative = [p if p is not None and not p.startswith("/") else None for p in given]
+    hits = ImageResolver(root).resolve_all(relative)
+    frame = frame.with_columns(
+        pl.Series(C.IMAGE_PATH, [h[0] if r is not None else p for p, r, h in zip(given, relative, hits)], dtype=pl.String)
     )
+    refused = [r is not None and h[1] != C.STATUS_OK for r, h in zip(relative, hits)]
+    if not any(refused):
+        return frame
+    status = frame.get_column(C.STATUS).to_list() if C.STATUS in frame.columns else [C.STATUS_OK] * frame.height
+    error = frame.get_column(C.ERROR).to_list() if C.ERROR in frame.columns else [None] * frame.height
+    for k, hit in enumerate(hits):
+        # A row that already carries a problem keeps it, as in the readers.
+        if refused[k] and status[k] in (None, C.STATUS_OK):
+            status[k], error[k] = hit[1], hit[2]
+    return frame.with_columns(pl.Series(C.STATUS, status, dtype=pl.String), pl.Series(C.ERROR, error, dtype=pl.String))
 
 
 def read_split(
@@ -124,21 +151,8 @@ def read_split(
     Raises:
         TbpsError: the split is not among the file's splits.
     """
-    from tbps.data.readers import read_dataset
-
     frame = read_dataset(path, **reader_options)
-    splits = sorted(s for s in frame.get_column(C.SPLIT).unique().to_list() if s is not None)
-    if split is None or not splits:
-        return frame
-    if split not in splits:
-        raise TbpsError(
-            f"split {split!r} not found in {what}",
-            path=path,
-            field=C.SPLIT,
-            value=split,
-            hint=f"splits in the file: {', '.join(splits)}",
-        )
-    return frame.filter(pl.col(C.SPLIT) == split)
+    return select_split(frame, split, default=None, strict=False, what=what, path=path)[0]
 
 
 def image_file_status(path: str | None) -> str:
@@ -273,8 +287,6 @@ class TrainPairs(Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, key: tuple[int, int]):
-        from tbps.data.images import open_image
-
         epoch, index = key
         for replaced in range(_MAX_REPLACEMENTS):
             # A file that stopped decoding is replaced by the next pair, the same way on every run.

@@ -29,8 +29,17 @@ import torch
 import torch.distributed as dist
 
 from tbps import columns as C
+from tbps.data.options import ReaderOptions
 from tbps.errors import TbpsError, UsageError
-from tbps.models import RUN_MARKER, count_parameters, file_hash
+from tbps.eval.metrics import retrieval_metrics_from_embeddings
+from tbps.files import file_hash, write_json
+from tbps.models import load
+from tbps.models.adapters import METHODS, NORMS, adapter_config
+from tbps.models.device import autocast_dtype, check_device, check_precision, distributed
+from tbps.models.encode import encode_images, encode_texts
+from tbps.models.protocol import Encoder, count_parameters
+from tbps.models.runs import RUN_MARKER, check_base, load_weights
+from tbps.provenance import record
 from tbps.train import checkpoint as ckpt
 from tbps.train import data as D
 from tbps.train.loss import LOSSES, contrastive_loss
@@ -40,8 +49,8 @@ DEFAULT_EPOCHS = 5
 RESUME_FREE = {"resume", "workers", "log_every"}
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(ReaderOptions):
     """Options of ``tbps train``; field names equal the CLI option names.
 
     Attributes:
@@ -49,11 +58,9 @@ class TrainConfig:
         model: the base model spec (``tbps.models.load``).
         manifest: a manifest Parquet (``tbps select``); exclusive with ``data``.
         data: a dataset any reader supports; exclusive with ``manifest``.
-        format: reader format of ``data`` and ``val``; detected when None.
-        image_root: where image paths of ``data``/``val`` (and relative manifest paths) resolve.
-        image_col: image column of a generic table.
-        caption_col: caption column of a generic table.
-        id_col: person id column of a generic table.
+        format, image_root, image_col, caption_col, id_col: the reader options of ``data`` and
+            ``val`` (``tbps.data.options.ReaderOptions``); ``image_root`` is also where
+            relative manifest paths resolve.
         train_split: the split of ``data`` to train on, when the file has splits.
         val: the validation dataset (reader formats); None trains without validation.
         val_split: the split of ``val`` to validate on, when the file has splits.
@@ -86,11 +93,6 @@ class TrainConfig:
     model: str
     manifest: str | None = None
     data: str | None = None
-    format: str | None = None
-    image_root: str | None = None
-    image_col: str | None = None
-    caption_col: str | None = None
-    id_col: str | None = None
     train_split: str | None = "train"
     val: str | None = None
     val_split: str | None = "val"
@@ -118,8 +120,7 @@ class TrainConfig:
     max_missing: float = 0.05
 
     def __post_init__(self) -> None:
-        from tbps.train.adapters import METHODS, NORMS
-
+        super().__post_init__()
         if (self.manifest is None) == (self.data is None):
             raise UsageError("give exactly one of --manifest and --data", field="--manifest", value=(self.manifest, self.data))
         if self.adapter not in METHODS:
@@ -154,20 +155,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise UsageError(f"--{name.replace('_', '-')} must be 0 or more", field=f"--{name.replace('_', '-')}", value=value)
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise UsageError("--precision must be auto, fp32 or bf16", field="--precision", value=self.precision)
+        check_precision(self.precision)
         if not 0.0 <= self.max_missing <= 1.0:
             raise UsageError("--max-missing is a fraction between 0 and 1", field="--max-missing", value=self.max_missing)
-
-    def reader_options(self) -> dict[str, Any]:
-        """The options passed to ``tbps.data.readers.read_dataset``."""
-        return {
-            "format": self.format,
-            "image_root": self.image_root,
-            "image_col": self.image_col,
-            "caption_col": self.caption_col,
-            "id_col": self.id_col,
-        }
 
 
 @dataclass
@@ -281,9 +271,6 @@ def validate(loaded, val: ValSet, config: TrainConfig, device: torch.device) -> 
     Returns:
         ``retrieval_metrics_from_embeddings``'s dict: R1, R5, R10, mAP, mINP (percent), counts.
     """
-    from tbps.eval.metrics import retrieval_metrics_from_embeddings
-    from tbps.models.encode import encode_images, encode_texts
-
     was_training = loaded.model.training
     loaded.model.eval()
     images = encode_images(loaded, val.gallery_paths, batch_size=config.batch_size, workers=config.workers, device=device, precision=config.precision)
@@ -294,42 +281,21 @@ def validate(loaded, val: ValSet, config: TrainConfig, device: torch.device) -> 
     return retrieval_metrics_from_embeddings(texts, images.embeddings[ok], val.query_pids, gallery_pids)
 
 
-def _check_device(device: str) -> None:
-    """Refuse a --device that torch cannot parse or that this machine lacks."""
-    from tbps.models.encode import resolve_device
-
-    try:
-        resolved = resolve_device(device)
-    except RuntimeError:
-        raise UsageError("--device must be auto, cpu, cuda or cuda:N", field="--device", value=device) from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("no CUDA device is available here", field="--device", value=device, hint="use --device cpu or auto")
-
-
-def _distributed(device_opt: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); joins the torchrun process group when WORLD_SIZE > 1."""
-    from tbps.models.encode import resolve_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_opt)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return dist.get_rank(), world, device
-    return 0, 1, device
-
-
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices only (as open_clip)."""
+    """AdamW over the trainable parameters; weight decay on matrices only (as open_clip).
+
+    The fused implementation where torch has one (CPU and CUDA): one kernel per parameter group
+    instead of several passes, which matters for the 6.3M-entry token embedding of a full
+    fine-tune (tbps-tiny on 2 CPU cores: 445 -> 329 ms per step of 32 pairs).
+    """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    groups = [g for g in groups if g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") for _, p in params)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
 @dataclass
@@ -341,7 +307,7 @@ class Setup:
     world: int
     device: torch.device
     dtype: torch.dtype | None
-    loaded: Any  # tbps.models.LoadedModel, adapted
+    loaded: Encoder  # adapted
     ddp: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -367,12 +333,8 @@ def prepare(config: TrainConfig) -> Setup:
         TbpsError: bad data, manifest, validation set, adapter targets or resume checkpoint.
         UsageError: options that do not fit together.
     """
-    from tbps.models import load
-    from tbps.models.encode import autocast_dtype
-    from tbps.train.adapters import adapter_config
-
     run = Path(config.out)
-    _check_device(config.device)
+    check_device(config.device)
     if config.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
         raise UsageError("--batch-size must be divisible by the number of torchrun processes", field="--batch-size", value=config.batch_size)
     if not config.resume and run.exists() and any(run.iterdir()):
@@ -382,20 +344,22 @@ def prepare(config: TrainConfig) -> Setup:
     saved = ckpt.read_resume_state(run, asdict(config), RESUME_FREE) if config.resume else None
     if saved:
         base = load(config.model, seed=config.seed)
-        ckpt.check_base(run, json.loads((run / RUN_MARKER).read_text()), base)
-        loaded = ckpt.load_weights(base, saved[0])
+        check_base(run, json.loads((run / RUN_MARKER).read_text()), base)
+        loaded = load_weights(base, saved[0])
     else:
         loaded = ckpt.build_model(config.model, config.seed, config.adapter, config.rank, config.targets, config.wora_norm)
     state = saved[1] if saved else {}
-    rank, world, device = _distributed(config.device)
+    place = distributed(config.device)
+    rank, world, device = place.rank, place.world, place.device
     model = loaded.model.to(device).train()
     # Building DDP is a collective: no rank writes RUN before every rank has passed the checks above.
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    forward = loaded.training_module()
+    ddp = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else forward
     dataset = D.TrainPairs(
         pairs.get_column(C.IMAGE_PATH).to_list(),
         pairs.get_column(C.CAPTION).to_list(),
         D.person_codes(pairs.get_column(C.PERSON_ID).to_list()),
-        D.PedestrianAugment(loaded.image_size, *_norm_stats(model), pad=D.default_pad(loaded.image_size)),
+        D.PedestrianAugment(loaded.image_size, *loaded.preprocess.stats, pad=D.default_pad(loaded.image_size)),
         config.seed,
     )
     per_epoch = len(dataset) // config.batch_size
@@ -456,8 +420,6 @@ def train(
             checkpoint), always before the first training step.
         UsageError: options that do not fit together (e.g. a batch not divisible by the ranks).
     """
-    from tbps.provenance import record, write_json_atomic
-
     s = prepare(config)
     run, model, main = s.run, s.loaded.model, s.rank == 0
     step = int(s.state.get("step", 0))
@@ -467,7 +429,7 @@ def train(
 
     def write_record(status: str) -> None:
         training = {"train_seconds": counters["train_seconds"], "pairs_seen": counters["pairs_seen"], "images_replaced": counters["replaced"]}
-        write_json_atomic(run / RUN_MARKER, record(
+        write_json(run / RUN_MARKER, record(
             config, **s.record, status=status, step=step, epoch=step * config.accum / s.per_epoch, training=training, best=best,
             checkpoints={ckpt.LAST: {"step": counters["saved_step"] or None}, ckpt.BEST: best},
         ))
@@ -493,7 +455,7 @@ def train(
             sync = contextlib.nullcontext() if s.world == 1 or micro == config.accum - 1 else s.ddp.no_sync()
             with sync:
                 with torch.autocast(s.device.type, dtype=s.dtype or torch.float32, enabled=s.dtype is not None):
-                    image_emb, text_emb, scale = s.ddp(image=batch.pixels.to(s.device, non_blocking=True), text=batch.tokens.to(s.device))[:3]
+                    image_emb, text_emb, scale = s.ddp(batch.pixels.to(s.device, non_blocking=True), batch.tokens.to(s.device))
                 loss = contrastive_loss(config.loss, image_emb, text_emb, scale, batch.person_ids.to(s.device)) / config.accum
                 loss.backward()
             step_loss += loss.item()
@@ -548,11 +510,3 @@ def train(
         trainable=s.record["parameters"]["trainable"], total=s.record["parameters"]["total"], result_checkpoint=s.record["result_checkpoint"],
         best_step=best["step"] if best else None, best_metrics=best["metrics"] if best else {}, skipped=s.report.skipped, rank=s.rank,
     )
-
-
-def _norm_stats(model: torch.nn.Module) -> tuple[list[float], list[float]]:
-    """The model's preprocessing mean and std (open_clip's preprocess config)."""
-    import open_clip
-
-    cfg = open_clip.get_model_preprocess_cfg(model)
-    return list(cfg["mean"]), list(cfg["std"])

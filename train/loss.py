@@ -41,7 +41,7 @@ def gather_batch(x: torch.Tensor, *, with_grad: bool) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     if with_grad:
-        from torch.distributed.nn.functional import all_gather
+        from torch.distributed.nn.functional import all_gather  # only under torchrun: absent from builds without distributed
 
         return torch.cat(all_gather(x), dim=0)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
