@@ -37,11 +37,11 @@ process does, Pillow pads truncated files and they are not detected.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from tbps.columns import (
@@ -51,6 +51,7 @@ from tbps.columns import (
     STATUS_MISSING_IMAGE,
     STATUS_OK,
 )
+from tbps.files import content_hash
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _WIDE_GREY = {"I", "F"}
@@ -79,11 +80,6 @@ class ImageResult:
         return self.status == STATUS_OK
 
 
-def hash_bytes(data: bytes) -> str:
-    """The ``image_hash`` of a file's bytes: blake2b with a 16-byte digest, as hex."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB (see the module docstring for the rules)."""
     mode = im.mode
@@ -96,8 +92,6 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if mode.startswith("I;16") or mode in _WIDE_GREY:
-        import numpy as np
-
         arr = np.asarray(im, dtype=np.float64)
         if mode.startswith("I;16") or (arr.size and (arr.max() > 255 or arr.min() < 0)):
             arr = arr / 257.0
@@ -138,7 +132,7 @@ def open_image(path: str | None, max_pixels: int | None = None) -> ImageResult:
         return _bad(STATUS_BAD_IMAGE, f"{path}: is a directory, not an image file")
     except OSError as exc:
         return _bad(STATUS_BAD_IMAGE, f"{path}: cannot be read ({exc.strerror or exc})")
-    image_hash = hash_bytes(data)
+    image_hash = content_hash(data)
     if not data:
         return _bad(STATUS_EMPTY_FILE, f"{path}: the file is empty (0 bytes)", image_hash)
     try:

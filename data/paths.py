@@ -19,6 +19,7 @@ import os
 import posixpath
 import re
 from pathlib import Path
+from typing import Iterable
 
 from tbps.columns import STATUS_BAD_RECORD, STATUS_OK, STATUS_PATH_OUTSIDE_ROOT
 
@@ -114,6 +115,22 @@ class ImageResolver:
         else:
             reason = f"path {given!r} goes through a symlink that leads outside the image root {self.root} (to {real})"
         return None, STATUS_PATH_OUTSIDE_ROOT, reason
+
+    def resolve_all(self, paths: Iterable[str | None]) -> list[tuple[str | None, str, str | None]]:
+        """Resolve many dataset image paths, each distinct path once.
+
+        Args:
+            paths: image paths as written in the dataset; ``None`` means "no image path here".
+
+        Returns:
+            One ``(absolute_path, status, error)`` per path, as :meth:`resolve` gives it;
+            ``(None, STATUS_OK, None)`` for a ``None`` (the caller decides what a row without
+            a path means).
+        """
+        paths = list(paths)
+        resolved = {p: self.resolve(p) for p in set(paths) if p is not None}
+        none = (None, STATUS_OK, None)
+        return [resolved[p] if p is not None else none for p in paths]
 
 
 def resolve_image(root: Path, relative: str) -> tuple[str | None, str, str | None]:

@@ -25,7 +25,9 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -33,7 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from tbps.columns import (
+    DEFECT,
     DEFECT_BLANK,
     DEFECT_EXACT_DUP,
     DEFECT_GARBLED,
@@ -43,8 +49,41 @@ from tbps.columns import (
     DEFECT_OTHER_ID,
     DEFECT_SWAPPED,
     DEFECT_WRONG,
+    DETAIL,
+    DUPLICATE_OF,
+    PAIR_ID,
+    TRUTH_SCHEMA,
+)
+from tbps.data.render import (
+    encode_jpeg,
+    jitter_scene,
+    render_blank,
+    render_garbled,
+    render_person,
+    sample_scene,
+    visible_attributes,
+)
+from tbps.data.world import (
+    ATTRIBUTES,
+    GARMENT_COLOURS,
+    GLASSES_COLOURS,
+    HAIR_COLOURS,
+    HAIR_LENGTHS,
+    LOWER,
+    NEAR_COLOURS,
+    UPPER,
+    aptm_label,
+    attribute_label,
+    describe,
+    item_rng,
+    item_seed,
+    sample_identity,
+    tokens,
+    vocabulary,
 )
 from tbps.errors import TbpsError, UsageError
+from tbps.files import write_json, write_text
+from tbps.provenance import record
 
 SPLITS = ("train", "val", "test")
 DUPLICATE_KINDS = (DEFECT_EXACT_DUP, DEFECT_NEAR_DUP)
@@ -58,7 +97,7 @@ DEFAULT_DEFECT_MIX = {
     DEFECT_EXACT_DUP: 0.15,
     DEFECT_NEAR_DUP: 0.15,
 }
-PALETTE_SIZE = 17  # len(world.GARMENT_COLOURS); a literal so importing this module stays light
+PALETTE_SIZE = len(GARMENT_COLOURS)
 
 
 def _apportion(total: int, weights: Iterable[float]) -> list[int]:
@@ -332,8 +371,6 @@ def plan_world(config: SynthConfig) -> WorldPlan:
     Returns:
         A :class:`WorldPlan`; the same config always gives the same plan.
     """
-    from tbps.data.world import item_rng, item_seed, sample_identity
-
     seed = config.seed
     # Identities: benchmark first, then pool; every categorical attribute set is unique
     # across both, so a caption that fits one identity exactly fits no other.
@@ -359,8 +396,6 @@ def plan_world(config: SynthConfig) -> WorldPlan:
     bench_split = [name for name, n in zip(SPLITS, config.split_counts()) for _ in range(n)]
 
     # Pool: which identity each pair shows and which defect it carries.
-    import random
-
     rng = random.Random(item_seed(seed, "pool-plan", 0))
     n = config.pool_size
     kinds = [kind for kind, count in config.defect_counts().items() for _ in range(count)]
@@ -439,9 +474,6 @@ def _init_worker(plan: WorldPlan | None) -> None:
 
 
 def _scene(plan: WorldPlan, stream: str, index: int):
-    from tbps.data.render import sample_scene
-    from tbps.data.world import item_rng
-
     return sample_scene(
         item_rng(plan.seed, stream, index),
         occlusion=plan.occlusion,
@@ -458,9 +490,6 @@ def _write(root: str, rel: str, data: bytes) -> None:
 
 def _bench_item(plan: WorldPlan, b: int) -> tuple[int, str, list[str]]:
     """Render benchmark image ``b`` and write its two captions."""
-    from tbps.data.render import encode_jpeg, render_person, visible_attributes
-    from tbps.data.world import describe, item_rng
-
     pid, rel = _bench_path(plan, b)
     ident = plan.bench_ids[pid - 1]
     scene = _scene(plan, "bench-scene", b)
@@ -479,8 +508,6 @@ def _bench_item(plan: WorldPlan, b: int) -> tuple[int, str, list[str]]:
 
 def _pool_caption(plan: WorldPlan, i: int, attrs: Mapping[str, object], require=()):
     """The caption of pool pair ``i`` for ``attrs``: cheap generated text, many coarse."""
-    from tbps.data.world import describe, item_rng
-
     rng = item_rng(plan.seed, "pool-caption", i)
     style = "coarse" if rng.random() < 0.6 else "cuhk"
     return describe(attrs, rng, style, require=tuple(require), words=(8, 30))
@@ -488,8 +515,6 @@ def _pool_caption(plan: WorldPlan, i: int, attrs: Mapping[str, object], require=
 
 def _clean_pair(plan: WorldPlan, i: int):
     """Identity, scene, visible attributes and true caption of pool pair ``i``."""
-    from tbps.data.render import visible_attributes
-
     ident = plan.pool_ids[plan.pool_pid[i]]
     scene = _scene(plan, "pool-scene", i)
     visible = visible_attributes(ident, scene, plan.size)
@@ -497,8 +522,6 @@ def _clean_pair(plan: WorldPlan, i: int):
 
 
 def _wrong(plan: WorldPlan, i: int, visible: dict, rng):
-    from tbps.data.world import GARMENT_COLOURS, GLASSES_COLOURS, HAIR_COLOURS, HAIR_LENGTHS, LOWER, NEAR_COLOURS, UPPER, attribute_label
-
     keys = [k for k in _WRONG_WEIGHTS if k in visible]
     key = rng.choices(keys, weights=[_WRONG_WEIGHTS[k] for k in keys], k=1)[0]
     old = visible[key]
@@ -527,8 +550,6 @@ def _wrong(plan: WorldPlan, i: int, visible: dict, rng):
 
 
 def _swapped(plan: WorldPlan, i: int, visible: dict, rng):
-    from tbps.data.world import attribute_label
-
     pairs = [p for p in _SWAP_WEIGHTS if p[0] in visible and p[1] in visible and visible[p[0]] != visible[p[1]]]
     a, b = rng.choices(pairs, weights=[_SWAP_WEIGHTS[p] for p in pairs], k=1)[0]
     attrs = dict(visible)
@@ -551,9 +572,6 @@ def contradicts(mentioned: Mapping[str, object], visible: Mapping[str, object]) 
 
 
 def _other_identity(plan: WorldPlan, i: int, scene, visible: dict, rng):
-    from tbps.data.render import visible_attributes
-    from tbps.data.world import ATTRIBUTES
-
     own = plan.pool_pid[i]
     caption = None
     other = own
@@ -592,9 +610,6 @@ def _other_identity(plan: WorldPlan, i: int, scene, visible: dict, rng):
 
 def _pool_item(plan: WorldPlan, i: int) -> tuple:
     """Build pool pair ``i``: render (or mark for copying) its image, write its caption."""
-    from tbps.data.render import encode_jpeg, jitter_scene, render_blank, render_garbled, render_person, visible_attributes
-    from tbps.data.world import aptm_label, item_rng
-
     rel, image_id = _pool_path(i)
     kind = plan.pool_kind[i]
     rng = item_rng(plan.seed, "pool-defect", i)
@@ -686,8 +701,6 @@ def _mp_context():
     re-imports the main script in each worker, which fails when there is no script file
     (``python - < script``); then fork is the only start method that works.
     """
-    import sys
-
     methods = multiprocessing.get_all_start_methods()
     main = sys.modules.get("__main__")
     main_file = getattr(main, "__file__", None)
@@ -696,12 +709,6 @@ def _mp_context():
     if "forkserver" in methods and not unimportable:
         return multiprocessing.get_context("forkserver")
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-
-
-def _write_json(path: Path, payload: object) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
 
 
 def _tasks(config: SynthConfig, chunk: int) -> list[tuple[str, int, int]]:
@@ -724,13 +731,6 @@ def synthesize(config: SynthConfig, progress: Callable[[int, int], None] | None 
     Raises:
         TbpsError: the output directory holds something other than a previous world.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from tbps.columns import DETAIL, DEFECT, DUPLICATE_OF, PAIR_ID, TRUTH_SCHEMA
-    from tbps.data.world import tokens, vocabulary
-    from tbps.provenance import record, write_json_atomic
-
     started, main_cpu = time.perf_counter(), time.process_time()
     out = config.out
     _prepare_out(out)
@@ -784,12 +784,12 @@ def synthesize(config: SynthConfig, progress: Callable[[int, int], None] | None 
         {"split": plan.bench_split[pid - 1], "captions": caps, "file_path": rel, "processed_tokens": [tokens(c) for c in caps], "id": pid}
         for pid, rel, caps in bench_items
     ]
-    _write_json(bench_dir / "reid_raw.json", bench_records)
+    write_text(bench_dir / "reid_raw.json", json.dumps(bench_records))
     pool_records = [
         {"image": rel, "caption": caption, "image_id": image_id, "label": label}
         for rel, image_id, caption, label, *_ in pool_items
     ]
-    _write_json(pool_dir / "pool.json", pool_records)
+    write_text(pool_dir / "pool.json", json.dumps(pool_records))
     truth = pa.table(
         {
             PAIR_ID: [f"{i}:0" for i in range(len(pool_items))],
@@ -833,5 +833,5 @@ def synthesize(config: SynthConfig, progress: Callable[[int, int], None] | None 
             "pair_id": "pool record i -> 'i:0'; benchmark record i caption j -> 'i:j'",
         },
     }
-    write_json_atomic(summary.world, record(config, world=world, seconds=round(seconds, 3), cpu_seconds=round(cpu_seconds, 3)))
+    write_json(summary.world, record(config, world=world, seconds=round(seconds, 3), cpu_seconds=round(cpu_seconds, 3)))
     return summary

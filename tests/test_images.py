@@ -18,7 +18,8 @@ from tbps.columns import (
     STATUS_MISSING_IMAGE,
     STATUS_OK,
 )
-from tbps.data.images import hash_bytes, open_image
+from tbps.data.images import open_image
+from tbps.files import content_hash as hash_bytes
 
 
 def _noise(mode: str = "RGB", size=(32, 96), seed: int = 0) -> Image.Image:

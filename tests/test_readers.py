@@ -380,6 +380,25 @@ def test_reader_refuses_escapes_per_row_and_never_reads_them(world):
     assert not [p for p in opened if "outside" in p or p.endswith(".jpg")]
 
 
+def test_manifest_paths_resolve_through_the_same_resolver(world):
+    from tbps.train.data import read_manifest, usable_pairs
+
+    root, outside = world
+    rels = ["a/b.jpg", "../outside/secret.jpg", "link_out.jpg", "dir_out/secret.jpg", "a\\b.jpg", _real(root / "a/b.jpg")]
+    manifest = root.parent / "manifest.parquet"
+    pl.DataFrame({PAIR_ID: [f"{k}:0" for k in range(len(rels))], IMAGE_PATH: rels, CAPTION: ["c"] * len(rels),
+                  PERSON_ID: ["1"] * len(rels)}).write_parquet(manifest)
+    with watch_opens() as opened:
+        frame = read_manifest(manifest, image_root=str(root))
+    inside = _real(root / "a/b.jpg")
+    assert frame.get_column(IMAGE_PATH).to_list() == [inside, None, None, None, inside, inside]  # absolute: kept
+    assert frame.get_column(STATUS).to_list() == [STATUS_OK] + [STATUS_PATH_OUTSIDE_ROOT] * 3 + [STATUS_OK] * 2
+    assert "'..'" in frame.get_column(ERROR)[1] and "symlink" in frame.get_column(ERROR)[2]
+    assert not [p for p in opened if "outside" in os.path.realpath(p)]
+    kept, report = usable_pairs(frame, str(manifest), max_missing=0.0)
+    assert kept.height == 3 and report.skipped == {STATUS_PATH_OUTSIDE_ROOT: 3}
+
+
 def test_image_folder_refuses_links_out_and_reads_no_caption_there(world):
     root, outside = world
     (root / "a" / "b.txt").write_text("inside caption", encoding="utf-8")
@@ -491,30 +510,22 @@ def test_table_rows_with_missing_cells(tmp_path):
 # ----------------------------------------------------------------------------- tbps info
 
 
-def test_info_cli_prints_the_summary(tmp_path):
-    from typer.testing import CliRunner
-
-    from tbps.cli import app
-
+def test_info_cli_prints_the_summary(tmp_path, cli):
     path = _cuhk(tmp_path)
-    result = CliRunner().invoke(app, ["info", str(path), "--head", "2"])
+    result = cli("info", path, "--head", "2")
     assert result.exit_code == 0, result.output
     for text in ("cuhk-pedes", "rows", "3", "persons", "train", "test", "ok", "0:0", "0:1"):
         assert text in result.stdout
     assert "1:0" not in result.stdout.split("first 2 rows")[1]
 
 
-def test_info_cli_bad_input_is_one_line_and_exit_1(tmp_path):
-    from typer.testing import CliRunner
-
-    from tbps.cli import app
-
+def test_info_cli_bad_input_is_one_line_and_exit_1(tmp_path, cli):
     bad = tmp_path / "reid_raw.json"
     bad.write_text("{not json", encoding="utf-8")
-    result = CliRunner().invoke(app, ["info", str(bad)])
+    result = cli("info", bad)
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit), repr(result.exception)  # handled, not a crash
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "invalid JSON" in lines[0] and str(bad) in lines[0]
-    usage = CliRunner().invoke(app, ["info", str(bad), "--format", "coco"])
+    usage = cli("info", bad, "--format", "coco")
     assert usage.exit_code == 2 and "--format" in usage.stderr

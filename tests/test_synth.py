@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from tbps.columns import (
     DEFECT_BLANK,
@@ -402,32 +401,14 @@ def test_config_parses_and_counts(tmp_path):
     assert {c.name for c in GARMENT_COLOURS} == set(COLOURS) and len(ACCESSORIES) == 4
 
 
-def test_cli_defaults_are_the_config_defaults():
-    import dataclasses
-
-    import typer
-
-    from tbps.cli import app
-
-    command = typer.main.get_command(app).commands["synth"]
-    defaults = {p.name: p.default for p in command.params}
-    for f in dataclasses.fields(SynthConfig):
-        if f.name in ("out", "defect_mix"):
-            continue
-        assert defaults[f.name] == f.default, f.name
-
-
-def test_cli_synth_writes_a_world_and_bad_options_exit_2(tmp_path):
-    from tbps.cli import app
-
-    runner = CliRunner()
-    args = ["synth", "--out", str(tmp_path / "w"), "--seed", "1", "--identities", "6", "--images-per-id", "1",
+def test_cli_synth_writes_a_world_and_bad_options_exit_2(tmp_path, cli):
+    args = ["synth", "--out", tmp_path / "w", "--seed", "1", "--identities", "6", "--images-per-id", "1",
             "--pool-identities", "5", "--pool-size", "20", "--workers", "1", "--quiet"]
-    result = runner.invoke(app, args)
+    result = cli(*args)
     assert result.exit_code == 0, result.output
     assert "near-duplicate" in result.output and "train" in result.output
     assert (tmp_path / "w" / "pool" / "truth.parquet").is_file()
-    bad = runner.invoke(app, ["synth", "--out", str(tmp_path / "x"), "--image-size", "96x40"])
+    bad = cli("synth", "--out", tmp_path / "x", "--image-size", "96x40")
     assert bad.exit_code == 2, bad.output
     assert "--image-size" in bad.output
     assert not (tmp_path / "x").exists()

@@ -1,0 +1,263 @@
+"""PEDES-style JSON datasets: CUHK-PEDES, ICFG-PEDES, RSTPReid and APTM/MALS.
+
+Each file is a JSON list of records, one image per record with one or more captions; the
+formats differ in their field names (:data:`SPECS`). ``pair_id`` is ``"{record}:{caption}"``
+(caption index 0 for one-caption records), ``source`` is the format name, ``split`` comes from
+the record when present.
+
+Detection: a ``.json`` file is parsed once, and the format whose required fields most of the
+first 1,000 records have wins (ties go to the earlier format); ICFG-PEDES has CUHK-PEDES's
+fields and is told apart by its file name or its ``train/``/``test/`` paths. A ``.json`` file
+whose records fit none of them is an error naming the fields each format expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from tbps.columns import STATUS_BAD_RECORD, STATUS_EMPTY_CAPTION
+from tbps.data.formats.base import ColumnOptions, Format, Peek
+from tbps.data.formats.rows import Rows, as_id, as_split, finish
+from tbps.data.paths import ImageResolver
+from tbps.errors import TbpsError
+
+CUHK_PEDES = "cuhk-pedes"
+ICFG_PEDES = "icfg-pedes"
+RSTPREID = "rstpreid"
+APTM = "aptm"
+
+# Records looked at to detect a format and to name the keys found in error messages.
+_SAMPLE = 1000
+
+
+@dataclass(frozen=True)
+class JsonSpec:
+    """The fields of one JSON dataset format.
+
+    Attributes:
+        path_key: the image path field.
+        captions_key: the caption field (a list of captions, or one caption string).
+        id_key: the person id field.
+        fields: every field of a record, as the format documents it.
+        images_dir: the image folder its releases ship next to the json.
+    """
+
+    path_key: str
+    captions_key: str
+    id_key: str
+    fields: tuple[str, ...]
+    images_dir: str
+
+    @property
+    def required(self) -> tuple[str, str]:
+        """The fields a record needs to be read."""
+        return (self.path_key, self.captions_key)
+
+
+_CUHK_FIELDS = ("split", "captions", "file_path", "processed_tokens", "id")
+# The releases of CUHK-PEDES, ICFG-PEDES and RSTPReid ship ``imgs/``; ``tbps synth`` writes
+# its APTM-format pool beside ``images/``.
+SPECS = {
+    CUHK_PEDES: JsonSpec("file_path", "captions", "id", _CUHK_FIELDS, "imgs"),
+    ICFG_PEDES: JsonSpec("file_path", "captions", "id", _CUHK_FIELDS, "imgs"),
+    RSTPREID: JsonSpec("img_path", "captions", "id", ("id", "img_path", "captions", "split"), "imgs"),
+    APTM: JsonSpec("image", "caption", "image_id", ("image", "caption", "image_id", "label"), "images"),
+}
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def found_keys(records: list, limit: int = _SAMPLE) -> list[str]:
+    """The keys seen in the first ``limit`` records (for error messages)."""
+    keys: set[str] = set()
+    for rec in records[:limit]:
+        if isinstance(rec, dict):
+            keys.update(map(str, rec))
+    return sorted(keys)
+
+
+def _expected_fields_text() -> str:
+    return "; ".join(f"{name} expects {list(spec.fields)}" for name, spec in SPECS.items())
+
+
+def json_format(path: Path, peek: Peek) -> str:
+    """The JSON format whose required fields most of the first records have.
+
+    Args:
+        path: the ``.json`` file.
+        peek: its parsed records.
+
+    Returns:
+        One of :data:`SPECS`'s names.
+
+    Raises:
+        TbpsError: the file is not a JSON list of records, or no record fits any format.
+    """
+    records = peek.json()
+    sample = [r for r in records[:_SAMPLE] if isinstance(r, dict)]
+    counts = {}
+    for name in (CUHK_PEDES, RSTPREID, APTM):  # icfg-pedes shares CUHK's fields
+        required = SPECS[name].required
+        counts[name] = sum(1 for r in sample if all(k in r for k in required))
+    best = max(counts, key=counts.get)
+    if counts[best] == 0:
+        found = found_keys(records)
+        kinds = sorted({type(r).__name__ for r in records[:_SAMPLE]})
+        raise TbpsError(
+            f"the records match none of the JSON formats: {_expected_fields_text()}; "
+            f"found keys {found[:30]} in records of type {kinds}",
+            path=path,
+            hint="For another table, convert it to csv/jsonl/parquet and use --image-col/--caption-col",
+        )
+    if best == CUHK_PEDES and _looks_like_icfg(sample, path):
+        return ICFG_PEDES
+    return best
+
+
+def _looks_like_icfg(sample: list[dict], path: Path) -> bool:
+    """ICFG-PEDES has CUHK's fields; its name or its ``train/``/``test/`` paths tell it apart."""
+    if "icfg" in path.name.lower():
+        return True
+    paths = [str(r.get("file_path", "")).replace("\\", "/") for r in sample[:100]]
+    return bool(paths) and all(p.startswith(("train/", "test/")) for p in paths)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _json_rows(records: list, spec: JsonSpec) -> Rows:
+    """One row per caption of each record; problems become per-row statuses."""
+    rows = Rows()
+    appends = tuple(col.append for col in (rows.pair_id, rows.rel, rows.caption, rows.person, rows.split, rows.status, rows.error))
+    pid_a, rel_a, cap_a, per_a, spl_a, st_a, err_a = appends
+    path_key, caps_key, id_key = spec.path_key, spec.captions_key, spec.id_key
+    for i, rec in enumerate(records):
+        # Fast path for well-formed records (millions of them in MALS); anything unusual goes
+        # to _record_rows, which names the field at fault.
+        if type(rec) is dict and type(rel := rec.get(path_key)) is str:
+            caps = rec.get(caps_key)
+            if type(caps) is str:
+                caps = (caps,)
+            elif type(caps) is not list or not caps or not all(type(c) is str for c in caps):
+                _record_rows(rows, i, rec, spec)
+                continue
+            person = rec.get(id_key)
+            person = person if type(person) is str else as_id(person)
+            split = rec.get("split")
+            split = split if split is None or type(split) is str else str(split)
+            for j, cap in enumerate(caps):
+                pid_a(f"{i}:{j}")
+                rel_a(rel)
+                cap_a(cap)
+                per_a(person)
+                spl_a(split)
+                st_a(None)
+                err_a(None)
+        else:
+            _record_rows(rows, i, rec, spec)
+    return rows
+
+
+def _record_rows(rows: Rows, i: int, rec: Any, spec: JsonSpec) -> None:
+    """The rows of one record that is not plainly well formed, each problem named."""
+    add = rows.add
+    path_key, caps_key = spec.path_key, spec.captions_key
+    if not isinstance(rec, dict):
+        # Keep the record as a row so that nothing in the input disappears silently.
+        add(f"{i}:0", None, None, None, None, STATUS_BAD_RECORD, f"record {i} is not an object (found {type(rec).__name__})")
+        return
+    rel = rec.get(path_key)
+    problem = None
+    if rel is None:
+        problem = f"record {i}: missing field {path_key!r}"
+    elif not isinstance(rel, str):
+        problem = f"record {i}: field {path_key!r} is a {type(rel).__name__}, not a string"
+        rel = None
+    person, split = as_id(rec.get(spec.id_key)), as_split(rec.get("split"))
+    caps = rec.get(caps_key)
+    if isinstance(caps, str):
+        caps = [caps]  # training files of APTM (and some CUHK exports) hold one caption
+    if caps is None or not isinstance(caps, list):
+        what = "missing field" if caps is None else f"field is a {type(caps).__name__}, not a list or string:"
+        msg = f"record {i}: {what} {caps_key!r}"
+        add(f"{i}:0", rel, None, person, split, STATUS_BAD_RECORD, f"{problem}; {msg}" if problem else msg)
+        return
+    if not caps:
+        status = STATUS_BAD_RECORD if problem else STATUS_EMPTY_CAPTION
+        add(f"{i}:0", rel, None, person, split, status, problem or f"record {i}: {caps_key!r} is an empty list")
+        return
+    for j, cap in enumerate(caps):
+        # Each caption is its own pair; a non-string caption spoils only its own row.
+        if problem:
+            add(f"{i}:{j}", rel, cap if isinstance(cap, str) else None, person, split, STATUS_BAD_RECORD, problem)
+        elif not isinstance(cap, str):
+            msg = f"record {i}: {caps_key!r}[{j}] is a {type(cap).__name__}, not a string"
+            add(f"{i}:{j}", rel, None, person, split, STATUS_BAD_RECORD, msg)
+        else:
+            add(f"{i}:{j}", rel, cap, person, split)
+
+
+def _read_json(path: Path, name: str, root: Path, peek: Peek) -> pl.DataFrame:
+    """The pair table of a JSON file read as format ``name``."""
+    records = peek.take_json()
+    spec = SPECS[name]
+    sample = [r for r in records[:_SAMPLE] if isinstance(r, dict)]
+    if not any(all(k in r for k in spec.required) for r in sample):
+        raise TbpsError(
+            f"none of the first records has the fields {name} expects ({list(spec.fields)}, "
+            f"required {list(spec.required)}); found keys {found_keys(records)[:30]}",
+            path=path,
+            field="format",
+            hint="Leave --format out to detect the format, or pick the matching one",
+        )
+    rows = _json_rows(records, spec)
+    records.clear()  # our own parsed copy: free the records before the table is built
+    return finish(**vars(rows), source=name, resolver=ImageResolver(root))
+
+
+def _pedes_format(name: str, description: str, files: str) -> Format:
+    """The :class:`Format` of one JSON spec."""
+    images_dir = SPECS[name].images_dir
+
+    def detect(path: Path, peek: Peek) -> bool:
+        return peek.suffix == ".json" and not path.is_dir() and json_format(path, peek) == name
+
+    def read(path: Path, options: ColumnOptions, root: Path | None, captions_only: bool, peek: Peek) -> pl.DataFrame:
+        return _read_json(path, name, root, peek)
+
+    def default_root(path: Path) -> Path:
+        # The release's image folder next to the json when it is there, else the json's folder.
+        folder = path.parent
+        return folder / images_dir if (folder / images_dir).is_dir() else folder
+
+    return Format(name, description, files, detect, read, default_root)
+
+
+FORMATS = (
+    _pedes_format(
+        CUHK_PEDES,
+        "a list of `{split, captions, file_path, processed_tokens, id}`; images resolve in `imgs/` next to the file by default",
+        "`reid_raw.json` (also `CUHK-PEDES.json`, `caption_all.json`)",
+    ),
+    _pedes_format(
+        ICFG_PEDES,
+        "CUHK-PEDES's fields; told apart by the file name or its `train/`/`test/` paths; images in `imgs/`",
+        "`ICFG-PEDES.json`",
+    ),
+    _pedes_format(
+        RSTPREID,
+        "a list of `{id, img_path, captions, split}`; images in `imgs/`",
+        "`data_captions.json`",
+    ),
+    _pedes_format(
+        APTM,
+        "`{image, caption, image_id, label}`; train: one caption per record; test: caption lists; "
+        "`image_id` = person id; images in `images/`",
+        "APTM/MALS processed json",
+    ),
+)
