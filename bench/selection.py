@@ -137,7 +137,7 @@ def main() -> None:
             print(proc.stdout, proc.stderr)
             raise SystemExit(f"tbps select failed with exit code {proc.returncode}")
         record = json.loads(out.with_suffix(".json").read_text())
-        digests.append((record["outputs"]["manifest"]["sha256"], record["outputs"]["dropped"]["sha256"]))
+        digests.append((record["outputs"]["manifest"]["hash"], record["outputs"]["dropped"]["hash"]))
         print(f"run {len(walls)}: {walls[-1]:.1f} s, timings {record['timings']}", flush=True)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     steps = record["steps"]
@@ -159,7 +159,7 @@ def main() -> None:
         f"- peak RSS: **{peak_kib / 2**20:.2f} GiB** (the larger of the two runs; goal <= 4 GiB)",
         f"- kept {kept:,} rows (`--keep 0.4` of {rows_in:,} input rows; score cut-off {cutoff:.4f}); "
         f"dropped {dropped:,}; kept + dropped = rows in",
-        f"- byte-identical outputs across the two runs: {'yes' if digests[0] == digests[1] else 'NO'} (manifest sha256 {digests[0][0][:16]}...)",
+        f"- byte-identical outputs across the two runs: {'yes' if digests[0] == digests[1] else 'NO'} (manifest {record['outputs']['manifest']['hash_algo']} {digests[0][0][:16]}...)",
         f"- host load average when it ended: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (the machine is shared)",
         "",
         "Command: `.venv/bin/python bench/selection.py`",

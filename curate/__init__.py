@@ -1,1 +1,1 @@
-"""Data curation: score pairs by cross-modal relevance and select the decisive subset."""
+"""Data curation: score pairs by cross-modal relevance, select the decisive subset, inspect both."""

@@ -54,6 +54,7 @@ _UNDECIDED, _KEPT, _DROPPED = 0, 1, 2
 # character, or a single whitespace character other than a plain space becomes one space
 # (single spaces are left alone, so most of the text needs no rewriting).
 _SEPARATORS = r"[\p{P}\s]{2,}|\p{P}|[^\S ]"
+NORMALISATION = "lowercase, punctuation to spaces, whitespace collapsed, stripped"  # what normalise_caption does, for records
 
 
 def normalise_caption(caption: pl.Expr) -> pl.Expr:
@@ -195,7 +196,7 @@ def _pairs_clustered(
     x: np.ndarray, threshold: float, *, n_clusters: int | None, probes: int, project_dim: int, seed: int
 ) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
     """Candidate pairs within k-means clusters, verified exactly; see the module docstring."""
-    import faiss
+    import faiss  # heavy import (numpy-SWIG bindings); only searches above exact_below rows need it
 
     n, d = x.shape
     rng = np.random.default_rng(seed)

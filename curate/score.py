@@ -4,11 +4,7 @@ For each pair: ``score``, the cosine of the L2-normalised image and caption embe
 ``bank_rank``, how many captions of a reference bank score *strictly* higher against the image
 than the pair's own caption (0 = the own caption beats the whole bank).
 
-The paper's rules, in bank ranks. With a bank of 10,000 captions the own caption is one of
-10,001 scores. The paper keeps a pretraining pair when the own caption sorts above index 49 of
-those 10,001 scores (0-based, descending), i.e. at most 48 bank captions beat it:
-``bank_rank <= 48`` (``tbps select --rule paper-pretrain``); a fine-tuning pair when it sorts
-above index 1800: ``bank_rank <= 1799`` (``--rule paper-finetune``).
+The paper's rules, in bank ranks, are stated in :mod:`tbps.curate.layout`.
 
 The engine:
 
@@ -25,22 +21,12 @@ The engine:
 * ``torchrun`` ranks (or ``--shard i/N``) take parts ``k`` with ``k % N == i``; whichever process
   sees the last part written finalises ``score.json``.
 
-Output directory::
-
-    OUT/params.json            the parameters that fix the result (checked on resume)
-    OUT/bank.parquet           the sampled bank captions
-    OUT/bank-embeddings.npy    their embeddings (float32, L2-normalised): computed once, read on resume
-    OUT/scores/part-NNNNNN.parquet      columns.SCORE_SCHEMA, one row per input pair
-    OUT/embeddings/part-NNNNNN.parquet  columns.embedding_schema(D), ok pairs only (float16)
-    OUT/score.json             provenance, counts, timings (written when every part exists)
+The output directory's layout is :mod:`tbps.curate.layout`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,23 +39,24 @@ import pyarrow.parquet as pq
 import torch
 
 from tbps import columns as C
-from tbps.curate.select import PAPER_BANK_SIZE  # the paper's rules live with `tbps select`
+from tbps.curate.layout import PAPER_BANK_SIZE, ScoreDir, list_parts
+from tbps.data.options import ReaderOptions
+from tbps.data.readers import read_captions, read_dataset
 from tbps.errors import TbpsError, UsageError
-
-PARAMS_FILE = "params.json"
-RECORD_FILE = "score.json"
-BANK_FILE = "bank.parquet"
-BANK_EMBEDDINGS_FILE = "bank-embeddings.npy"
-SCORES_DIR = "scores"
-EMBEDDINGS_DIR = "embeddings"
+from tbps.files import atomic_write, content_hash, sweep_temps, write_json
+from tbps.models import load
+from tbps.models.device import autocast_dtype, barrier, check_precision, distributed
+from tbps.models.encode import TEXT_BATCH, embed_pixels, encode_texts, iter_image_batches
+from tbps.models.protocol import Encoder
+from tbps.provenance import record
 
 # "Strictly higher" means higher by more than float32 noise: the own caption's cosine and the
 # bank's come from different kernels, and a bank caption equal to the own caption must tie.
 TIE_EPS = 1e-6
 
 
-@dataclass
-class ScoreConfig:
+@dataclass(kw_only=True)
+class ScoreConfig(ReaderOptions):
     """Parameters of ``tbps score``; field names equal the CLI option names.
 
     Attributes:
@@ -77,11 +64,8 @@ class ScoreConfig:
         model: a model spec (see ``tbps.models.load``).
         bank: the reference bank: a dataset or a text file with one caption per line.
         out: the output directory.
-        format: the dataset format; auto-detected when None.
-        image_root: where image paths resolve; the reader's default when None.
-        image_col: image column of a generic table.
-        caption_col: caption column of a generic table.
-        id_col: person id column of a generic table.
+        format, image_root, image_col, caption_col, id_col: the reader options of ``data``
+            (``tbps.data.options.ReaderOptions``).
         bank_size: captions sampled from the bank.
         seed: seed of the bank sample (and of random model weights).
         batch_size: images per forward pass (captions go in batches of a fixed size, so their
@@ -98,11 +82,6 @@ class ScoreConfig:
     model: str
     bank: str
     out: str
-    format: str | None = None
-    image_root: str | None = None
-    image_col: str | None = None
-    caption_col: str | None = None
-    id_col: str | None = None
     bank_size: int = PAPER_BANK_SIZE
     seed: int = 0
     batch_size: int = 256
@@ -114,24 +93,15 @@ class ScoreConfig:
     max_pixels: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("bank_size", "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1", value=getattr(self, name))
         if self.workers < 0:
             raise UsageError("--workers must be 0 or more", value=self.workers)
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise UsageError("--precision must be auto, fp32 or bf16", value=self.precision)
+        check_precision(self.precision)
         if self.shard is not None:
             self.shard_index, self.shard_count = parse_shard(self.shard)
-
-    def reader_options(self) -> dict:
-        return {
-            "format": self.format,
-            "image_root": self.image_root,
-            "image_col": self.image_col,
-            "caption_col": self.caption_col,
-            "id_col": self.id_col,
-        }
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -239,44 +209,17 @@ def sample_bank(captions: list[str], size: int, seed: int) -> list[str]:
 
 def frame_hash(frame: pl.DataFrame) -> str:
     """A content hash of a table (row hashes in order, with the column names)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(frame.columns).encode())
-    if frame.height:
-        h.update(frame.hash_rows(seed=0).to_numpy().tobytes())
-    return h.hexdigest()
-
-
-def part_name(k: int) -> str:
-    return f"part-{k:06d}.parquet"
+    rows = frame.hash_rows(seed=0).to_numpy().tobytes() if frame.height else b""
+    return content_hash(json.dumps(frame.columns).encode() + rows)
 
 
 # --------------------------------------------------------------------------------------------
 # The run: reading, parts, resume, distribution.
 
 
-def _distributed() -> tuple[int, int, bool]:
-    """(rank, world size, initialised here) under torchrun; (0, 1, False) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return dist.get_rank(), dist.get_world_size(), False
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _check_params(out: Path, params: dict) -> None:
+def _check_params(out: ScoreDir, params: dict) -> None:
     """Write params.json, or refuse when the directory holds a run with other parameters."""
-    path = out / PARAMS_FILE
+    path = out.params
     if path.exists():
         old = json.loads(path.read_text())
         changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
@@ -284,16 +227,14 @@ def _check_params(out: Path, params: dict) -> None:
             diffs = "; ".join(f"{k}: {old.get(k)!r} -> {params.get(k)!r}" for k in changed)
             raise TbpsError(
                 "the output directory holds a score run with other parameters",
-                path=out,
+                path=out.root,
                 hint=f"changed: {diffs}. Use a new --out, or delete the directory to start over",
             )
         return
-    from tbps.provenance import write_json_atomic
-
-    write_json_atomic(path, params)
+    write_json(path, params)
 
 
-def _bank_embeddings(out: Path, loaded, bank: list[str], device, precision: str, rank: int, world: int) -> torch.Tensor:
+def _bank_embeddings(out: ScoreDir, loaded: Encoder, bank: list[str], device, precision: str, rank: int, world: int) -> torch.Tensor:
     """The bank's caption embeddings, embedded once per output directory and then read from it.
 
     Rank 0 embeds the bank and writes it atomically; the other torchrun ranks wait and read it,
@@ -301,17 +242,13 @@ def _bank_embeddings(out: Path, loaded, bank: list[str], device, precision: str,
     already checked that model, bank and precision are the same). ``--shard`` processes started
     together each embed it once and write the same values; the last rename wins.
     """
-    from tbps.models.encode import encode_texts
-
-    path = out / BANK_EMBEDDINGS_FILE
+    path = out.bank_embeddings
     emb = None
     if rank == 0 and not path.exists():
         emb = encode_texts(loaded, bank, device=device, precision=precision)
-        # A unique name: shard processes on several hosts may write into one directory at once.
-        with tempfile.NamedTemporaryFile(dir=out, prefix=f".{path.name}.", suffix=".tmp", delete=False) as fh:
+        with atomic_write(path) as fh:
             np.save(fh, emb)
-        os.replace(fh.name, path)
-    _barrier(world)
+    barrier(world)
     if emb is not None:  # embedded here: the file holds the same values
         return torch.from_numpy(emb)
     redo = "delete the file to embed the bank again"
@@ -329,11 +266,10 @@ def _bank_embeddings(out: Path, loaded, bank: list[str], device, precision: str,
 
 
 def _write_parquet(table: pa.Table, path: Path, metadata: dict[str, str]) -> None:
-    """Write one part atomically: a temporary file in the same directory, then rename."""
+    """Write one part atomically (see :func:`tbps.files.atomic_write`)."""
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        pq.write_table(table, fh, compression="zstd")
 
 
 def _part_tables(
@@ -434,10 +370,8 @@ def _prepare_part(k: int, rows: pl.DataFrame) -> _Part:
     return _Part(k, rows, images, image_of_row)
 
 
-def _iter_part_images(parts: list[_Part], loaded, config: ScoreConfig, device, dtype) -> Iterator[tuple[_Part, np.ndarray, list, list, list]]:
+def _iter_part_images(parts: list[_Part], loaded: Encoder, config: ScoreConfig, device, dtype) -> Iterator[tuple[_Part, np.ndarray, list, list, list]]:
     """Yield each part with its image embeddings, from one DataLoader over all parts' images."""
-    from tbps.models.encode import embed_pixels, iter_image_batches
-
     flat = [p for part in parts for p in part.images]
     # Batches never cross parts: a part's floats must not depend on which parts run beside it.
     batches = iter_image_batches(
@@ -484,17 +418,14 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
     Returns:
         A :class:`ScoreSummary`; ``complete`` when every part of the table exists.
     """
-    from tbps import models
-    from tbps.data.readers import read_captions, read_dataset
-    from tbps.models.encode import TEXT_BATCH, autocast_dtype, encode_texts, resolve_device
-
     log = log or (lambda _msg: None)
     t0 = time.perf_counter()
-    rank, world, owns_group = _distributed()
+    place = distributed(config.device)
+    rank, world, device = place.rank, place.world, place.device
     if world > 1 and config.shard is not None:
         raise UsageError("--shard cannot be combined with torchrun: torchrun already shards by rank", field="--shard")
     shard_index, shard_count = (rank, world) if world > 1 else (getattr(config, "shard_index", 0), getattr(config, "shard_count", 1))
-    out = Path(config.out)
+    out = ScoreDir(Path(config.out))
 
     pairs = read_dataset(config.data, **config.reader_options())
     if pairs.height == 0:
@@ -503,9 +434,8 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
     pairs = order_pairs(pairs)
     parts_plan = plan_parts(pairs[C.IMAGE_PATH].to_list(), config.chunk_size)
 
-    device = resolve_device(config.device)
     dtype = autocast_dtype(config.precision, device)
-    loaded = models.load(config.model, seed=config.seed)
+    loaded = load(config.model, seed=config.seed)
     loaded.model.to(device)
     bank = sample_bank(read_captions(config.bank), config.bank_size, config.seed)
     bank_frame = pl.DataFrame({"bank_index": np.arange(len(bank), dtype=np.int32), C.CAPTION: bank})
@@ -527,21 +457,20 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
         "reader": config.reader_options(),
     }
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SCORES_DIR).mkdir(exist_ok=True)
-        (out / EMBEDDINGS_DIR).mkdir(exist_ok=True)
+        for directory in (out.root, out.scores, out.embeddings):
+            directory.mkdir(parents=True, exist_ok=True)
+            sweep_temps(directory)  # temps of killed runs; a live concurrent run's are left alone
         _check_params(out, params)
-        if not (out / BANK_FILE).exists():
-            tmp = out / f".{BANK_FILE}.tmp"
-            bank_frame.write_parquet(tmp)
-            os.replace(tmp, out / BANK_FILE)
-    _barrier(world)
+        if not out.bank.exists():
+            with atomic_write(out.bank) as fh:
+                bank_frame.write_parquet(fh)
+    barrier(world)
     if rank != 0:
         _check_params(out, params)
 
     metadata = {"tbps.model": json.dumps(loaded.identity, sort_keys=True), "tbps.bank_size": str(len(bank))}
     mine = [k for k in range(len(parts_plan)) if k % shard_count == shard_index]
-    todo = [k for k in mine if not (out / SCORES_DIR / part_name(k)).exists()]
+    todo = [k for k in mine if not out.score_part(k).exists()]
     skipped = len(mine) - len(todo)
     if skipped:
         log(f"resuming: {skipped} of {len(mine)} parts already written, {len(todo)} to score")
@@ -564,16 +493,16 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
             truncated, bank_emb,
         )
         # Embeddings first: a score part on disk means its embeddings are there too.
-        _write_parquet(emb, out / EMBEDDINGS_DIR / part_name(part.k), metadata)
-        _write_parquet(scores, out / SCORES_DIR / part_name(part.k), metadata)
+        _write_parquet(emb, out.embedding_part(part.k), metadata)
+        _write_parquet(scores, out.score_part(part.k), metadata)
         done += rows.height
         if progress:
             progress(done, total)
     elapsed = time.perf_counter() - t_work
 
-    _barrier(world)
+    barrier(world)
     summary = ScoreSummary(
-        out=out,
+        out=out.root,
         rows=pairs.height,
         parts_total=len(parts_plan),
         parts_done_here=len(todo),
@@ -582,29 +511,25 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
         pairs_per_second=done / elapsed if elapsed > 0 and done else 0.0,
         bank_size=len(bank),
     )
-    present = [k for k in range(len(parts_plan)) if (out / SCORES_DIR / part_name(k)).exists()]
+    present = [k for k in range(len(parts_plan)) if out.score_part(k).exists()]
     summary.complete = len(present) == len(parts_plan)
     if summary.complete:
-        counts = pl.scan_parquet(out / SCORES_DIR / "*.parquet").group_by(C.STATUS).len().collect()
+        counts = pl.scan_parquet(list_parts(out.scores)).group_by(C.STATUS).len().collect()
         summary.status_counts = dict(sorted(zip(counts[C.STATUS].to_list(), counts["len"].to_list())))
         if rank == 0:
             _finalise(out, config, params, summary)
-            log(f"finalised {out / RECORD_FILE}")
-    if owns_group:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+            log(f"finalised {out.record}")
+    if place.owns_group:
+        torch.distributed.destroy_process_group()
     return summary
 
 
-def _finalise(out: Path, config: ScoreConfig, params: dict, summary: ScoreSummary) -> None:
-    from tbps.provenance import record, write_json_atomic
-
+def _finalise(out: ScoreDir, config: ScoreConfig, params: dict, summary: ScoreSummary) -> None:
     rows = sum(summary.status_counts.values())
     if rows != params["rows"]:
-        raise TbpsError(f"the score table has {rows} rows for {params['rows']} input pairs", path=out)
-    write_json_atomic(
-        out / RECORD_FILE,
+        raise TbpsError(f"the score table has {rows} rows for {params['rows']} input pairs", path=out.root)
+    write_json(
+        out.record,
         record(
             config,
             params=params,
@@ -619,10 +544,10 @@ def _finalise(out: Path, config: ScoreConfig, params: dict, summary: ScoreSummar
 def read_score_table(path: str | Path) -> pl.LazyFrame:
     """The score table of a score run directory, a parts directory or a single file, lazily."""
     path = Path(path)
-    if (path / SCORES_DIR).is_dir():
-        path = path / SCORES_DIR
+    if ScoreDir(path).scores.is_dir():
+        path = ScoreDir(path).scores
     if path.is_dir():
-        return pl.scan_parquet(path / "*.parquet")
+        return pl.scan_parquet(list_parts(path))
     if path.is_file():
         return pl.scan_parquet(path)
     raise TbpsError("no score table here", path=path)

@@ -1,7 +1,9 @@
 """``tbps select``: score tables -> the training subset (a manifest), every dropped row explained.
 
-The steps run in this fixed order; each is optional except the first, and each sees only the
-rows the steps before it kept:
+The steps are one table, :data:`STEPS`: each entry names its step and drop reason, says when a
+config runs it (``enabled``), drops rows (``run``) and says what it resolved to (``describe``).
+They run in the table's order; each is optional except the first, and each sees only the rows
+the steps before it kept, best first:
 
 1. ``status``: rows whose ``status`` is not ``ok`` are dropped (reason ``status``); so are ``ok``
    rows without a usable ``score`` or ``bank_rank`` (null or NaN; reason ``no-score``).
@@ -9,15 +11,15 @@ rows the steps before it kept:
 3. ``bank-rank``: ``--max-bank-rank K`` drops rows with ``bank_rank > K``. ``--rule
    paper-pretrain`` / ``paper-finetune`` mean ``K = 48`` / ``K = 1799``, the paper's cuts with a
    10,000-caption bank (own caption above index 49 / 1800 of 10,001 scores; see
-   ``tbps.curate.score``). When the score table's bank has another size ``B``, the rule is
+   :mod:`tbps.curate.layout`). When the score table's bank has another size ``B``, the rule is
    *scaled* to keep the same share of ranks: ``K = round((K10k + 1) * (B + 1) / 10001) - 1``,
    and a warning says so. (``--max-bank-rank`` is taken as given.)
-4. exact de-duplication (``--dedup``, default ``image,caption``): ``image`` groups rows with
-   the same ``image_hash``, then ``caption`` groups the remaining rows with the same
-   normalised caption (:func:`tbps.curate.dedup.normalise_caption`); ``pair`` instead groups
-   rows whose image *and* caption both match. Use ``--dedup caption`` or ``pair`` for datasets
+4. exact de-duplication (``--dedup``, default ``image,caption``): ``exact-image`` groups rows
+   with the same ``image_hash``, then ``exact-caption`` groups the remaining rows with the same
+   normalised caption (:func:`tbps.curate.dedup.normalise_caption`); ``exact-pair`` (``--dedup
+   pair``) instead groups rows whose image *and* caption both match. Use ``--dedup caption`` or ``pair`` for datasets
    with several captions per image (CUHK-PEDES has two), or ``none``.
-5. near de-duplication (``--dedup-threshold T``): rows whose image embeddings, or caption
+5. ``near-duplicate`` (``--dedup-threshold T``): rows whose image embeddings, or caption
    embeddings, have cosine ``>= T`` (both, for ``pair``), resolved greedily in best-first order
    (:func:`tbps.curate.dedup.greedy_keep`). Needs the embeddings ``tbps score`` writes.
 6. ``per-person``: ``--max-per-person N`` keeps the best N rows of each ``person_id`` (rows
@@ -28,6 +30,10 @@ rows the steps before it kept:
    ``rows_in`` is **every input row**, as read (so ``--keep 0.4`` gives a manifest of 40% of
    the pool whichever filters ran before; when fewer rows are left, all of them are kept and
    the summary says so). ``--budget N`` keeps the best N remaining rows.
+
+A new rule is one :class:`Step` entry in :data:`STEPS`, one :class:`SelectConfig` field and one
+``tbps select`` option; ``--help`` and the summary are generated from the entry, and a test
+checks that the README's table lists it.
 
 "Best" is one total order, used by every step that keeps some rows of a group: with ``--by
 score`` (default) higher ``score`` first, then lower ``bank_rank``, then ``pair_id``; with ``--by
@@ -50,6 +56,7 @@ streams to disk. Near de-duplication holds the embeddings of the rows still in p
 (``rows * dim * 4`` bytes for each modality).
 """
 
+
 from __future__ import annotations
 
 import math
@@ -62,52 +69,16 @@ import polars as pl
 
 from tbps import columns as C
 from tbps.curate import dedup as D
+from tbps.curate.layout import PAPER_BANK_SIZE, PAPER_RULES
 from tbps.errors import TbpsError, UsageError
 
-RULES = {"paper-pretrain": 48, "paper-finetune": 1799}
-PAPER_BANK_SIZE = 10_000
 BY = ("score", "bank_rank")
 DEDUP_MODES = ("image", "caption", "pair")
-
-# Steps in the order they run. A dropped row's ``step`` column names the one that dropped it.
-STEP_STATUS = "status"
-STEP_MIN_SCORE = "min-score"
-STEP_BANK_RANK = "bank-rank"
-STEP_EXACT = {"image": "exact-image", "caption": "exact-caption", "pair": "exact-pair"}
-STEP_NEAR = "near-duplicate"
-STEP_PER_PERSON = "per-person"
-STEP_QUOTA = "quota"
-STEP_BUDGET = "budget"
-STEPS = (
-    STEP_STATUS,
-    STEP_MIN_SCORE,
-    STEP_BANK_RANK,
-    *STEP_EXACT.values(),
-    STEP_NEAR,
-    STEP_PER_PERSON,
-    STEP_QUOTA,
-    STEP_BUDGET,
-)
-_CODE = {name: k + 1 for k, name in enumerate(STEPS)}  # 0 = still kept
-
-REASON_STATUS = "status"
 REASON_NO_SCORE = "no-score"
 REASON_DUPLICATE = "duplicate-of:"
-# The reason of a dropped row, by step (duplicates add the pair_id they duplicate).
-_REASON = {
-    STEP_MIN_SCORE: "min-score",
-    STEP_BANK_RANK: "bank-rank",
-    STEP_PER_PERSON: "per-person",
-    STEP_QUOTA: "quota",
-    STEP_BUDGET: "budget",
-}
 
 REQUIRED_COLUMNS = (C.PAIR_ID, C.IMAGE_PATH, C.CAPTION, C.PERSON_ID, C.SOURCE, C.IMAGE_HASH, C.SCORE, C.BANK_RANK, C.STATUS)
 _ROW = "_row"  # input row index (manifest join)
-_IMAGE_KEY = "_image_key"
-_CAPTION_KEY = "_caption_key"
-_NORMALISED = "_normalised_caption"
-
 
 def _fail(field_: str, message: str, value: object) -> UsageError:
     return UsageError(message, field=field_, value=value)
@@ -162,8 +133,8 @@ class SelectConfig:
             raise _fail("min_score", "--min-score must be a finite number", self.min_score)
         if self.max_bank_rank is not None and self.max_bank_rank < 0:
             raise _fail("max_bank_rank", "--max-bank-rank must be 0 or more", self.max_bank_rank)
-        if self.rule is not None and self.rule not in RULES:
-            raise _fail("rule", f"--rule must be one of {', '.join(RULES)}", self.rule)
+        if self.rule is not None and self.rule not in PAPER_RULES:
+            raise _fail("rule", f"--rule must be one of {', '.join(PAPER_RULES)}", self.rule)
         if self.rule is not None and self.max_bank_rank is not None:
             raise _fail("rule", "--rule and --max-bank-rank both set the bank-rank cut; give one", (self.rule, self.max_bank_rank))
         self.dedup_modes  # validates
@@ -340,13 +311,13 @@ def scaled_rule(rule: str, bank_size: int) -> int:
     ``B`` captions keeps the same share: ``round((K + 1) * (B + 1) / 10001) - 1``, at least 0.
 
     Args:
-        rule: a key of :data:`RULES`.
+        rule: a key of :data:`tbps.curate.layout.PAPER_RULES`.
         bank_size: the captions in the score table's bank.
 
     Returns:
         The largest ``bank_rank`` kept.
     """
-    k = RULES[rule]
+    k = PAPER_RULES[rule]
     return max(0, round((k + 1) * (bank_size + 1) / (PAPER_BANK_SIZE + 1)) - 1)
 
 
@@ -402,6 +373,276 @@ def _mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a * np.uint64(0x9E3779B97F4A7C15) + (b ^ (b >> np.uint64(29)))
 
 
+# --- the steps ---------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What a step sees: the rows still kept and the columns it may read.
+
+    Attributes:
+        config: the selection parameters.
+        narrow: the collected projection of the score table; row ``i`` is input row ``i``.
+        pair_id: its ``pair_id`` column.
+        score: its ``score`` column (null as NaN).
+        bank_rank: its ``bank_rank`` column (null as 0; such rows leave at ``status``).
+        rows: the rows still kept, best first (indices into ``narrow``).
+        rows_in: every input row.
+        bank_size: the captions in the table's bank (None: unknown).
+        embeddings: the embeddings table, for near de-duplication.
+        resolved: what each rule resolved to; a step adds its entry (goes into the manifest).
+        warnings: things the user should know; a step appends to them.
+        timings: seconds of the slow parts (kept out of ``resolved``).
+        say: progress lines.
+    """
+
+    config: SelectConfig
+    narrow: pl.DataFrame
+    pair_id: pl.Series
+    score: np.ndarray
+    bank_rank: np.ndarray
+    rows: np.ndarray
+    rows_in: int
+    bank_size: int | None
+    embeddings: pl.LazyFrame | None
+    resolved: dict
+    warnings: list[str]
+    timings: dict
+    say: Callable[[str], None]
+
+
+@dataclass
+class Drop:
+    """The rows one step drops, as positions into :attr:`Context.rows`.
+
+    Attributes:
+        at: a boolean mask over ``rows``, or indices into it.
+        duplicate_of: de-duplication steps: for each dropped row, in the order ``rows[at]``
+            lists them, the position in ``rows`` of the kept row it duplicates (the reason
+            becomes ``duplicate-of:<its pair_id>``).
+        relabel: ``{reason: positions}`` for dropped rows whose reason is not the step's.
+    """
+
+    at: np.ndarray
+    duplicate_of: np.ndarray | None = None
+    relabel: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _no_columns(_config: SelectConfig) -> list[pl.Expr]:
+    return []
+
+
+@dataclass(frozen=True)
+class Step:
+    """One selection rule, a row of :data:`STEPS`.
+
+    Attributes:
+        name: the ``step`` of the rows it drops (the drop table, the summary, the sidecar).
+        reason: the ``reason`` of the rows it drops (``duplicate-of:`` adds the pair_id).
+        option: the options that turn it on, for ``--help`` and the README.
+        drops: which rows it drops, in a phrase, for ``--help`` and the README.
+        enabled: whether a config runs the step.
+        run: what it drops of :attr:`Context.rows`; it records what it resolved to in
+            :attr:`Context.resolved` (and any warning).
+        describe: what the step resolved to, in a phrase: ``describe(resolved, config)``.
+        columns: the columns it reads beyond ids, source, status, score and bank rank.
+    """
+
+    name: str
+    reason: str
+    option: str
+    drops: str
+    enabled: Callable[[SelectConfig], bool]
+    run: Callable[[Context], Drop]
+    describe: Callable[[dict, SelectConfig], str]
+    columns: Callable[[SelectConfig], list[pl.Expr]] = _no_columns
+
+
+def _status(ctx: Context) -> Drop:
+    ok = (ctx.narrow.get_column(C.STATUS) == C.STATUS_OK).fill_null(False).to_numpy()[ctx.rows]
+    scored = (~np.isnan(ctx.score) & ctx.narrow.get_column(C.BANK_RANK).is_not_null().to_numpy())[ctx.rows]
+    return Drop(~(ok & scored), relabel={REASON_NO_SCORE: np.flatnonzero(ok & ~scored)})
+
+
+def _min_score(ctx: Context) -> Drop:
+    ctx.resolved["min_score"] = ctx.config.min_score
+    return Drop(ctx.score[ctx.rows] < ctx.config.min_score)
+
+
+def _bank_rank(ctx: Context) -> Drop:
+    cut = _bank_rank_cut(ctx.config, ctx.bank_size, ctx.warnings)
+    ctx.resolved["bank_rank"] = cut
+    return Drop(ctx.bank_rank[ctx.rows] > cut["max_bank_rank"])
+
+
+def _describe_bank_rank(resolved: dict, _config: SelectConfig) -> str:
+    cut = resolved["bank_rank"]
+    bank = f", bank {cut['bank_size']:,}" if cut.get("bank_size") else ""
+    return f"bank_rank > {cut['max_bank_rank']:,} ({cut['option']}{bank})"
+
+
+_IMAGE_KEY = "_image_key"
+_CAPTION_KEY = "_caption_key"
+_NORMALISED = "_normalised_caption"
+
+
+def _key_columns(key: str) -> list[pl.Expr]:
+    """An exact-dedup key as two 64-bit words plus a validity flag (``{key}_0``, ``_1``, ``_ok``)."""
+    if key == _IMAGE_KEY:
+        # The content hash, hashed again to 128 bits: 16 bytes a row instead of about 48.
+        words = [pl.col(C.IMAGE_HASH).hash(seed=s).alias(f"{key}_{s}") for s in (0, 1)]
+        return [*words, pl.col(C.IMAGE_HASH).is_not_null().alias(f"{key}_ok")]
+    return [*D.caption_key(pl.col(_NORMALISED), key), pl.col(C.CAPTION).is_not_null().alias(f"{key}_ok")]
+
+
+def _exact(mode: str, keys: tuple[str, ...], option: str, same: str, drops: str) -> Step:
+    """The exact de-duplication step of one ``--dedup`` mode."""
+
+    def run(ctx: Context) -> Drop:
+        ctx.say(f"exact de-duplication by {mode}")
+        gone, first = D.exact_duplicates(*_exact_key(ctx.narrow, keys, ctx.rows))
+        dedup = ctx.resolved.setdefault("dedup", {"exact": [], "caption_normalisation": D.NORMALISATION})
+        dedup["exact"].append(mode)
+        return Drop(gone, duplicate_of=first)
+
+    return Step(
+        name=f"exact-{mode}",
+        reason=f"{REASON_DUPLICATE}<pair_id>",
+        option=option,
+        drops=drops,
+        enabled=lambda config: mode in config.dedup_modes,
+        run=run,
+        describe=lambda _resolved, _config: same,
+        columns=lambda _config: [e for key in keys for e in _key_columns(key)],
+    )
+
+
+def _near(ctx: Context) -> Drop:
+    config = ctx.config
+    ctx.say(f"near de-duplication at cosine >= {config.dedup_threshold}")
+    near, stats = _near_duplicates(ctx.pair_id.gather(ctx.rows), ctx.embeddings, config, ctx.say)
+    for col in (C.IMAGE_EMB, C.TEXT_EMB):
+        if "_seconds" in stats.get(col, {}):
+            ctx.timings[f"near_{col}_s"] = stats[col].pop("_seconds")
+    ctx.resolved.setdefault("dedup", {})["near"] = {"threshold": config.dedup_threshold, **stats}
+    hit = np.flatnonzero(near >= 0)
+    return Drop(hit, duplicate_of=near[hit])
+
+
+def _per_person(ctx: Context) -> Drop:
+    cap = ctx.config.max_per_person
+    ctx.resolved["max_per_person"] = cap
+    limit = pl.when(pl.col("key").is_not_null()).then(pl.lit(cap, dtype=pl.Int64))  # no person id: not capped
+    return Drop(_past_limit(ctx.narrow.get_column(C.PERSON_ID).gather(ctx.rows), limit))
+
+
+def _quota(ctx: Context) -> Drop:
+    quotas = ctx.config.quotas
+    limit = pl.col("key").replace_strict(quotas, default=None, return_dtype=pl.Int64)  # no quota: not capped
+    at = _past_limit(ctx.narrow.get_column(C.SOURCE).gather(ctx.rows), limit)
+    absent = sorted(set(quotas) - set(ctx.narrow.get_column(C.SOURCE).unique().drop_nulls().to_list()))
+    if absent:
+        ctx.warnings.append(f"--quota names source(s) not in the input: {', '.join(absent)}")
+    ctx.resolved["quota"] = quotas
+    return Drop(at)
+
+
+def _budget(ctx: Context) -> Drop:
+    config, rows = ctx.config, ctx.rows
+    target = keep_target(config.keep, ctx.rows_in) if config.keep is not None else config.budget
+    ctx.resolved["budget"] = _budget_resolved(config, ctx.score, ctx.bank_rank, rows, target, ctx.rows_in, ctx.warnings)
+    return Drop(np.arange(min(target, len(rows)), len(rows)))
+
+
+def _describe_budget(resolved: dict, _config: SelectConfig) -> str:
+    b = resolved["budget"]
+    key = "score" if b["by"] == "score" else "bank_rank"
+    cutoff = b.get(f"{key}_cutoff")
+    cut_text = ""
+    if cutoff is not None:
+        shown = f"{cutoff:.4f}" if isinstance(cutoff, float) else f"{cutoff:,}"  # a score, or a bank rank
+        cut_text = f"; {key} {'>=' if key == 'score' else '<='} {shown}"
+    if "keep" in b:
+        return f"--keep {b['keep']:g} of {b['rows_in']:,} input rows = {b['target_rows']:,} rows{cut_text}"
+    return f"--budget {b['budget']:,} rows{cut_text}"
+
+
+_RULE_CUTS = " / ".join(str(k) for k in PAPER_RULES.values())
+
+# The steps, in the order they run. A dropped row's ``step`` is the name of the one that dropped it.
+STEPS: tuple[Step, ...] = (
+    Step(
+        name="status",
+        reason="status",
+        option="always",
+        drops=f"rows whose status is not ok, and ok rows without a score or bank_rank (reason {REASON_NO_SCORE})",
+        enabled=lambda _config: True,
+        run=_status,
+        describe=lambda _resolved, _config: "status not ok, or no score",
+    ),
+    Step(
+        name="min-score",
+        reason="min-score",
+        option="--min-score S",
+        drops="rows with score < S",
+        enabled=lambda config: config.min_score is not None,
+        run=_min_score,
+        describe=lambda resolved, _config: f"score < {resolved['min_score']:g}",
+    ),
+    Step(
+        name="bank-rank",
+        reason="bank-rank",
+        option=f"--max-bank-rank K, or --rule {' / '.join(PAPER_RULES)}",
+        drops=f"rows with bank_rank > K (the rules: K = {_RULE_CUTS} for a {PAPER_BANK_SIZE:,}-caption bank, scaled to other sizes)",
+        enabled=lambda config: config.max_bank_rank is not None or config.rule is not None,
+        run=_bank_rank,
+        describe=_describe_bank_rank,
+    ),
+    _exact("image", (_IMAGE_KEY,), "--dedup image, on by default", "same image_hash", "rows with the image_hash of a better row"),
+    _exact("caption", (_CAPTION_KEY,), "--dedup caption, on by default", "same normalised caption", "rows with the normalised caption of a better row"),
+    _exact("pair", (_IMAGE_KEY, _CAPTION_KEY), "--dedup pair", "same image_hash and caption", "rows with the image_hash and the caption of a better row"),
+    Step(
+        name="near-duplicate",
+        reason=f"{REASON_DUPLICATE}<pair_id>",
+        option="--dedup-threshold T",
+        drops="rows whose image or caption embedding (both, with --dedup pair) has cosine >= T with a better kept row",
+        enabled=lambda config: config.dedup_threshold is not None,
+        run=_near,
+        describe=lambda resolved, config: f"cosine >= {resolved['dedup']['near']['threshold']:g} ({config.dedup})",
+    ),
+    Step(
+        name="per-person",
+        reason="per-person",
+        option="--max-per-person N",
+        drops="rows past the best N of their person_id",
+        enabled=lambda config: config.max_per_person is not None,
+        run=_per_person,
+        describe=lambda resolved, _config: f"more than {resolved['max_per_person']:,} per person_id",
+        columns=lambda _config: [pl.col(C.PERSON_ID)],
+    ),
+    Step(
+        name="quota",
+        reason="quota",
+        option="--quota SOURCE=N",
+        drops="rows past the best N of that source",
+        enabled=lambda config: bool(config.quota),
+        run=_quota,
+        describe=lambda resolved, _config: ", ".join(f"{k}<={v:,}" for k, v in resolved["quota"].items()),
+    ),
+    Step(
+        name="budget",
+        reason="budget",
+        option="--keep F, or --budget N",
+        drops="rows past the best floor(F x every input row), or past the best N",
+        enabled=lambda config: config.keep is not None or config.budget is not None,
+        run=_budget,
+        describe=_describe_budget,
+    ),
+)
+STEPS_BY_NAME = {step.name: step for step in STEPS}
+_CODE = {step.name: k for k, step in enumerate(STEPS, start=1)}  # a row's step in a uint8 (0: kept)
+
+
 def select(
     scores: pl.LazyFrame,
     config: SelectConfig,
@@ -411,6 +652,8 @@ def select(
     log: Callable[[str], None] | None = None,
 ) -> Selection:
     """Select the training subset of a score table (no file I/O beyond the lazy frames given).
+
+    Runs the enabled entries of :data:`STEPS` in order.
 
     Args:
         scores: the score table (``columns.SCORE_SCHEMA``; optional columns may be missing).
@@ -428,20 +671,21 @@ def select(
         TbpsError: missing columns, an empty table, duplicate ``pair_id``s, missing embeddings.
     """
     say = log or (lambda _msg: None)
-    warnings: list[str] = []
-    timings: dict = {}
-    resolved: dict = {"order": dict(zip(*order_columns(config.by)))}
     if config.dedup_threshold is not None and embeddings is None:
         raise TbpsError(
             "--dedup-threshold needs the embeddings `tbps score` writes next to the score table, and there are none",
             field="dedup_threshold",
             hint="pass a `tbps score` output directory, or drop --dedup-threshold",
         )
+    steps = [step for step in STEPS if step.enabled(config)]
     lf = standardise(scores).with_row_index(_ROW)
-    modes = config.dedup_modes
+    cols = _narrow_columns(config, steps)
+    if any(_NORMALISED in e.meta.root_names() for e in cols):
+        with_keys = lf.with_columns(D.normalise_caption(pl.col(C.CAPTION)).alias(_NORMALISED))  # once for both key words
+    else:
+        with_keys = lf
     say("reading the score table")
-    source = lf.with_columns(D.normalise_caption(pl.col(C.CAPTION)).alias(_NORMALISED)) if ("caption" in modes or "pair" in modes) else lf
-    narrow = source.select(_narrow_columns(config, modes)).collect(engine="streaming")
+    narrow = with_keys.select(cols).collect(engine="streaming")
     rows_in = narrow.height
     if rows_in == 0:
         raise TbpsError("the score table has no rows", hint="check the inputs: nothing to select from")
@@ -449,100 +693,55 @@ def select(
         narrow = narrow.sort(_ROW)  # row i of the arrays below must be input row i
     pair_id = narrow.get_column(C.PAIR_ID)
     _check_pair_ids(narrow, pair_id)
-
-    # Step 1: status. Row-level state lives in numpy arrays in input order.
     score = narrow.get_column(C.SCORE).to_numpy()
-    rank_col = narrow.get_column(C.BANK_RANK)
-    scored = ~np.isnan(score) & rank_col.is_not_null().to_numpy()
-    bank_rank = rank_col.fill_null(0).to_numpy()
-    usable = (narrow.get_column(C.STATUS) == C.STATUS_OK).fill_null(False).to_numpy() & scored
-    step = np.zeros(rows_in, dtype=np.uint8)
+    bank_rank = narrow.get_column(C.BANK_RANK).fill_null(0).to_numpy()
+    ctx = Context(
+        config=config, narrow=narrow, pair_id=pair_id, score=score, bank_rank=bank_rank,
+        # Best first from the start: one total order, so dropping rows keeps the rest in it.
+        rows=best_first(score, bank_rank, pair_id, np.arange(rows_in), config.by),
+        rows_in=rows_in, bank_size=bank_size, embeddings=embeddings,
+        resolved={"order": dict(zip(*order_columns(config.by)))}, warnings=[], timings={}, say=say,
+    )
+    # Row-level results in input order: the code of the step that dropped each row (0: kept).
+    code = np.zeros(rows_in, dtype=np.uint8)
     dup_of = np.full(rows_in, -1, dtype=np.int64)
-    step[~usable] = _CODE[STEP_STATUS]
-    steps = [StepCount(STEP_STATUS, rows_in, int((~usable).sum()))]
-    rows = best_first(score, bank_rank, pair_id, np.flatnonzero(usable), config.by)  # kept so far, best first
-
-    def drop(name: str, at: np.ndarray) -> np.ndarray:
-        """Drop ``rows[at]`` (indices into the rows still kept) at step ``name``; the rows left."""
+    relabelled: list[tuple[np.ndarray, str]] = []
+    counts = []
+    for step in steps:
+        rows, drop = ctx.rows, step.run(ctx)  # each step sees only what the ones before it kept
         mask = np.zeros(len(rows), dtype=bool)
-        mask[at] = True
-        step[rows[mask]] = _CODE[name]
-        steps.append(StepCount(name, len(rows), int(mask.sum())))
-        return rows[~mask]
+        mask[drop.at] = True
+        code[rows[mask]] = _CODE[step.name]
+        if drop.duplicate_of is not None:
+            dup_of[rows[drop.at]] = rows[drop.duplicate_of]
+        relabelled += [(rows[at], reason) for reason, at in drop.relabel.items() if len(at)]
+        counts.append(StepCount(step.name, len(rows), int(mask.sum())))
+        ctx.rows = rows[~mask]
 
-    # Steps 2-3: score and bank-rank cuts.
-    if config.min_score is not None:
-        rows = drop(STEP_MIN_SCORE, score[rows] < config.min_score)
-        resolved["min_score"] = config.min_score
-    cut = _bank_rank_cut(config, bank_size, warnings)
-    if cut is not None:
-        resolved["bank_rank"] = cut
-        rows = drop(STEP_BANK_RANK, bank_rank[rows] > cut["max_bank_rank"])
-
-    # Step 4: exact duplicates, one pass per key.
-    for mode in modes:
-        say(f"exact de-duplication by {mode}")
-        gone, first = D.exact_duplicates(*_exact_key(narrow, mode, rows))
-        dup_of[rows[gone]] = rows[first]
-        rows = drop(STEP_EXACT[mode], gone)
-    if modes:
-        resolved["dedup"] = {"exact": list(modes), "caption_normalisation": "lowercase, punctuation to spaces, whitespace collapsed, stripped"}
-
-    # Step 5: near duplicates.
-    if config.dedup_threshold is not None:
-        say(f"near de-duplication at cosine >= {config.dedup_threshold}")
-        near, stats = _near_duplicates(pair_id.gather(rows), embeddings, config, say)
-        hit = np.flatnonzero(near >= 0)
-        dup_of[rows[hit]] = rows[near[hit]]
-        rows = drop(STEP_NEAR, hit)
-        for col in (C.IMAGE_EMB, C.TEXT_EMB):
-            if "_seconds" in stats.get(col, {}):
-                timings[f"near_{col}_s"] = stats[col].pop("_seconds")
-        resolved.setdefault("dedup", {})["near"] = {"threshold": config.dedup_threshold, **stats}
-
-    # Steps 6-8: per-person caps, source quotas, then the global budget.
-    if config.max_per_person is not None:
-        rank_in_group = pl.int_range(pl.len()).over("key")
-        sub = pl.DataFrame({"key": narrow.get_column(C.PERSON_ID).gather(rows)}).with_row_index("at")
-        over = sub.filter(pl.col("key").is_not_null() & (rank_in_group >= config.max_per_person))
-        rows = drop(STEP_PER_PERSON, over.get_column("at").to_numpy())
-        resolved["max_per_person"] = config.max_per_person
-    if config.quota:
-        quotas = config.quotas
-        limit = pl.col("key").replace_strict(quotas, default=None, return_dtype=pl.Int64)
-        sub = pl.DataFrame({"key": narrow.get_column(C.SOURCE).gather(rows)}).with_row_index("at")
-        over = sub.filter(limit.is_not_null() & (pl.int_range(pl.len()).over("key") >= limit))
-        rows = drop(STEP_QUOTA, over.get_column("at").to_numpy())
-        absent = sorted(set(quotas) - set(narrow.get_column(C.SOURCE).unique().drop_nulls().to_list()))
-        if absent:
-            warnings.append(f"--quota names source(s) not in the input: {', '.join(absent)}")
-        resolved["quota"] = quotas
-    if config.keep is not None or config.budget is not None:
-        target = keep_target(config.keep, rows_in) if config.keep is not None else config.budget
-        resolved["budget"] = _budget_resolved(config, score, bank_rank, rows, target, rows_in, warnings)
-        rows = drop(STEP_BUDGET, np.arange(min(target, len(rows)), len(rows)))
-
-    if len(rows) == 0:
-        warnings.append("no row was kept: the manifest is empty")
-    outcome = _outcome(narrow, step, dup_of)
-    kept = pl.Series(_ROW, np.flatnonzero(step == 0), dtype=pl.get_index_type())
+    if len(ctx.rows) == 0:
+        ctx.warnings.append("no row was kept: the manifest is empty")
+    outcome = _outcome(narrow, code, dup_of, relabelled)
+    kept = pl.Series(_ROW, np.flatnonzero(code == 0), dtype=pl.get_index_type())
     manifest = lf.filter(pl.col(_ROW).is_in(kept.implode())).drop(_ROW)
-    return Selection(manifest=manifest, outcome=outcome, steps=steps, resolved=resolved, warnings=warnings, timings=timings)
+    return Selection(manifest=manifest, outcome=outcome, steps=counts, resolved=ctx.resolved, warnings=ctx.warnings, timings=ctx.timings)
 
 
-def _narrow_columns(config: SelectConfig, modes: tuple[str, ...]) -> list[pl.Expr]:
-    """The columns the steps need; dedup keys as 2 x 64-bit hashes plus a validity flag."""
+def _narrow_columns(config: SelectConfig, steps: list[Step]) -> list[pl.Expr]:
+    """The columns the enabled steps need, each once."""
     cols = [pl.col(_ROW), pl.col(C.PAIR_ID), pl.col(C.SOURCE), pl.col(C.STATUS), pl.col(C.SCORE), pl.col(C.BANK_RANK)]
-    if config.max_per_person is not None:
-        cols.append(pl.col(C.PERSON_ID))
-    if "image" in modes or "pair" in modes:
-        # The content hash, hashed again to 128 bits: 16 bytes a row instead of about 48.
-        cols += [pl.col(C.IMAGE_HASH).hash(seed=s).alias(f"{_IMAGE_KEY}_{s}") for s in (0, 1)]
-        cols.append(pl.col(C.IMAGE_HASH).is_not_null().alias(f"{_IMAGE_KEY}_ok"))
-    if "caption" in modes or "pair" in modes:
-        cols += D.caption_key(pl.col(_NORMALISED), _CAPTION_KEY)
-        cols.append(pl.col(C.CAPTION).is_not_null().alias(f"{_CAPTION_KEY}_ok"))
-    return cols
+    for step in steps:
+        cols += step.columns(config)
+    unique: dict[str, pl.Expr] = {}
+    for e in cols:
+        unique.setdefault(e.meta.output_name(), e)
+    return list(unique.values())
+
+
+def _past_limit(keys: pl.Series, limit: pl.Expr) -> np.ndarray:
+    """Positions of ``keys`` (best first) past the first ``limit`` of their key; a null limit caps nothing."""
+    sub = pl.DataFrame({"key": keys}).with_row_index("at")
+    over = sub.filter(limit.is_not_null() & (pl.int_range(pl.len()).over("key") >= limit))
+    return over.get_column("at").to_numpy()
 
 
 def _check_pair_ids(narrow: pl.DataFrame, pair_id: pl.Series) -> None:
@@ -559,29 +758,24 @@ def _check_pair_ids(narrow: pl.DataFrame, pair_id: pl.Series) -> None:
         )
 
 
-def _exact_key(narrow: pl.DataFrame, mode: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The two 64-bit key words and validity of ``rows`` for one exact-dedup mode."""
+def _exact_key(narrow: pl.DataFrame, keys: tuple[str, ...], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two 64-bit key words and validity of ``rows`` for one exact-dedup pass (one key, or two mixed)."""
     def part(prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # numpy gathers: the hash columns convert without a copy, and fancy indexing beats
         # a Polars gather by an int64 index Series several times over on ten million rows.
         return tuple(narrow.get_column(f"{prefix}_{suffix}").to_numpy()[rows] for suffix in ("0", "1", "ok"))
 
-    if mode == "image":
-        return part(_IMAGE_KEY)
-    if mode == "caption":
-        return part(_CAPTION_KEY)
-    i0, i1, iok = part(_IMAGE_KEY)
-    c0, c1, cok = part(_CAPTION_KEY)
-    return _mix(i0, c0), _mix(i1, c1), iok & cok
+    if len(keys) == 1:
+        return part(keys[0])
+    (a0, a1, aok), (b0, b1, bok) = (part(key) for key in keys)
+    return _mix(a0, b0), _mix(a1, b1), aok & bok
 
 
-def _bank_rank_cut(config: SelectConfig, bank_size: int | None, warnings: list[str]) -> dict | None:
-    """The resolved bank-rank cut, or None when no bank-rank step runs."""
+def _bank_rank_cut(config: SelectConfig, bank_size: int | None, warnings: list[str]) -> dict:
+    """The resolved bank-rank cut of ``--max-bank-rank`` or ``--rule``."""
     if config.max_bank_rank is not None:
         return {"option": "--max-bank-rank", "max_bank_rank": config.max_bank_rank, "bank_size": bank_size}
-    if config.rule is None:
-        return None
-    paper = RULES[config.rule]
+    paper = PAPER_RULES[config.rule]
     if bank_size is None:
         warnings.append(
             f"--rule {config.rule}: the score table does not record its bank size; assuming the paper's "
@@ -667,21 +861,18 @@ def _near_duplicates(ids: pl.Series, embeddings: pl.LazyFrame, config: SelectCon
     return D.greedy_keep(n, i, j), stats
 
 
-def _outcome(narrow: pl.DataFrame, step: np.ndarray, dup_of: np.ndarray) -> pl.DataFrame:
+def _outcome(narrow: pl.DataFrame, code: np.ndarray, dup_of: np.ndarray, relabelled: list[tuple[np.ndarray, str]]) -> pl.DataFrame:
     """One row per input row, in input order: ids, score, and the step and reason of dropped rows."""
-    names = {code: name for name, code in _CODE.items()}
-    reasons = {_CODE[name]: reason for name, reason in _REASON.items()}
-    reasons[_CODE[STEP_STATUS]] = REASON_STATUS
-    code = pl.Series("_code", step)
-    reason = code.replace_strict(reasons, default=None, return_dtype=pl.String)
+    codes = pl.Series("_code", code)
+    reason = codes.replace_strict({_CODE[s.name]: s.reason for s in STEPS}, default=None, return_dtype=pl.String)
+    # Only duplicates and relabelled rows get a reason of their own; everything else is one string per step.
+    for rows, text in relabelled:
+        reason = reason.scatter(rows, text)
     dups = np.flatnonzero(dup_of >= 0)
     if len(dups):
-        # Only duplicate rows get a per-row reason; everything else is one string per step.
         named = narrow.get_column(C.PAIR_ID).gather(dup_of[dups])
         reason = reason.scatter(dups, (REASON_DUPLICATE + named).rename(reason.name))
-    out = narrow.select(C.PAIR_ID, C.SOURCE, C.STATUS, C.SCORE, C.BANK_RANK).with_columns(
-        code.replace_strict(names, default=None, return_dtype=pl.String).alias(C.STEP),
+    return narrow.select(C.PAIR_ID, C.SOURCE, C.STATUS, C.SCORE, C.BANK_RANK).with_columns(
+        codes.replace_strict({_CODE[s.name]: s.name for s in STEPS}, default=None, return_dtype=pl.String).alias(C.STEP),
         reason.alias(C.REASON),
     )
-    no_score = (pl.col(C.STEP) == STEP_STATUS) & (pl.col(C.STATUS) == C.STATUS_OK)
-    return out.with_columns(pl.when(no_score).then(pl.lit(REASON_NO_SCORE)).otherwise(pl.col(C.REASON)).alias(C.REASON))

@@ -2,31 +2,33 @@
 
 Inputs (each of ``SelectConfig.scores``):
 
-* a ``tbps score`` output directory (it has ``score.json``): ``DIR/scores/*.parquet`` and,
-  for near de-duplication, ``DIR/embeddings/*.parquet``;
+* a ``tbps score`` output directory (it has ``score.json``; :mod:`tbps.curate.layout`):
+  ``DIR/scores/part-*.parquet`` and, for near de-duplication, ``DIR/embeddings/part-*.parquet``
+  (temporaries skipped);
 * a directory of Parquet part files (``*.parquet``, hidden files skipped);
 * a single Parquet file.
 
-Outputs, all written to temporary files first and renamed into place only when everything
-succeeded (the sidecar last, so its presence means the set is complete):
+Outputs, each written through :func:`tbps.files.atomic_write` (a temporary renamed into place
+when complete); the two Parquet files only when both were written, the sidecar last, so its
+presence means the set is complete:
 
 * ``OUT`` (default ``manifests/<name>.parquet``): the kept rows, ``columns.SCORE_SCHEMA``,
   sorted by ``pair_id``; no time inside, so the same inputs and parameters give the same bytes;
 * ``<OUT stem>.dropped.parquet``: ``columns.DROP_SCHEMA``, every dropped row with its reason;
-* ``<OUT stem>.json``: provenance (``tbps.provenance.record``): the config, the inputs with
-  SHA-256 content hashes, what each rule resolved to, rows after each step, score quantiles,
-  truth metrics, versions, git commit, time.
+* ``<OUT stem>.json``: provenance (``tbps.provenance.record``): the config, the inputs and
+  outputs with content hashes (``hash``, and its algorithm in ``hash_algo``: ``tbps.files.HASH_ALGO``),
+  what each rule resolved to, rows after each step, score quantiles, truth metrics, versions,
+  git commit, time.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,12 +36,13 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from tbps import columns as C
+from tbps.curate.layout import RECORD_FILE, SCORES_DIR, ScoreDir, list_parts
 from tbps.curate.select import SelectConfig, Selection, check_columns, select
+from tbps.curate.truth import truth_metrics
 from tbps.errors import TbpsError
+from tbps.files import HASH_ALGO, atomic_write, file_hash, sweep_temps, write_json
+from tbps.provenance import record as provenance_record
 
-SCORE_RECORD = "score.json"
-SCORES_DIR = "scores"
-EMBEDDINGS_DIR = "embeddings"
 MANIFESTS_DIR = "manifests"
 ROW_GROUP = 1 << 18  # fixed row-group size: part of what makes the bytes reproducible
 
@@ -52,7 +55,7 @@ class ScoreInputs:
         scores: all score rows (the tables concatenated in the order given).
         embeddings: all embedding rows, or None when some input has none.
         bank_size: the bank size shared by the inputs (None when unknown or mixed).
-        tables: one record per input: path, kind, files with sizes and SHA-256, rows, model.
+        tables: one record per input: path, kind, files with sizes and content hashes, rows, model.
         warnings: mixed models or bank sizes.
     """
 
@@ -83,16 +86,13 @@ class SelectRun:
     inputs: ScoreInputs
 
 
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    """The SHA-256 hex digest of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def _file_entry(path: Path, *, hash_now: bool = True) -> dict:
+    """A file as provenance records it: path, size and content hash (None: filled in later)."""
+    return {"path": str(path), "bytes": path.stat().st_size, "hash": file_hash(path) if hash_now else None, "hash_algo": HASH_ALGO}
 
 
-def _parts(directory: Path) -> list[Path]:
+def _parquet_files(directory: Path) -> list[Path]:
+    """The Parquet files of a directory of parts (hidden files, temporaries among them, skipped)."""
     return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith(".") and p.is_file())
 
 
@@ -113,22 +113,23 @@ def _resolve(path: Path) -> tuple[str, list[Path], list[Path], dict | None]:
         raise TbpsError("no such file or directory", path=path)
     if path.is_file():
         return "parquet-file", [path], [], None
-    if (path / SCORE_RECORD).is_file():
+    run = ScoreDir(path)
+    if run.is_complete():
         try:
-            record = json.loads((path / SCORE_RECORD).read_text())
+            record = json.loads(run.record.read_text())
         except (OSError, ValueError) as exc:
-            raise TbpsError(f"unreadable {SCORE_RECORD} ({exc})", path=path / SCORE_RECORD) from None
-        files = _parts(path / SCORES_DIR)
+            raise TbpsError(f"unreadable {RECORD_FILE} ({exc})", path=run.record) from None
+        files = list_parts(run.scores)
         if not files:
             raise TbpsError(f"score run without part files in {SCORES_DIR}/", path=path)
-        return "score-run", files, _parts(path / EMBEDDINGS_DIR), record
-    if (path / SCORES_DIR).is_dir():
+        return "score-run", files, list_parts(run.embeddings), record
+    if run.scores.is_dir():
         raise TbpsError(
-            f"incomplete score run: {SCORES_DIR}/ exists but {SCORE_RECORD} does not",
+            f"incomplete score run: {SCORES_DIR}/ exists but {RECORD_FILE} does not",
             path=path,
             hint="finish the run (re-running the same `tbps score` command resumes it), or pass its scores/ directory",
         )
-    files = _parts(path)
+    files = _parquet_files(path)
     if not files:
         raise TbpsError("directory holds no .parquet files", path=path)
     return "parquet-dir", files, [], None
@@ -140,7 +141,7 @@ def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False, h
     Args:
         paths: score run directories, directories of Parquet parts, or Parquet files.
         need_embeddings: also open the embeddings (every input must be a score run with them).
-        hash_files: fill in each file's SHA-256 now (else ``None``: see :func:`hash_inputs`).
+        hash_files: fill in each file's content hash now (else ``None``: see :func:`hash_inputs`).
 
     Returns:
         :class:`ScoreInputs`.
@@ -163,7 +164,7 @@ def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False, h
             rows += n
             model = model or kv.get("tbps.model")
             bank = bank or kv.get("tbps.bank_size")
-            hashed.append({"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f) if hash_files else None})
+            hashed.append(_file_entry(f, hash_now=hash_files))
             scans.append(pl.scan_parquet(f))
         if bank is None and record is not None:
             bank = (record.get("config") or {}).get("bank_size") or record.get("bank_size")
@@ -175,7 +176,7 @@ def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False, h
                 table["model"] = model
             models.add(json.dumps(table["model"], sort_keys=True))
         if record is not None:
-            table["score_record_sha256"] = sha256_file(path / SCORE_RECORD)
+            table["score_record"] = _file_entry(ScoreDir(path).record)
         if need_embeddings:
             if not emb_files:
                 raise TbpsError(
@@ -194,7 +195,7 @@ def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False, h
                         path=f,
                     )
                 dims.add(str(schema[C.IMAGE_EMB]))
-                table["embedding_files"].append({"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f) if hash_files else None})
+                table["embedding_files"].append(_file_entry(f, hash_now=hash_files))
                 emb_scans.append(pl.scan_parquet(f).select(C.PAIR_ID, C.IMAGE_EMB, C.TEXT_EMB))
         bank_sizes.add(table["bank_size"])
         tables.append(table)
@@ -212,7 +213,7 @@ def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False, h
 
 
 def hash_inputs(tables: list[dict]) -> threading.Thread:
-    """Fill in the missing SHA-256 of every input file, in a background thread.
+    """Fill in the missing content hash of every input file, in a background thread.
 
     Hashing 1 GB takes about a second; a thread overlaps it with the single-threaded parts of
     the selection (hashlib and file reads release the GIL). ``join()`` the thread before
@@ -222,11 +223,11 @@ def hash_inputs(tables: list[dict]) -> threading.Thread:
     def work() -> None:
         for table in tables:
             for entry in table["files"] + table.get("embedding_files", []):
-                if entry["sha256"] is None:
+                if entry["hash"] is None:
                     try:
-                        entry["sha256"] = sha256_file(Path(entry["path"]))
+                        entry["hash"] = file_hash(entry["path"])
                     except OSError as exc:
-                        entry["sha256"] = f"error: {exc}"
+                        entry["hash"] = f"error: {exc}"
 
     thread = threading.Thread(target=work, name="tbps-hash-inputs", daemon=True)
     thread.start()
@@ -280,15 +281,11 @@ def _check_writable(paths: OutputPaths) -> None:
         raise TbpsError("cannot create the output directory here", path=parent, field="out")
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def run_select(config: SelectConfig, *, log: Callable[[str], None] | None = None) -> SelectRun:
     """Read the score tables, select, measure against the truth if given, and write the outputs.
 
-    Nothing is written unless every step succeeds; each output is renamed into place from a
-    temporary file, the sidecar last.
+    Nothing is written unless the selection succeeds; the manifest and the drop table are
+    renamed into place from temporaries when both are complete, the sidecar is written last.
 
     Args:
         config: the selection.
@@ -320,58 +317,43 @@ def run_select(config: SelectConfig, *, log: Callable[[str], None] | None = None
     selection.warnings[:0] = inputs.warnings
     t_select = time.perf_counter()
     if truth is not None:
-        from tbps.curate.truth import truth_metrics
-
         selection.truth = truth_metrics(selection.outcome, truth)
-    temps = [_tmp(paths.dropped), _tmp(paths.manifest), _tmp(paths.sidecar)]
-    try:
-        paths.manifest.parent.mkdir(parents=True, exist_ok=True)
-        say(f"writing {paths.manifest} and {paths.dropped.name}")
-        meta = {"tbps.select": json.dumps({"config": _config_dict(config), "resolved": selection.resolved}, sort_keys=True, default=str)}
-        models = [t["model"] for t in inputs.tables if "model" in t]
-        if models:
-            meta["tbps.model"] = json.dumps(models[0], sort_keys=True)
-        with ThreadPoolExecutor(1) as pool:
-            # The drop table is written while the manifest streams (Polars releases the GIL).
-            dropped = pool.submit(lambda: selection.dropped().write_parquet(temps[0], compression_level=1, row_group_size=ROW_GROUP))
-            selection.manifest.sink_parquet(temps[1], metadata=meta, compression_level=1, row_group_size=ROW_GROUP)
-            dropped.result()
-        t_write = time.perf_counter()
-        hashing.join()
-        timings = {
-            "read_inputs_s": round(t_read - t0, 3),
-            "select_s": round(t_select - t_read, 3),
-            "write_s": round(t_write - t_select, 3),
-            **selection.timings,
-        }
-        record = _record(config, selection, inputs, paths, temps, timings=timings)
-        from tbps.provenance import write_json_atomic
-
-        os.replace(temps[0], paths.dropped)
-        os.replace(temps[1], paths.manifest)
-        write_json_atomic(paths.sidecar, record)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
+    sweep_temps(paths.manifest.parent)  # what a killed run left
+    say(f"writing {paths.manifest} and {paths.dropped.name}")
+    meta = {"tbps.select": json.dumps({"config": _config_dict(config), "resolved": selection.resolved}, sort_keys=True, default=str)}
+    models = [t["model"] for t in inputs.tables if "model" in t]
+    if models:
+        meta["tbps.model"] = json.dumps(models[0], sort_keys=True)
+    with atomic_write(paths.dropped) as dropped_file, atomic_write(paths.manifest) as manifest_file, ThreadPoolExecutor(1) as pool:
+        # The drop table is written while the manifest streams (Polars releases the GIL).
+        dropped = pool.submit(lambda: selection.dropped().write_parquet(dropped_file, compression_level=1, row_group_size=ROW_GROUP))
+        selection.manifest.sink_parquet(manifest_file, metadata=meta, compression_level=1, row_group_size=ROW_GROUP)
+        dropped.result()
+    t_write = time.perf_counter()
+    hashing.join()
+    timings = {
+        "read_inputs_s": round(t_read - t0, 3),
+        "select_s": round(t_select - t_read, 3),
+        "write_s": round(t_write - t_select, 3),
+        **selection.timings,
+    }
+    record = _record(config, selection, inputs, paths, timings=timings)
+    write_json(paths.sidecar, record)
     return SelectRun(config=config, selection=selection, paths=paths, record=record, inputs=inputs)
 
 
 def _config_dict(config: SelectConfig) -> dict:
-    from dataclasses import asdict
-
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
 
 
-def _record(config: SelectConfig, selection: Selection, inputs: ScoreInputs, paths: OutputPaths, temps: list[Path], timings: dict) -> dict:
-    from tbps.provenance import record
-
+def _record(config: SelectConfig, selection: Selection, inputs: ScoreInputs, paths: OutputPaths, timings: dict) -> dict:
     kept = selection.rows_kept
-    return record(
+    return provenance_record(
         config,
         inputs=inputs.tables,
         outputs={
-            "manifest": {"path": str(paths.manifest), "rows": kept, "sha256": sha256_file(temps[1])},
-            "dropped": {"path": str(paths.dropped), "rows": selection.rows_in - kept, "sha256": sha256_file(temps[0])},
+            "manifest": {"path": str(paths.manifest), "rows": kept, "hash": file_hash(paths.manifest), "hash_algo": HASH_ALGO},
+            "dropped": {"path": str(paths.dropped), "rows": selection.rows_in - kept, "hash": file_hash(paths.dropped), "hash_algo": HASH_ALGO},
         },
         rows_in=selection.rows_in,
         rows_kept=kept,
@@ -384,130 +366,19 @@ def _record(config: SelectConfig, selection: Selection, inputs: ScoreInputs, pat
     )
 
 
-def _fmt(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def _step_detail(step: str, resolved: dict, config: SelectConfig) -> str:
-    """One phrase saying what a step's rule resolved to."""
-    from tbps.curate import select as S
-
-    if step == S.STEP_STATUS:
-        return "status not ok, or no score"
-    if step == S.STEP_MIN_SCORE:
-        return f"score < {resolved['min_score']:g}"
-    if step == S.STEP_BANK_RANK:
-        cut = resolved["bank_rank"]
-        bank = f", bank {cut['bank_size']:,}" if cut.get("bank_size") else ""
-        return f"bank_rank > {cut['max_bank_rank']:,} ({cut['option']}{bank})"
-    if step in S.STEP_EXACT.values():
-        what = {"exact-image": "same image_hash", "exact-caption": "same normalised caption", "exact-pair": "same image_hash and caption"}
-        return what[step]
-    if step == S.STEP_NEAR:
-        near = resolved["dedup"]["near"]
-        return f"cosine >= {near['threshold']:g} ({config.dedup})"
-    if step == S.STEP_PER_PERSON:
-        return f"more than {resolved['max_per_person']:,} per person_id"
-    if step == S.STEP_QUOTA:
-        return ", ".join(f"{k}<={v:,}" for k, v in resolved["quota"].items())
-    if step == S.STEP_BUDGET:
-        b = resolved["budget"]
-        key = "score" if b["by"] == "score" else "bank_rank"
-        cutoff = b.get(f"{key}_cutoff")
-        cut_text = f"; {key} {'>=' if key == 'score' else '<='} {_fmt(cutoff)}" if cutoff is not None else ""
-        if "keep" in b:
-            return f"--keep {b['keep']:g} of {b['rows_in']:,} input rows = {b['target_rows']:,} rows{cut_text}"
-        return f"--budget {b['budget']:,} rows{cut_text}"
-    return ""
-
-
-def summary(run: SelectRun, *, explain: bool = False, explain_rows: int = 50) -> list:
-    """Rich renderables describing a finished selection (for the CLI's stdout).
+def drop_reasons(selection: Selection) -> pl.DataFrame:
+    """Dropped rows per step and reason, most first (``--explain``).
 
     Args:
-        run: the finished run.
-        explain: also list the reasons (counts per reason, then the first dropped rows).
-        explain_rows: how many dropped rows ``explain`` prints.
+        selection: a finished selection.
 
     Returns:
-        A list of rich tables and text lines.
+        Columns ``step``, ``reason`` and ``len``; every ``duplicate-of:<id>`` reason of a step
+        counted as one ``duplicate-of:<pair_id>``.
     """
-    from rich.table import Table
-
-    sel, config = run.selection, run.config
-    steps = Table(title=f"tbps select: {sel.rows_in:,} rows in, {sel.rows_kept:,} kept", title_justify="left")
-    for col, justify in (("step", "left"), ("rows in", "right"), ("dropped", "right"), ("rows out", "right"), ("rule", "left")):
-        steps.add_column(col, justify=justify)
-    for s in sel.steps:
-        steps.add_row(s.step, f"{s.rows_in:,}", f"{s.dropped:,}", f"{s.rows_out:,}", _step_detail(s.step, sel.resolved, config))
-    out: list = [steps]
-    quant = Table(title="score quantiles", title_justify="left")
-    qs = sel.quantiles()
-    keys = [k for k in qs["kept"] if k.startswith("q")]
-    quant.add_column("rows")
-    quant.add_column("n", justify="right")
-    for k in keys:
-        quant.add_column({"q0": "min", "q1": "max", "q0.5": "median"}.get(k, f"p{float(k[1:]) * 100:g}"), justify="right")
-    for side in ("kept", "dropped"):
-        quant.add_row(side, f"{qs[side]['n']:,}", *[f"{qs[side][k]:.3f}" if qs[side][k] is not None else "-" for k in keys])
-    out.append(quant)
-    if sel.truth:
-        out.append(_truth_table(sel.truth))
-    if explain:
-        out.extend(_explain(sel, explain_rows, run.paths.dropped))
-    for w in sel.warnings:
-        out.append(f"[yellow]warning:[/] {w}")
-    out.append(f"manifest {run.paths.manifest} ({sel.rows_kept:,} rows)")
-    out.append(f"dropped  {run.paths.dropped} ({sel.rows_in - sel.rows_kept:,} rows, with reasons)")
-    out.append(f"sidecar  {run.paths.sidecar}")
-    return out
-
-
-def _truth_table(truth: dict):
-    from rich.table import Table
-
-    t = Table(title=f"against the truth ({truth['matched']:,} pairs matched)", title_justify="left")
-    for col, justify in (("defect", "left"), ("pairs", "right"), ("removed", "right"), ("recall", "right"), ("resolved", "right"), ("AUROC score", "right"), ("AUROC bank_rank", "right")):
-        t.add_column(col, justify=justify)
-    o = truth["overall"]
-    t.add_row(
-        "all defects", f"{o['defective']:,}", f"{o['removed_defective']:,}", _fmt(o["recall"]), "", _fmt(o["auroc_score"]), _fmt(o["auroc_bank_rank"])
-    )
-    for kind, k in truth["kinds"].items():
-        t.add_row(
-            f"  {kind}", f"{k['pairs']:,}", f"{k['removed']:,}", _fmt(k["recall"]), _fmt(k["resolved"]) if "resolved" in k else "",
-            _fmt(k["auroc_score"]), _fmt(k["auroc_bank_rank"]),
-        )
-    t.caption = (
-        f"precision of the removal {_fmt(o['precision'])} ({o['removed_defective']:,} of {o['removed']:,} removed pairs are defective; "
-        f"{o['removed_clean']:,} clean pairs removed); resolved: the duplicate or its original is gone"
-    )
-    return t
-
-
-def _explain(sel: Selection, limit: int, dropped_path: Path) -> list:
-    from rich.table import Table
-
-    reasons = (
-        sel.outcome.filter(pl.col(C.STEP).is_not_null())
+    return (
+        selection.outcome.filter(pl.col(C.STEP).is_not_null())
         .group_by(pl.col(C.STEP), pl.col(C.REASON).str.replace(r"^duplicate-of:.*", "duplicate-of:<pair_id>").alias(C.REASON))
         .len()
         .sort(["len", C.STEP], descending=[True, False])
     )
-    counts = Table(title="why rows were dropped", title_justify="left")
-    for col, justify in (("step", "left"), ("reason", "left"), ("rows", "right")):
-        counts.add_column(col, justify=justify)
-    for step, reason, n in reasons.iter_rows():
-        counts.add_row(step, reason, f"{n:,}")
-    rows = Table(title=f"dropped rows (the first {limit}; all {sel.rows_in - sel.rows_kept:,} in {dropped_path})", title_justify="left")
-    for col in (C.PAIR_ID, C.STEP, C.REASON, C.SCORE, C.BANK_RANK):
-        rows.add_column(col)
-    for pid, step, reason, score, rank in sel.dropped().head(limit).select(C.PAIR_ID, C.STEP, C.REASON, C.SCORE, C.BANK_RANK).iter_rows():
-        rows.add_row(str(pid), step, reason, _fmt(score), _fmt(rank))
-    return [counts, rows]

@@ -8,15 +8,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
 from tbps import columns as C
-from tbps.cli import app
-from tbps.curate.select import SelectConfig, best_first, keep_target, scaled_rule, select
-from tbps.curate.select_io import run_select, sha256_file
+from tbps.curate.select import STEPS, SelectConfig, best_first, keep_target, scaled_rule, select
+from tbps.curate.select_io import run_select
 from tbps.errors import TbpsError, UsageError
+from tbps.files import HASH_ALGO, file_hash
+from tbps.terminal import select_summary
 
 
 def table(n: int = 0, **cols) -> pl.DataFrame:
@@ -290,6 +289,7 @@ def score_run(tmp_path: Path, frame: pl.DataFrame, bank_size: int = 1000, dim: i
 
 def test_score_run_directory_with_rule_scaling_and_near_dedup(tmp_path):
     d = score_run(tmp_path, table(6, **{C.BANK_RANK: [0, 1, 4, 5, 2, 3]}))
+    (d / "scores" / ".part-000001.parquet.99999.x.tbps-tmp").write_bytes(b"a killed run's temporary")  # skipped
     r = run_select(SelectConfig(scores=(str(d),), out=str(tmp_path / "m.parquet"), rule="paper-pretrain", dedup_threshold=0.99))
     reasons = dict(r.selection.outcome.select(C.PAIR_ID, C.REASON).iter_rows())
     assert reasons == {"0:0": None, "1:0": "duplicate-of:0:0", "2:0": None, "3:0": "bank-rank", "4:0": None, "5:0": None}
@@ -298,6 +298,9 @@ def test_score_run_directory_with_rule_scaling_and_near_dedup(tmp_path):
     assert "scaled to bank_rank <= 4" in " ".join(r.selection.warnings)
     rec = json.loads((tmp_path / "m.json").read_text())
     assert rec["inputs"][0]["kind"] == "score-run" and rec["inputs"][0]["embedding_files"]
+    assert [len(rec["inputs"][0][k]) for k in ("files", "embedding_files")] == [1, 1]
+    assert rec["inputs"][0]["score_record"]["hash"] == file_hash(d / "score.json")
+    assert {e["hash_algo"] for e in (rec["inputs"][0]["score_record"], *rec["inputs"][0]["embedding_files"])} == {HASH_ALGO}
 
 
 def test_outputs_manifest_drop_table_and_sidecar(tmp_path):
@@ -313,12 +316,20 @@ def test_outputs_manifest_drop_table_and_sidecar(tmp_path):
     assert dict(dropped.select(C.PAIR_ID, C.REASON).iter_rows()) == {"1:0": "duplicate-of:0:0", "4:0": "budget", "5:0": "budget"}
     rec = json.loads((tmp_path / "manifests" / "sub.json").read_text())
     assert rec["rows_in"] == 6 and rec["rows_kept"] == 3
-    assert rec["inputs"][0]["files"][0]["sha256"] == sha256_file(src)
-    assert rec["outputs"]["manifest"]["sha256"] == sha256_file(out)
+    assert rec["inputs"][0]["files"][0]["hash"] == file_hash(src) and rec["inputs"][0]["files"][0]["hash_algo"] == HASH_ALGO
+    assert rec["outputs"]["manifest"]["hash"] == file_hash(out) and rec["outputs"]["manifest"]["hash_algo"] == HASH_ALGO
     assert rec["resolved"]["budget"]["target_rows"] == 3 and rec["config"]["keep"] == 0.5
     assert [s["rows_out"] for s in rec["steps"]] == [6, 5, 5, 3]
     assert {"versions", "git_commit", "created", "quantiles"} <= set(rec)
     assert r.paths.manifest == out
+
+
+def test_summary_names_what_each_step_resolved_to(tmp_path):
+    src = write(table(4, **{C.IMAGE_HASH: ["h", "h", "a", "b"]}), tmp_path / "s.parquet")
+    r = run_select(SelectConfig(scores=(str(src),), out=str(tmp_path / "m.parquet"), min_score=0.5, budget=0))
+    steps, *rest = select_summary(r)
+    assert list(steps.columns[-1].cells) == ["status not ok, or no score", "score < 0.5", "same image_hash", "same normalised caption", "--budget 0 rows"]
+    assert any("no row was kept" in part for part in rest if isinstance(part, str))
 
 
 def test_default_output_path_is_manifests_name(tmp_path, monkeypatch):
@@ -415,7 +426,18 @@ def test_inputs_with_different_bank_sizes_cannot_share_a_bank_rank_rule(tmp_path
 # --- the command line ----------------------------------------------------------------------
 
 
-def test_cli_select_with_truth_and_explain(tmp_path):
+def test_every_step_is_in_the_help_and_the_readme(cli):
+    res = cli("select", "--help", env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    selection = readme[readme.index("## Selection\n") :].split("\n## ", 1)[0]
+    for k, step in enumerate(STEPS, start=1):
+        assert f"{k}. {step.name} ({step.option}), reason {step.reason}:" in res.output
+        assert f"| `{step.name}` |" in selection
+    assert len({s.name for s in STEPS}) == len(STEPS)
+
+
+def test_cli_select_with_truth_and_explain(tmp_path, cli):
     f = table(6, **{C.IMAGE_HASH: ["h", "h", "a", "b", "c", "d"], C.SCORE: [0.9, 0.8, 0.1, 0.7, 0.6, 0.5]})
     src = write(f, tmp_path / "s.parquet")
     truth = write(
@@ -423,7 +445,7 @@ def test_cli_select_with_truth_and_explain(tmp_path):
         tmp_path / "truth.parquet",
     )
     out = tmp_path / "m.parquet"
-    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["select", str(src), "--min-score", "0.2", "--keep", "0.5", "--out", str(out), "--truth", str(truth), "--explain", "-q"])
+    res = cli("select", src, "--min-score", "0.2", "--keep", "0.5", "--out", out, "--truth", truth, "--explain", "-q", env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     for text in ("tbps select: 6 rows in, 3 kept", "exact-image", "duplicate-of:<pair_id>", "blank-image", "AUROC", "--keep 0.5 of 6 input rows"):
         assert text in res.output
@@ -439,33 +461,33 @@ def test_cli_select_with_truth_and_explain(tmp_path):
         (["--rule", "paper-pretrain", "--max-bank-rank", "3"], 2, "--rule and --max-bank-rank"),
     ],
 )
-def test_cli_option_errors_exit_2(tmp_path, args, code, text):
+def test_cli_option_errors_exit_2(tmp_path, args, code, text, cli):
     src = write(table(3), tmp_path / "s.parquet")
-    res = CliRunner().invoke(app, ["select", str(src), "--out", str(tmp_path / "out" / "m.parquet"), *args])
+    res = cli("select", src, "--out", tmp_path / "out" / "m.parquet", *args)
     assert res.exit_code == code and text in res.output
     assert _nothing_written(tmp_path)
 
 
-def test_cli_bad_input_exits_1(tmp_path):
+def test_cli_bad_input_exits_1(tmp_path, cli):
     src = write(table(3).drop(C.STATUS), tmp_path / "s.parquet")
-    res = CliRunner().invoke(app, ["select", str(src), "--out", str(tmp_path / "out" / "m.parquet")])
+    res = cli("select", src, "--out", tmp_path / "out" / "m.parquet")
     assert res.exit_code == 1 and "missing column(s) status" in res.output
     assert _nothing_written(tmp_path)
 
 
 @pytest.mark.slow
-def test_synth_score_select_end_to_end(tmp_path):
+def test_synth_score_select_end_to_end(tmp_path, cli):
     """The real `tbps score` output (metadata, embeddings, score.json) and truth sidecar."""
-    runner = CliRunner(env={"COLUMNS": "200"})
+    wide = {"COLUMNS": "200"}
     world, scores, out = tmp_path / "w", tmp_path / "scores", tmp_path / "m.parquet"
     synth = ["synth", "--out", str(world), "--identities", "12", "--pool-identities", "20", "--pool-size", "80", "--workers", "1", "-q"]
-    assert runner.invoke(app, synth).exit_code == 0
+    assert cli(*synth, env=wide).exit_code == 0
     score = ["score", str(world / "pool" / "pool.json"), "--model", "tbps-tiny", "--bank", str(world / "benchmark" / "reid_raw.json"),
              "--bank-size", "50", "--out", str(scores), "--workers", "0", "-q"]
-    res = runner.invoke(app, score)
+    res = cli(*score, env=wide)
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["select", str(scores), "--rule", "paper-finetune", "--dedup-threshold", "0.999", "--keep", "0.5",
-                              "--truth", str(world / "pool" / "truth.parquet"), "--out", str(out), "-q"])
+    res = cli("select", scores, "--rule", "paper-finetune", "--dedup-threshold", "0.999", "--keep", "0.5",
+              "--truth", world / "pool" / "truth.parquet", "--out", out, "-q", env=wide)
     assert res.exit_code == 0, res.output
     rec = json.loads(out.with_suffix(".json").read_text())
     bank = rec["inputs"][0]["bank_size"]

@@ -15,13 +15,22 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from typer.testing import CliRunner
+from PIL import Image
 
 from tbps import columns as C
-from tbps.cli import app
+from tbps.curate.inspect import (
+    InspectConfig,
+    open_table,
+    render_html,
+    run_inspect,
+    summarize,
+    thresholds_from_sidecar,
+)
+from tbps.curate.score import ScoreConfig, run_score
+from tbps.curate.select import SelectConfig
+from tbps.curate.select_io import run_select
 from tbps.errors import TbpsError
-from tbps.eval.inspect import InspectConfig, open_table, run_inspect, summarize, terminal_histogram, thresholds_from_sidecar
-from tbps.eval.report import render_html
+from tbps.terminal import terminal_histogram
 
 from _eval_world import COLOURS, make_score_table
 
@@ -35,9 +44,6 @@ def table(tmp_path) -> Path:
 
 def make_manifest(root: Path) -> Path:
     """``tbps select`` on the score table: keep bank_rank <= 300 (a manifest, its sidecar and drop table)."""
-    from tbps.curate.select import SelectConfig
-    from tbps.curate.select_io import run_select
-
     out = root / "manifest.parquet"
     run_select(SelectConfig(scores=(root / "scores",), out=out, max_bank_rank=300, min_score=0.06))
     return out
@@ -119,15 +125,15 @@ def test_html_is_self_contained(table):
     assert "keep bank_rank &lt;= 300" in page  # user-visible text is escaped
 
 
-def test_cli_inspect(table, tmp_path):
+def test_cli_inspect(table, tmp_path, cli):
     out = tmp_path / "report.html"
-    res = CliRunner().invoke(app, ["inspect", str(table), "--html", str(out), "--top", "3"])
+    res = cli("inspect", table, "--html", out, "--top", "3")
     assert res.exit_code == 0, res.output
     assert "status bad-image" in res.stdout and "highest scores (3)" in res.stdout and "█" in res.stdout
     assert out.read_text().startswith("<!DOCTYPE html>")
 
 
-def test_bad_input(tmp_path):
+def test_bad_input(tmp_path, cli):
     other = tmp_path / "other.parquet"
     pl.DataFrame({"a": [1], "caption": ["x"]}).write_parquet(other)
     with pytest.raises(TbpsError, match="not a score table") as err:
@@ -145,7 +151,7 @@ def test_bad_input(tmp_path):
         open_table(tmp_path / "nope")
     with pytest.raises(TbpsError, match="no Parquet files"):
         open_table(_empty_dir(tmp_path))
-    res = CliRunner().invoke(app, ["inspect", str(other)])
+    res = cli("inspect", other)
     assert res.exit_code == 1 and "not a score table" in res.output
 
 
@@ -184,8 +190,6 @@ def test_html_report_renders_in_headless_chromium(table, tmp_path):
     shot = tmp_path / "shot.png"
     res = _chromium([f"--screenshot={shot}", "--window-size=1200,1600", "--virtual-time-budget=5000", url], tmp_path)
     assert shot.is_file(), res.stderr[-2000:]
-    from PIL import Image
-
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
     assert pixels.shape[:2] == (1600, 1200)
     assert pixels.std() > 20  # not a blank page
@@ -197,21 +201,16 @@ def test_html_report_renders_in_headless_chromium(table, tmp_path):
 
 
 @pytest.mark.slow
-def test_score_select_inspect_on_the_synthetic_world(tmp_path):
+def test_score_select_inspect_on_the_synthetic_world(tmp_path, synth_world, cli):
     """End to end: synth world -> tbps score (tiny model) -> tbps select -> tbps inspect --html."""
-    from tbps.curate.score import ScoreConfig, run_score
-    from tbps.data.synth import SynthConfig, synthesize
-
-    world = tmp_path / "world"
-    synthesize(SynthConfig(out=world, seed=2, identities=6, split="2:1:3", images_per_id=2, pool_identities=3, pool_size=12, workers=1))
+    world = synth_world(seed=2, pool_size=12)
     scores = tmp_path / "scores"
     run_score(ScoreConfig(data=world / "pool" / "pool.json", model="tbps-tiny", bank=world / "benchmark" / "reid_raw.json",
                           out=scores, bank_size=16, workers=0, device="cpu", precision="fp32"))
-    runner = CliRunner()
-    res = runner.invoke(app, ["select", str(scores), "--max-bank-rank", "8", "--out", str(tmp_path / "m.parquet"), "-q"])
+    res = cli("select", scores, "--max-bank-rank", "8", "--out", tmp_path / "m.parquet", "-q")
     assert res.exit_code == 0, res.output
     page = tmp_path / "m.html"
-    res = runner.invoke(app, ["inspect", str(tmp_path / "m.parquet"), "--html", str(page), "--top", "3"])
+    res = cli("inspect", tmp_path / "m.parquet", "--html", page, "--top", "3")
     assert res.exit_code == 0, res.output
     assert "manifest" in res.stdout and "dropped by the selection" in res.stdout
     report = summarize(open_table(tmp_path / "m.parquet"))
