@@ -1,1 +1,1 @@
-"""Evaluation: text-to-image retrieval metrics, reports and search."""
+"""Evaluation: text-to-image retrieval metrics, the evaluation protocol and search."""

@@ -18,12 +18,12 @@ Rows are accounted for, never silently lost:
 
 The JSON record of a run holds the metrics, the model identity, a content hash of the
 evaluated data (captions, person ids and the image files' bytes), the counts and the config;
-:func:`compare` puts several of them side by side.
+``tbps eval --compare`` reads several (:func:`load_records`) and prints them side by side
+(:func:`tbps.terminal.metrics_table`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -34,14 +34,20 @@ import numpy as np
 import polars as pl
 
 from tbps import columns as C
+from tbps.data.options import ReaderOptions
+from tbps.data.readers import read_dataset
+from tbps.data.splits import select_split
 from tbps.errors import TbpsError, UsageError
 from tbps.eval.metrics import METRIC_KEYS, retrieval_metrics_from_embeddings
+from tbps.files import hasher, write_json
+from tbps.models import load
+from tbps.models.device import check_precision, resolve_device
+from tbps.models.encode import encode_images, encode_texts
+from tbps.provenance import record
 
-DEFAULT_SPLIT = "test"
 
-
-@dataclass
-class EvalConfig:
+@dataclass(kw_only=True)
+class EvalConfig(ReaderOptions):
     """Parameters of ``tbps eval``; field names equal the CLI option names.
 
     Attributes:
@@ -52,7 +58,8 @@ class EvalConfig:
             every row when it has none.
         out: the JSON record to write; ``None``: ``eval-<model>-<data>-<split>.json`` in the
             current directory (see :func:`default_out`).
-        format, image_root, image_col, caption_col, id_col: the reader options.
+        format, image_root, image_col, caption_col, id_col: the reader options
+            (``tbps.data.options.ReaderOptions``).
         batch_size: images / captions per forward pass.
         workers: DataLoader worker processes decoding images.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
@@ -65,11 +72,6 @@ class EvalConfig:
     model: str
     split: str | None = None
     out: Path | None = None
-    format: str | None = None
-    image_root: Path | None = None
-    image_col: str | None = None
-    caption_col: str | None = None
-    id_col: str | None = None
     batch_size: int = 256
     workers: int = 2
     device: str = "auto"
@@ -78,6 +80,7 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.data = Path(self.data)
         if self.out is not None:
             self.out = Path(self.out)
@@ -89,48 +92,7 @@ class EvalConfig:
             raise UsageError("--workers must be >= 0", field="workers", value=self.workers)
         if self.chunk_size is not None and self.chunk_size < 1:
             raise UsageError("--chunk-size must be >= 1", field="chunk_size", value=self.chunk_size)
-        if self.precision not in ("fp32", "bf16", "auto"):
-            raise UsageError("--precision must be fp32, bf16 or auto", field="precision", value=self.precision)
-
-    def reader_options(self) -> dict:
-        """The keyword options of ``tbps.data.readers.read_dataset``."""
-        return {
-            "format": self.format,
-            "image_root": self.image_root,
-            "image_col": self.image_col,
-            "caption_col": self.caption_col,
-            "id_col": self.id_col,
-        }
-
-
-def select_split(pairs: pl.DataFrame, split: str | None) -> tuple[pl.DataFrame, str | None]:
-    """The rows of one split (``None``: ``test`` when the data has splits, else every row).
-
-    Args:
-        pairs: a pair table (``PAIR_SCHEMA``).
-        split: the split asked for, or ``None``.
-
-    Returns:
-        (the rows of the split, the split name used or ``None`` for all rows).
-
-    Raises:
-        TbpsError: the split is not in the data, or the data has splits but no ``test``.
-    """
-    found = sorted(s for s in pairs.get_column(C.SPLIT).unique().to_list() if s is not None)
-    if split is None:
-        if not found:
-            return pairs, None
-        if DEFAULT_SPLIT not in found:
-            raise TbpsError(
-                f"the data has splits but no {DEFAULT_SPLIT!r} split",
-                field="split",
-                value=found,
-                hint="name one with --split",
-            )
-        split = DEFAULT_SPLIT
-    if split not in found:
-        raise TbpsError(f"no rows of split {split!r}", field="split", value=found or "no splits in the data")
-    return pairs.filter(pl.col(C.SPLIT) == split), split
+        check_precision(self.precision)
 
 
 @dataclass
@@ -213,7 +175,7 @@ def evaluate(
     """Text-to-image retrieval of a model on the rows of one split.
 
     Args:
-        loaded: a :class:`tbps.models.LoadedModel`.
+        loaded: the model (:class:`tbps.models.protocol.Encoder`).
         pairs: the rows to evaluate (one split of a pair table, ``PAIR_SCHEMA``).
         batch_size: images / captions per forward pass.
         workers: DataLoader worker processes decoding images.
@@ -229,8 +191,6 @@ def evaluate(
     Raises:
         TbpsError: no person ids, no usable rows, or no image could be decoded.
     """
-    from tbps.models.encode import encode_images, encode_texts, resolve_device
-
     say = log or (lambda _msg: None)
     proto = build_protocol(pairs)
     dev = resolve_device(device)
@@ -271,7 +231,7 @@ def evaluate(
 
 def _data_hash(proto: EvalProtocol, image_hashes: list[str | None]) -> str:
     """blake2b-128 of what decides the metrics: queries (caption, person id) and gallery (bytes, id)."""
-    h = hashlib.blake2b(digest_size=16)
+    h = hasher()
     for caption, pid in proto.queries.select(C.CAPTION, C.PERSON_ID).iter_rows():
         h.update(f"q\t{caption}\t{pid}\n".encode())
     for digest, pid in zip(image_hashes, proto.gallery_pids):
@@ -293,10 +253,6 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
     Raises:
         TbpsError: unreadable data or model, a missing split, or data without person ids.
     """
-    from tbps.data.readers import read_dataset
-    from tbps.models import load
-    from tbps.provenance import record, write_json_atomic
-
     pairs = read_dataset(config.data, **config.reader_options())
     rows, split = select_split(pairs, config.split)
     loaded = load(config.model, seed=config.seed)
@@ -319,7 +275,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
     )
     path = config.out if config.out is not None else default_out(config, split)
     rec["out"] = str(path)
-    write_json_atomic(path, rec)
+    write_json(path, rec)
     return rec
 
 
@@ -338,46 +294,6 @@ def default_out(config: EvalConfig, split: str | None) -> Path:
     model = model.replace(":", "-").replace("/", "-")
     data = config.data.stem if config.data.is_file() else config.data.name
     return Path(f"eval-{model}-{data}-{split or 'all'}.json")
-
-
-def metrics_table(records: list[dict[str, Any]], names: list[str] | None = None):
-    """A rich table of eval records side by side: one column per run, best value in bold.
-
-    Args:
-        records: eval records (as returned by :func:`run_eval` or read by :func:`load_records`).
-        names: a column label per record (default: the model spec).
-
-    Returns:
-        A ``rich.table.Table``; its caption warns when the runs evaluated different data.
-    """
-    from rich.table import Table
-
-    names = names or [str(r.get("model", {}).get("spec", "?")) for r in records]
-    same = len({r.get("data_hash") for r in records}) == 1
-    table = Table(
-        title="text-to-image retrieval (%)",
-        caption=None if same else "the runs evaluated DIFFERENT data (see data hash): not comparable",
-    )
-    table.add_column("")
-    for name in names:
-        table.add_column(name, justify="right", overflow="fold")
-
-    def data_label(r: dict) -> str:
-        data = r.get("data", {})
-        return f"{Path(str(data.get('path', '?'))).name}:{data.get('split') or 'all'}"
-
-    table.add_row("model", *(str(r.get("model", {}).get("spec", "?")) for r in records))
-    table.add_row("data", *(data_label(r) for r in records))
-    table.add_row("data hash", *(str(r.get("data_hash", ""))[:12] for r in records), end_section=True)
-    for key in METRIC_KEYS:
-        values = [r["metrics"][key] for r in records]
-        best = max(values)
-        # Bold marks the best run of each metric when there is more than one run.
-        table.add_row(key, *(f"[bold]{v:.2f}[/]" if len(records) > 1 and v == best else f"{v:.2f}" for v in values))
-    table.add_row("queries", *(f"{r['metrics']['queries']:,}" for r in records), end_section=False)
-    table.add_row("  without match", *(f"{r['metrics'].get('queries_without_match', 0):,}" for r in records))
-    table.add_row("gallery images", *(f"{r['metrics']['gallery']:,}" for r in records))
-    return table
 
 
 def load_records(paths: list[Path]) -> list[dict[str, Any]]:

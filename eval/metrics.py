@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from tbps.errors import TbpsError
 
@@ -45,21 +46,15 @@ _BLOCK_ELEMENTS = 1 << 26
 
 def _to_numpy(x: Any, what: str) -> np.ndarray:
     """A numpy view or copy of a numpy array, a torch tensor (any device/dtype) or a sequence."""
-    if type(x).__module__.startswith("torch"):
+    if isinstance(x, torch.Tensor):
         x = x.detach()
-        if x.is_floating_point() and x.dtype not in (_torch_dtype("float32"), _torch_dtype("float64")):
+        if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
             x = x.float()  # bf16/fp16 have no numpy counterpart that sorts exactly alike
         return x.cpu().numpy()
     try:
         return np.asarray(x)
     except (TypeError, ValueError) as exc:
         raise TbpsError(f"cannot read {what} as an array: {exc}", field=what) from exc
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
 
 
 def _pid_codes(query_pids: Any, gallery_pids: Any, n_queries: int, n_gallery: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,8 +102,6 @@ class _Accumulator:
 
     def add(self, start: int, sim: np.ndarray) -> None:
         """Account for the queries ``start .. start + len(sim)`` given their similarity rows."""
-        import torch
-
         if not np.isfinite(sim).all():
             bad = int(np.argwhere(~np.isfinite(sim))[0, 0]) + start
             raise TbpsError("similarity contains NaN or infinite values", record=f"query {bad}")

@@ -21,10 +21,8 @@ leaves a half-written index. Old entries are not deleted; remove the directory t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,14 @@ import numpy as np
 import polars as pl
 
 from tbps import columns as C
+from tbps.data.options import ReaderOptions
+from tbps.data.readers import read_dataset
 from tbps.errors import TbpsError, UsageError
+from tbps.files import atomic_dir, hasher, write_json
+from tbps.models import load
+from tbps.models.device import check_precision, resolve_device
+from tbps.models.encode import encode_images, encode_texts
+from tbps.report.html import contact_sheet, esc, page, write_html
 
 INDEX_FILE = "index.faiss"
 GALLERY_FILE = "gallery.parquet"
@@ -50,8 +55,8 @@ def default_cache_dir() -> Path:
     return Path(base) / "tbps"
 
 
-@dataclass
-class SearchConfig:
+@dataclass(kw_only=True)
+class SearchConfig(ReaderOptions):
     """Parameters of ``tbps search``; field names equal the CLI option names.
 
     Attributes:
@@ -63,7 +68,8 @@ class SearchConfig:
         html: write a page of thumbnails per query to this file.
         cache_dir: where indexes are cached (default :func:`default_cache_dir`).
         rebuild: build the index even when a cached one matches.
-        format, image_root, image_col, caption_col, id_col: the reader options.
+        format, image_root, image_col, caption_col, id_col: the reader options of ``gallery``
+            (``tbps.data.options.ReaderOptions``).
         batch_size, workers, device, precision: the encoding options.
         seed: the seed of random weights (a bare config name such as ``tbps-tiny``).
     """
@@ -76,11 +82,6 @@ class SearchConfig:
     html: Path | None = None
     cache_dir: Path | None = None
     rebuild: bool = False
-    format: str | None = None
-    image_root: Path | None = None
-    image_col: str | None = None
-    caption_col: str | None = None
-    id_col: str | None = None
     batch_size: int = 256
     workers: int = 2
     device: str = "auto"
@@ -88,6 +89,7 @@ class SearchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.gallery = Path(self.gallery)
         self.cache_dir = Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
         self.queries = [q.strip() for q in (self.queries or []) if q and q.strip()]
@@ -106,15 +108,9 @@ class SearchConfig:
             raise UsageError("--batch-size must be >= 1", field="batch_size", value=self.batch_size)
         if self.workers < 0:
             raise UsageError("--workers must be >= 0", field="workers", value=self.workers)
-        if self.precision not in ("fp32", "bf16", "auto"):
-            raise UsageError("--precision must be fp32, bf16 or auto", field="precision", value=self.precision)
+        check_precision(self.precision)
         if self.html is not None:
             self.html = Path(self.html)
-
-    def reader_options(self) -> dict:
-        """The keyword options of ``tbps.data.readers.read_dataset``."""
-        return {"format": self.format, "image_root": self.image_root, "image_col": self.image_col,
-                "caption_col": self.caption_col, "id_col": self.id_col}
 
 
 @dataclass
@@ -163,7 +159,7 @@ def cache_key(paths: list[str], identity: dict[str, Any], extra: dict[str, Any])
     Returns:
         The hex key.
     """
-    h = hashlib.blake2b(digest_size=16)
+    h = hasher()
     h.update(json.dumps({"model": identity, **extra}, sort_keys=True, default=str).encode())
     for path in paths:
         # Size and mtime: a cheap stat per image instead of re-reading every file.
@@ -177,7 +173,7 @@ def cache_key(paths: list[str], identity: dict[str, Any], extra: dict[str, Any])
 
 def build_index(embeddings: np.ndarray):
     """An ``IndexFlatIP`` holding the (L2-normalised) embeddings."""
-    import faiss
+    import faiss  # heavy (about 0.5 s): imported by the commands that index, not by every importer
 
     index = faiss.IndexFlatIP(embeddings.shape[1])
     index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
@@ -199,7 +195,7 @@ def gallery_index(
     """Load the cached index of a gallery, or embed the images and build (and cache) it.
 
     Args:
-        loaded: the model (``tbps.models.LoadedModel``).
+        loaded: the model (:class:`tbps.models.protocol.Encoder`).
         paths: the gallery's image paths.
         cache_dir: the cache root; the entry is ``cache_dir/search/<key>``.
         precision, batch_size, workers, device: encoding options.
@@ -212,9 +208,7 @@ def gallery_index(
     Raises:
         TbpsError: no gallery image could be decoded.
     """
-    import faiss
-
-    from tbps.models.encode import encode_images, resolve_device
+    import faiss  # heavy (about 0.5 s): imported by the commands that index, not by every importer
 
     say = log or (lambda _msg: None)
     identity = {"name": loaded.name, **loaded.identity}
@@ -244,18 +238,12 @@ def gallery_index(
     kept = [p for p, good in zip(paths, ok) if good]
     index = build_index(enc.embeddings[ok])
     # Written beside the final place, then renamed: readers never see a partial entry.
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.parent / f".{key}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    faiss.write_index(index, str(tmp / INDEX_FILE))
-    pl.DataFrame({C.IMAGE_PATH: kept}, schema={C.IMAGE_PATH: pl.String}).write_parquet(tmp / GALLERY_FILE)
     meta = {"key": key, "model": identity, "images": len(paths), "indexed": len(kept), "failed": failed,
             "index": INDEX_KIND, "dim": int(index.d), "seconds": time.perf_counter() - t0, "precision": precision}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-    if entry.exists():
-        shutil.rmtree(entry)  # --rebuild over an existing entry
-    os.replace(tmp, entry)
+    with atomic_dir(entry) as tmp:  # --rebuild replaces an existing entry
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        pl.DataFrame({C.IMAGE_PATH: kept}, schema={C.IMAGE_PATH: pl.String}).write_parquet(tmp / GALLERY_FILE)
+        write_json(tmp / META_FILE, meta)
     return GalleryIndex(index, kept, failed, key, entry, built=True)
 
 
@@ -273,16 +261,6 @@ class SearchResult:
     matches: list[list[tuple[str, float]]]
     index: GalleryIndex = field(repr=False)
 
-    def renderables(self) -> list:
-        """Per query: a title line, then ``rank  score  path`` lines (never wrapped: paths stay whole)."""
-        from rich.text import Text
-
-        parts = []
-        for query, found in zip(self.queries, self.matches):
-            lines = [f"“{query}”"] + [f"{rank:>4}  {score:+.4f}  {path}" for rank, (path, score) in enumerate(found, 1)]
-            parts.append(Text("\n".join(lines), no_wrap=True, overflow="ignore"))
-        return parts
-
 
 def search(loaded: Any, gindex: GalleryIndex, queries: list[str], top_k: int = 10, *, device: str = "auto", precision: str = "fp32") -> SearchResult:
     """The ``top_k`` gallery images closest to each query.
@@ -297,8 +275,6 @@ def search(loaded: Any, gindex: GalleryIndex, queries: list[str], top_k: int = 1
     Returns:
         A :class:`SearchResult`.
     """
-    from tbps.models.encode import encode_texts, resolve_device
-
     text = encode_texts(loaded, queries, device=resolve_device(device), precision=precision)
     k = min(top_k, gindex.index.ntotal)
     scores, rows = gindex.index.search(np.ascontiguousarray(text, dtype=np.float32), k)
@@ -308,8 +284,6 @@ def search(loaded: Any, gindex: GalleryIndex, queries: list[str], top_k: int = 1
 
 def render_search_html(result: SearchResult, gallery: str, model: str) -> str:
     """A self-contained page: per query, the matches as thumbnails with rank and score."""
-    from tbps.eval.report import contact_sheet, esc, page
-
     body = []
     for query, found in zip(result.queries, result.matches):
         rows = [{C.IMAGE_PATH: p, C.PAIR_ID: Path(p).name, "score": s, "rank": r} for r, (p, s) in enumerate(found, 1)]
@@ -331,9 +305,6 @@ def run_search(config: SearchConfig, log: Callable[[str], None] | None = None) -
     Raises:
         TbpsError: unreadable gallery or model, or no decodable image.
     """
-    from tbps.data.readers import read_dataset
-    from tbps.models import load
-
     pairs = read_dataset(config.gallery, **config.reader_options())
     paths = gallery_paths(pairs)
     loaded = load(config.model, seed=config.seed)
@@ -345,7 +316,5 @@ def run_search(config: SearchConfig, log: Callable[[str], None] | None = None) -
         log(f"{len(gindex.failed):,} gallery images could not be decoded and are not searched")
     result = search(loaded, gindex, config.queries, config.top_k, device=config.device, precision=config.precision)
     if config.html is not None:
-        from tbps.eval.report import write_html
-
         write_html(config.html, render_search_html(result, str(config.gallery), config.model))
     return result

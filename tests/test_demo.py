@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import polars as pl
 import pytest
-from typer.testing import CliRunner
 
 from tbps import columns as C
-from tbps.cli import app
-from tbps.demo import (
-    MARKER,
-    VARIANTS,
-    DemoConfig,
-    aggregate,
-    full_manifest,
-    judge_claims,
-    markdown_table,
-    paired,
-    prepare_out,
-    random_manifest,
-    steps_for,
-)
+from tbps.demo.claims import aggregate, judge_claims, paired
+from tbps.demo.plan import VARIANTS, DemoConfig, full_manifest, random_manifest, steps_for
+from tbps.demo.report import markdown_table
+from tbps.demo.run import MARKER, prepare_out
 from tbps.errors import TbpsError, UsageError
 
 
@@ -194,21 +182,20 @@ def test_prepare_out_replaces_only_a_previous_demo(tmp_path):
     assert prepare_out(out) == out and sorted(p.name for p in out.iterdir()) == [MARKER]
 
 
-def test_cli_reports_bad_options_and_a_foreign_out_dir(tmp_path):
-    runner = CliRunner()
-    res = runner.invoke(app, ["demo", "--seeds", "0", "--out", str(tmp_path / "d")])
+def test_cli_reports_bad_options_and_a_foreign_out_dir(tmp_path, cli):
+    res = cli("demo", "--seeds", "0", "--out", tmp_path / "d")
     assert res.exit_code == 2 and "--seeds" in res.output
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    res = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "mine")])
+    res = cli("demo", "--quick", "--out", tmp_path / "mine")
     assert res.exit_code == 1 and "holds no previous tbps demo" in res.output
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path):
+def test_quick_demo_end_to_end(tmp_path, cli):
     out = tmp_path / "demo"
-    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--quiet"])
+    res = cli("demo", "--quick", "--out", out, "--quiet")
     assert res.exit_code == 0, res.output
     assert "R@1" in res.output and "the paper's claims" in res.output
     record = json.loads((out / "results.json").read_text())

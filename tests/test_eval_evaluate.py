@@ -10,34 +10,22 @@ import json
 
 import polars as pl
 import pytest
-from typer.testing import CliRunner
 
 from tbps import columns as C
-from tbps.cli import app
+from tbps.data.splits import select_split
 from tbps.errors import TbpsError, UsageError
-from tbps.eval.evaluate import EvalConfig, build_protocol, evaluate, select_split
+from tbps.eval.evaluate import EvalConfig, build_protocol, evaluate
 from tbps.eval.metrics import retrieval_metrics
 
 from _eval_world import make_world
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tbps.data.synth import SynthConfig, synthesize
-
-    out = tmp_path_factory.mktemp("world")
-    synthesize(SynthConfig(out=out, seed=0, identities=6, split="2:1:3", images_per_id=2, pool_identities=3, pool_size=4, workers=1))
-    return out / "benchmark" / "reid_raw.json"
+def world(synth_world):
+    return synth_world(seed=0) / "benchmark" / "reid_raw.json"
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from tbps.models import create
-
-    return create("tbps-tiny", seed=0)
-
-
-def test_evaluate_structure_and_equals_retrieval_metrics(world, tiny):
+def test_evaluate_structure_and_equals_retrieval_metrics(world, tiny_clip):
     from tbps.data.readers import read_dataset
     from tbps.models.encode import encode_images, encode_texts
 
@@ -45,7 +33,7 @@ def test_evaluate_structure_and_equals_retrieval_metrics(world, tiny):
     rows, split = select_split(pairs, None)
     assert split == "test" and rows.height == 12  # 3 test identities x 2 images x 2 captions
 
-    res = evaluate(tiny, rows, workers=0, device="cpu")
+    res = evaluate(tiny_clip, rows, workers=0, device="cpu")
     m = res["metrics"]
     assert set(m) >= {"R1", "R5", "R10", "mAP", "mINP"}
     assert all(0.0 <= m[k] <= 100.0 for k in ("R1", "R5", "R10", "mAP", "mINP"))
@@ -56,17 +44,17 @@ def test_evaluate_structure_and_equals_retrieval_metrics(world, tiny):
     # The same numbers from the model's embeddings and a dense similarity matrix.
     images = rows.get_column(C.IMAGE_PATH).unique(maintain_order=True).to_list()
     pid_of = dict(rows.select(C.IMAGE_PATH, C.PERSON_ID).iter_rows())
-    img = encode_images(tiny, images, workers=0).embeddings
-    txt = encode_texts(tiny, rows.get_column(C.CAPTION).to_list())
+    img = encode_images(tiny_clip, images, workers=0).embeddings
+    txt = encode_texts(tiny_clip, rows.get_column(C.CAPTION).to_list())
     ref = retrieval_metrics(txt @ img.T, rows.get_column(C.PERSON_ID).to_list(), [pid_of[p] for p in images])
     for key in ("R1", "R5", "R10", "mAP", "mINP"):
         assert m[key] == pytest.approx(ref[key], abs=1e-9)
 
-    again = evaluate(tiny, rows, workers=0, device="cpu")
+    again = evaluate(tiny_clip, rows, workers=0, device="cpu")
     assert again["metrics"] == m and again["data_hash"] == res["data_hash"]  # deterministic
 
 
-def test_rows_are_accounted_for(tmp_path, tiny):
+def test_rows_are_accounted_for(tmp_path, tiny_clip):
     from tbps.data.readers import read_dataset
 
     csv = make_world(tmp_path, persons=3)
@@ -79,7 +67,7 @@ def test_rows_are_accounted_for(tmp_path, tiny):
         pl.when(pl.int_range(pl.len()) == 0).then(None).otherwise(pl.col(C.PERSON_ID)).alias(C.PERSON_ID),
         pl.when(pl.int_range(pl.len()) == 1).then(pl.lit(C.STATUS_EMPTY_CAPTION)).otherwise(pl.col(C.STATUS)).alias(C.STATUS),
     )
-    res = evaluate(tiny, rows, workers=0, device="cpu")
+    res = evaluate(tiny_clip, rows, workers=0, device="cpu")
     c = res["counts"]
     assert c["rows"] == 8 and c["rows_without_person_id"] == 1 and c["rows_skipped"] == {C.STATUS_EMPTY_CAPTION: 1}
     assert c["queries_total"] == 6 and res["metrics"]["queries"] + res["metrics"]["queries_without_match"] == 6
@@ -107,12 +95,11 @@ def test_bad_input(tmp_path, world):
 
 
 @pytest.mark.slow
-def test_cli_eval_json_and_compare(tmp_path, world):
-    runner = CliRunner()
+def test_cli_eval_json_and_compare(tmp_path, world, cli):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     # The dataset as the DATA argument, and as --data (the synopsis): the same run.
-    for path, data_args in ((a, [str(world)]), (b, ["--data", str(world)])):
-        res = runner.invoke(app, ["eval", *data_args, "--model", "tbps-tiny", "--workers", "0", "--device", "cpu", "--out", str(path), "-q"])
+    for path, data_args in ((a, [world]), (b, ["--data", world])):
+        res = cli("eval", *data_args, "--model", "tbps-tiny", "--workers", "0", "--device", "cpu", "--out", path, "-q")
         assert res.exit_code == 0, res.output
         assert "R1" in res.stdout and "mINP" in res.stdout
     rec = json.loads(a.read_text())
@@ -120,7 +107,7 @@ def test_cli_eval_json_and_compare(tmp_path, world):
     assert len(rec["data_hash"]) == 32 and rec["counts"]["rows_other_splits"] == 12
     assert rec["metrics"] == json.loads(b.read_text())["metrics"]
 
-    res = runner.invoke(app, ["eval", "--compare", str(a), str(b)])
+    res = cli("eval", "--compare", a, b)
     assert res.exit_code == 0, res.output
     assert "a.json" in res.stdout and "b.json" in res.stdout and "DIFFERENT" not in res.stdout
 
@@ -133,22 +120,22 @@ def test_cli_eval_json_and_compare(tmp_path, world):
         ([], 2, "--model"),
     ],
 )
-def test_cli_bad_input(world, args, code, message):
-    res = CliRunner().invoke(app, ["eval", str(world), "--workers", "0", *args])
+def test_cli_bad_input(world, args, code, message, cli):
+    res = cli("eval", world, "--workers", "0", *args)
     assert res.exit_code == code, res.output
     assert message in res.output
 
 
-def test_cli_eval_without_person_ids(tmp_path):
+def test_cli_eval_without_person_ids(tmp_path, cli):
     csv = make_world(tmp_path, persons=2)
     pl.read_csv(csv).drop("person_id").write_csv(csv)
-    res = CliRunner().invoke(app, ["eval", str(csv), "--model", "tbps-tiny", "--workers", "0"])
+    res = cli("eval", csv, "--model", "tbps-tiny", "--workers", "0")
     assert res.exit_code == 1 and "eval needs person ids" in res.output
     assert isinstance(res.exception, SystemExit), repr(res.exception)  # a handled error, not a crash
 
 
-def test_cli_compare_rejects_other_json(tmp_path):
+def test_cli_compare_rejects_other_json(tmp_path, cli):
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"hello": 1}))
-    res = CliRunner().invoke(app, ["eval", "--compare", str(bad)])
+    res = cli("eval", "--compare", bad)
     assert res.exit_code == 1 and "not a tbps eval record" in res.output

@@ -7,29 +7,22 @@ import re
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from tbps.cli import app
 from tbps.errors import TbpsError, UsageError
 from tbps.eval.search import SearchConfig, cache_key, gallery_paths, run_search
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tbps.data.synth import SynthConfig, synthesize
-
-    out = tmp_path_factory.mktemp("world")
-    synthesize(SynthConfig(out=out, seed=1, identities=6, split="2:1:3", images_per_id=2, pool_identities=3, pool_size=4, workers=1))
-    return out / "benchmark" / "reid_raw.json"
+def world(synth_world):
+    return synth_world(seed=1) / "benchmark" / "reid_raw.json"
 
 
 QUERIES = ["a woman in a red coat with a black backpack", "a man in blue jeans"]
 
 
 @pytest.mark.slow
-def test_search_matches_brute_force_and_uses_the_cache(world, tmp_path):
+def test_search_matches_brute_force_and_uses_the_cache(world, tmp_path, tiny_clip):
     from tbps.data.readers import read_dataset
-    from tbps.models import create
     from tbps.models.encode import encode_images, encode_texts
 
     cfg = SearchConfig(queries=QUERIES, gallery=world, model="tbps-tiny", top_k=5, cache_dir=tmp_path / "cache", workers=0, device="cpu")
@@ -39,8 +32,7 @@ def test_search_matches_brute_force_and_uses_the_cache(world, tmp_path):
 
     # Brute force: cosine of every gallery image with each query, best first.
     paths = gallery_paths(read_dataset(world))
-    tiny = create("tbps-tiny")
-    sims = encode_texts(tiny, QUERIES) @ encode_images(tiny, paths, workers=0).embeddings.T
+    sims = encode_texts(tiny_clip, QUERIES) @ encode_images(tiny_clip, paths, workers=0).embeddings.T
     for q, found in enumerate(first.matches):
         scores = [s for _, s in found]
         assert scores == sorted(scores, reverse=True)
@@ -95,13 +87,10 @@ def test_folder_gallery_with_a_bad_image_and_queries_file(tmp_path):
     assert all(len(m) == 3 for m in res.matches)  # top-k capped by the gallery size
 
 
-def test_cli_search_with_html(world, tmp_path):
+def test_cli_search_with_html(world, tmp_path, cli):
     page = tmp_path / "hits.html"
-    res = CliRunner().invoke(
-        app,
-        ["search", QUERIES[0], "--gallery", str(world), "--model", "tbps-tiny", "--top-k", "3", "--html", str(page),
-         "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--device", "cpu", "-q"],
-    )
+    res = cli("search", QUERIES[0], "--gallery", world, "--model", "tbps-tiny", "--top-k", "3", "--html", page,
+              "--cache-dir", tmp_path / "cache", "--workers", "0", "--device", "cpu", "-q")
     assert res.exit_code == 0, res.output
     assert QUERIES[0] in res.stdout and res.stdout.count(".jpg") == 3
     text = page.read_text()
@@ -109,7 +98,7 @@ def test_cli_search_with_html(world, tmp_path):
     assert not re.search(r"(src|href)\s*=\s*[\"'](?!data:|#)", text)
 
 
-def test_bad_input(tmp_path, world):
+def test_bad_input(tmp_path, world, cli):
     with pytest.raises(UsageError, match="QUERY"):
         SearchConfig(queries=["  "], gallery=world, model="tbps-tiny")
     with pytest.raises(TbpsError, match="queries file"):
@@ -119,7 +108,7 @@ def test_bad_input(tmp_path, world):
     (junk / "a.jpg").write_bytes(b"nope")
     with pytest.raises(TbpsError, match="could be decoded"):
         run_search(SearchConfig(queries=["x"], gallery=junk, model="tbps-tiny", cache_dir=tmp_path / "c", workers=0, device="cpu"))
-    res = CliRunner().invoke(app, ["search", "x", "--gallery", str(world), "--model", "/no/model.pt", "--cache-dir", str(tmp_path / "c")])
+    res = cli("search", "x", "--gallery", world, "--model", "/no/model.pt", "--cache-dir", tmp_path / "c")
     assert res.exit_code == 1 and "model file not found" in res.output
-    res = CliRunner().invoke(app, ["search", "--gallery", str(world), "--model", "tbps-tiny"])
+    res = cli("search", "--gallery", world, "--model", "tbps-tiny")
     assert res.exit_code == 2 and "QUERY" in res.output

@@ -1,12 +1,12 @@
-"""Self-contained HTML pages: the ``tbps inspect --html`` report and the ``tbps search --html`` page.
+"""Self-contained HTML pages: the primitives ``tbps inspect --html``, ``tbps search --html`` and the demo share.
 
-One file, no external URL: styles are inline, histograms are inline SVG, and every picture is
-a base64 JPEG thumbnail in a ``data:`` URI, so the page works offline and can be emailed.
-Images that cannot be opened (missing, corrupt, a decompression bomb) show a grey placeholder
-with the reason instead of a broken picture. All user text (captions, paths, sources) is
-HTML-escaped.
+One file, no external URL: styles are inline, charts are inline SVG, and every picture is a
+base64 JPEG thumbnail in a ``data:`` URI, so a page works offline and can be emailed. Images
+that cannot be opened (missing, corrupt, a decompression bomb) show a grey placeholder with the
+reason instead of a broken picture. All user text (captions, paths, sources) goes through
+:func:`esc`.
 
-When the page has loaded, a small inline script counts the pictures that decoded and writes
+When a page has loaded, a small inline script counts the pictures that decoded and writes
 ``data-images-loaded="N/M"`` on ``<body>`` (what the headless-browser test reads).
 """
 
@@ -16,11 +16,31 @@ import base64
 import html
 import io
 import math
-import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol, Sequence
 
 from tbps import columns as C
+from tbps.data.images import open_image
+from tbps.files import write_text
+
+
+class Bins(Protocol):
+    """What :func:`svg_histogram` reads of a histogram (``tbps.curate.inspect.Histogram`` is one)."""
+
+    column: str
+    edges: Sequence[float]  # one more than counts
+    counts: Sequence[int]
+    log: bool  # power-of-two bins, drawn at equal width
+    dropped: Sequence[int] | None  # rows dropped by a selection, stacked above the kept ones
+
+
+class Cut(Protocol):
+    """What :func:`svg_histogram` reads of a threshold (``tbps.curate.inspect.Threshold`` is one)."""
+
+    column: str
+    value: float
+    label: str
+
 
 THUMB_SIZE = (64, 128)  # (width, height): pedestrian crops are about 1:2 to 1:3
 
@@ -67,8 +87,6 @@ def thumbnail_uri(path: str | None, size: tuple[int, int] = THUMB_SIZE) -> tuple
     Returns:
         (uri, None) when the image decoded, else (None, the reason).
     """
-    from tbps.data.images import open_image
-
     res = open_image(path)
     if not res.ok:
         return None, f"{res.status}: {res.error}"
@@ -122,12 +140,13 @@ def grid_table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
     return f'<table class="grid"><tr>{head}</tr>{body}</table>'
 
 
-def svg_histogram(hist: Any, thresholds: Any = (), width: int = 520, height: int = 220) -> str:
-    """An inline SVG bar chart of a :class:`tbps.eval.inspect.Histogram`, threshold as a red line.
+def svg_histogram(hist: Bins, thresholds: Iterable[Cut] = (), width: int = 520, height: int = 220) -> str:
+    """An inline SVG bar chart of a histogram, each threshold on its column as a red dashed line.
 
     Args:
-        hist: the histogram (edges, counts, ``log`` for power-of-two bins drawn at equal width).
-        thresholds: :class:`tbps.eval.inspect.Threshold` s; those on this column are drawn.
+        hist: the histogram (edges, counts, ``log`` for power-of-two bins drawn at equal width,
+            ``dropped`` stacked above the kept counts when not ``None``).
+        thresholds: the cuts to draw; those on another column are skipped.
         width, height: the chart size in pixels.
 
     Returns:
@@ -193,7 +212,7 @@ def _tick(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
-def _x_of(hist: Any, value: float, left: float, bw: float) -> float:
+def _x_of(hist: Bins, value: float, left: float, bw: float) -> float:
     """The x position of a value: linear within its bin (log2 within a power-of-two bin)."""
     edges = hist.edges
     # Keep/drop rules on ranks are "<= value": the line sits at the right edge of value's unit.
@@ -212,6 +231,7 @@ def _x_of(hist: Any, value: float, left: float, bw: float) -> float:
 
 
 def threshold_is_integer(value: float) -> bool:
+    """Whether a threshold is a whole number (a rank cut)."""
     return float(value).is_integer()
 
 
@@ -225,55 +245,14 @@ def page(title: str, subtitle: str, body: str) -> str:
     )
 
 
-def render_html(report: Any) -> str:
-    """The ``tbps inspect --html`` page of a :class:`tbps.eval.inspect.TableReport`.
+def write_html(path: str | Path, text: str) -> Path:
+    """Write a page atomically (``tbps.files.write_text``); its directory is created when missing.
 
     Args:
-        report: the summary to show.
+        path: the ``.html`` file.
+        text: the document, e.g. from :func:`page`.
 
     Returns:
-        The HTML document as text.
+        The path written.
     """
-    from tbps.eval.inspect import QUANTILES
-
-    sections = []
-    overview = [("rows", report.rows)] + [(f"status {k}", v) for k, v in report.status_counts.items()]
-    overview += [("selection", th.label) for th in report.thresholds]
-    sections.append("<h2>Overview</h2>" + grid_table(["", "value"], overview))
-    cols = list(report.quantiles)
-    sections.append(
-        "<h3>Quantiles (ok rows)</h3>"
-        + grid_table(["quantile", *cols], [[f"{q:g}", *(report.quantiles[c].get(q) for c in cols)] for q in QUANTILES])
-    )
-    charts = "".join(svg_histogram(h, report.thresholds) for h in report.histograms)
-    sections.append(f'<h2>Histograms</h2><div class="charts">{charts}</div>')
-    sections.append(
-        f"<h2>Lowest scored pairs ({report.bottom.height})</h2>"
-        "<p>The pairs the model finds least consistent: candidates for removal.</p>"
-        + contact_sheet(report.bottom.to_dicts())
-    )
-    sections.append(f"<h2>Highest scored pairs ({report.top.height})</h2>" + contact_sheet(report.top.to_dicts()))
-    src = report.sources
-    sections.append("<h2>Per source</h2>" + grid_table(src.columns, src.iter_rows()))
-    if report.dropped is not None:
-        total = sum(n for n, _ in report.dropped.values())
-        drops = [f"<h2>Dropped by the selection ({total:,} rows)</h2>"]
-        drops.append(grid_table(["reason", "rows"], [(r, n) for r, (n, _) in report.dropped.items()]))
-        for reason, (n, sample) in report.dropped.items():
-            drops.append(
-                f"<h3>{esc(reason)}: {n:,} rows (showing {sample.height}, highest scores first)</h3>"
-                + contact_sheet(sample.to_dicts(), fields=(C.SCORE, C.BANK_RANK, C.REASON))
-            )
-        sections.append("".join(drops))
-    subtitle = f"{report.kind} · {report.rows:,} rows · {report.ok_rows:,} ok"
-    return page(f"tbps inspect: {Path(report.path).name}", f"{report.path} · {subtitle}", "".join(sections))
-
-
-def write_html(path: str | Path, text: str) -> Path:
-    """Write a page atomically (temporary file beside it, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, text)
