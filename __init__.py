@@ -4,6 +4,7 @@ Score image-caption pairs (``tbps.curate``), select the decisive subset, fine-tu
 (``tbps.train``) and evaluate text-to-image retrieval (``tbps.eval``).
 """
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
 from tbps.errors import TbpsError
@@ -16,8 +17,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 # Public functions re-exported lazily: ``import tbps`` stays cheap (no torch) until one is used.
 _LAZY = {
     "retrieval_metrics": "tbps.eval.metrics",
-    "apply_adapters": "tbps.train.adapters",
-    "merge_adapters": "tbps.train.adapters",
+    "apply_adapters": "tbps.models.adapters",
+    "merge_adapters": "tbps.models.adapters",
 }
 
 __all__ = ["TbpsError", "__version__", *_LAZY]
@@ -25,7 +26,5 @@ __all__ = ["TbpsError", "__version__", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tbps' has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """The ``tbps`` command line: options -> one config object -> one core call -> a summary.
 
 Commands stay thin (about 15 lines): the work happens in ``tbps.curate``, ``tbps.train``,
-``tbps.data`` and ``tbps.eval``. Bad input raises :class:`tbps.errors.TbpsError` in core code;
+``tbps.data`` and ``tbps.eval``, and :mod:`tbps.terminal` renders the summaries they return; only
+this module prints. Bad input raises :class:`tbps.errors.TbpsError` in core code;
 it is caught once in :func:`main`, printed without a traceback, and the exit code is 1.
 A bad combination of options is a usage error: exit 2, naming the options.
 """
@@ -14,11 +15,33 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.console import Console, RenderableType
 from typer.core import TyperGroup
 
+from tbps.curate import select_io
+from tbps.curate.inspect import InspectConfig, run_inspect
+from tbps.curate.layout import PAPER_BANK_SIZE, PAPER_RULES
+from tbps.curate.select import STEPS, SelectConfig
+from tbps.data.formats import FORMATS
+from tbps.data.readers import ReadConfig, describe
+from tbps.data.synth import SynthConfig, synthesize
+from tbps.demo.plan import DemoConfig
+from tbps.models.adapters import adapter_help
+from tbps.models.registry import model_help
 from tbps.errors import TbpsError, UsageError
+from tbps.terminal import (
+    dataset_summary,
+    demo_tables,
+    inspect_report,
+    metrics_table,
+    score_summary,
+    search_results,
+    select_summary,
+    synth_summary,
+    train_summary,
+)
+
+MODEL_FORMS = model_help()  # from the model-family registry
 
 out = Console()  # results
 err = Console(stderr=True)  # progress, logs and errors
@@ -50,7 +73,8 @@ app = typer.Typer(
 
 
 # Reader options shared by every command that reads a dataset.
-FormatOpt = typer.Option(None, "--format", help="Dataset format; auto-detected when omitted.")
+FORMAT_NAMES = ", ".join(FORMATS)
+FormatOpt = typer.Option(None, "--format", help=f"Dataset format, one of {FORMAT_NAMES}; auto-detected when omitted.")
 ImageRootOpt = typer.Option(None, "--image-root", help="Directory the image paths resolve in (default: next to the file).")
 ImageColOpt = typer.Option(None, "--image-col", help="Image path column of a CSV/JSONL/Parquet table.")
 CaptionColOpt = typer.Option(None, "--caption-col", help="Caption column of a CSV/JSONL/Parquet table.")
@@ -94,6 +118,12 @@ def log_line(quiet: bool):
     return (lambda msg: None) if quiet else (lambda msg: err.print(msg, highlight=False))
 
 
+def show(parts: list[RenderableType]) -> None:
+    """Print a summary's renderables (:mod:`tbps.terminal`) to stdout, in order."""
+    for part in parts:
+        out.print(part)
+
+
 @app.command()
 def version() -> None:
     """Print the tbps, torch and open_clip versions.
@@ -109,7 +139,7 @@ def version() -> None:
 @app.command()
 def score(
     data: str = typer.Argument(..., help="The pairs to score: any dataset the readers support."),
-    model: str = typer.Option(..., "--model", help="tbps-tiny, NAME:TAG, NAME:/file.pt, a model config .json, an exported checkpoint or a run dir."),
+    model: str = typer.Option(..., "--model", help=f"The model that scores. {MODEL_FORMS}"),
     bank: str = typer.Option(..., "--bank", help="Reference bank: a dataset or a .txt file, one caption per line."),
     out_dir: str = typer.Option(..., "--out", help="Output directory (re-run the same command to resume)."),
     format: Optional[str] = FormatOpt,
@@ -141,16 +171,18 @@ def score(
         precision=precision, device=device, chunk_size=chunk_size, shard=shard,
     )
     with progress_bar("scoring", quiet=quiet) as update:
-        s = run_score(cfg, progress=update, log=log_line(quiet))
-    table = Table(title=f"tbps score -> {s.out}", show_header=False)
-    for key, value in [("rows", f"{s.rows:,}"), ("parts", f"{s.parts_total} ({s.parts_done_here} scored here, {s.parts_skipped} resumed)"),
-                       ("bank captions", f"{s.bank_size:,}"), ("throughput", f"{s.pairs_per_second:,.1f} pairs/s"),
-                       ("complete", str(s.complete))] + [(f"status {k}", f"{v:,}") for k, v in s.status_counts.items()]:
-        table.add_row(key, value)
-    out.print(table)
+        summary = run_score(cfg, progress=update, log=log_line(quiet))
+    out.print(score_summary(summary))
 
 
-@app.command()
+@app.command(
+    help=f"""Read a dataset and print its format, rows, statuses, splits, persons, images and first rows.
+
+    Formats: {FORMAT_NAMES}.
+
+    Example: tbps info runs/demo-world/benchmark/reid_raw.json --image-root runs/demo-world/benchmark/imgs
+    """
+)
 def info(
     data: Path = typer.Argument(..., help="A dataset file or folder, in any format the readers support."),
     format: Optional[str] = FormatOpt,
@@ -160,17 +192,8 @@ def info(
     id_col: Optional[str] = typer.Option(None, "--id-col", help="Person id column of a table; 'folder' for an image folder."),
     head: int = typer.Option(5, "--head", help="How many first rows to show."),
 ) -> None:
-    """Read a dataset and print its format, rows, statuses, splits, persons, images and first rows.
-
-    Formats: cuhk-pedes, icfg-pedes, rstpreid, aptm, csv, jsonl, parquet, image-folder, captions-txt.
-
-    Example: tbps info runs/demo-world/benchmark/reid_raw.json --image-root runs/demo-world/benchmark/imgs
-    """
-    from tbps.data.readers import ReadConfig, describe
-
     config = ReadConfig(data=data, format=format, image_root=image_root, image_col=image_col, caption_col=caption_col, id_col=id_col)
-    for part in describe(config, head=head).renderables():
-        out.print(part)
+    show(dataset_summary(describe(config, head=head)))
 
 
 # --- eval, inspect, search (tbps.eval) ---------------------------------------------------
@@ -179,7 +202,7 @@ def info(
 @app.command("eval")
 def eval_(
     data: Optional[list[Path]] = typer.Argument(None, help="The test dataset (with person ids); with --compare: eval JSON records."),
-    model: Optional[str] = typer.Option(None, "--model", help="A run dir, an exported checkpoint, NAME:TAG, NAME:/file.pt or tbps-tiny."),
+    model: Optional[str] = typer.Option(None, "--model", help=f"The model to evaluate. {MODEL_FORMS}"),
     data_opt: Optional[Path] = typer.Option(None, "--data", help="The test dataset (same as the DATA argument)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default: test when the data has splits, else all rows)."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="JSON record to write (default: eval-<model>-<data>-<split>.json)."),
@@ -199,21 +222,22 @@ def eval_(
 
     Example: tbps eval --model runs/train --data runs/demo-world/benchmark/reid_raw.json --split test
     """
-    from tbps.eval.evaluate import EvalConfig, load_records, metrics_table, run_eval
+    from tbps.eval.evaluate import EvalConfig, load_records, run_eval
+    from tbps.eval.metrics import METRIC_KEYS
 
     if data_opt is not None:
         if data and not compare:
             raise UsageError("give the dataset once: as DATA or as --data", field="DATA / --data")
         data = [data_opt]
     if compare:
-        out.print(metrics_table(load_records(data or []), names=[p.name for p in data or []]))
+        out.print(metrics_table(load_records(data or []), METRIC_KEYS, names=[p.name for p in data or []]))
         return
     if not data or len(data) != 1 or model is None:
         raise UsageError("give one DATA and --model, or --compare A.json B.json ...", field="DATA / --model")
     cfg = EvalConfig(data=data[0], model=model, split=split, out=out_file, format=format, image_root=image_root, image_col=image_col,
                      caption_col=caption_col, id_col=id_col, batch_size=batch_size, workers=workers, device=device, precision=precision)
     rec = run_eval(cfg, log=log_line(quiet))
-    out.print(metrics_table([rec]))
+    out.print(metrics_table([rec], METRIC_KEYS))
     err.print(f"wrote {rec['out']}", highlight=False)
 
 
@@ -228,11 +252,8 @@ def inspect(
 
     Example: tbps inspect runs/scores --html runs/scores/report.html --top 24
     """
-    from tbps.eval.inspect import InspectConfig, run_inspect
-
     report = run_inspect(InspectConfig(table=table, html=html, top=top, bins=bins))
-    for part in report.renderables():
-        out.print(part)
+    show(inspect_report(report))
     if html is not None:
         err.print(f"wrote {html}", highlight=False)
 
@@ -241,7 +262,7 @@ def inspect(
 def search(
     query: Optional[list[str]] = typer.Argument(None, help="Free-text queries (quote each one)."),
     gallery: Path = typer.Option(..., "--gallery", help="Images to search: any reader dataset or a folder of images."),
-    model: str = typer.Option(..., "--model", help="A run dir, an exported checkpoint, NAME:TAG, NAME:/file.pt or tbps-tiny."),
+    model: str = typer.Option(..., "--model", help=f"The model that embeds. {MODEL_FORMS}"),
     queries: Optional[Path] = typer.Option(None, "--queries", help="A text file of more queries, one per line."),
     top_k: int = typer.Option(10, "--top-k", help="Matches per query."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained page of thumbnails."),
@@ -262,8 +283,7 @@ def search(
     cfg = SearchConfig(queries=query or [], gallery=gallery, model=model, queries_file=queries, top_k=top_k, html=html,
                        cache_dir=cache_dir, rebuild=rebuild, format=format, image_root=image_root, workers=workers, device=device)
     result = run_search(cfg, log=log_line(quiet))
-    for part in result.renderables():
-        out.print(part)
+    show(search_results(result))
 
 
 # --- train, export (tbps.train) ------------------------------------------------------------
@@ -272,7 +292,7 @@ def search(
 @app.command()
 def train(
     run_dir: str = typer.Option(..., "--out", help="Run directory to write (or to continue with --resume)."),
-    model: str = typer.Option(..., "--model", help="Base model: tbps-tiny, NAME:TAG, NAME:/file.pt or an exported checkpoint."),
+    model: str = typer.Option(..., "--model", help=f"The base model. {MODEL_FORMS}"),
     manifest: Optional[str] = typer.Option(None, "--manifest", help="Manifest Parquet written by `tbps select`."),
     data: Optional[str] = typer.Option(None, "--data", help="Or: a dataset any reader supports (instead of --manifest)."),
     format: Optional[str] = FormatOpt,
@@ -283,7 +303,7 @@ def train(
     train_split: Optional[str] = typer.Option("train", "--train-split", help="Split of --data to train on (when it has splits)."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation dataset; picks the best checkpoint (never use test)."),
     val_split: Optional[str] = typer.Option("val", "--val-split", help="Split of --val to validate on (when it has splits)."),
-    adapter: str = typer.Option("wora", "--adapter", help="wora, dora, lora or full."),
+    adapter: str = typer.Option("wora", "--adapter", help=adapter_help()),  # from the adapter-method registry
     rank: int = typer.Option(8, "--rank", help="Adapter rank r."),
     wora_norm: str = typer.Option("per-input", "--wora-norm", help="per-input (paper code) or per-output (DoRA)."),
     targets: Optional[list[str]] = typer.Option(None, "--targets", help="Module name patterns to adapt (repeat or comma-separate); default all."),
@@ -322,16 +342,9 @@ def train(
     cfg = TrainConfig(out=run_dir, **options)
     quiet = quiet or os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 reports
     with progress_bar("training", unit="steps", quiet=quiet) as update:
-        r = run_train(cfg, progress=update, log=log_line(quiet))
-    if r.rank == 0:
-        best = f"step {r.best_step}: R@1 {r.best_metrics['R1']:.2f}, mAP {r.best_metrics['mAP']:.2f}" if r.best_step else "no --val: last step"
-        table = Table(title=f"tbps train -> {r.run}", show_header=False)
-        for key, value in [("steps", f"{r.steps:,}"), ("pairs seen", f"{r.pairs_seen:,}"), ("training time", f"{r.train_seconds:,.1f} s"),
-                           ("trainable parameters", f"{r.trainable:,} of {r.total:,} ({100 * r.trainable / r.total:.2f}%)"),
-                           ("final loss", f"{r.final_loss:.4f}"), ("result", f"{r.result_checkpoint} ({best})")] + [
-                           (f"skipped {k}", f"{v:,}") for k, v in r.skipped.items()]:
-            table.add_row(key, value)
-        out.print(table)
+        result = run_train(cfg, progress=update, log=log_line(quiet))
+    if result.rank == 0:
+        out.print(train_summary(result))
 
 
 @app.command()
@@ -345,7 +358,7 @@ def export(
 
     Example: tbps export runs/wora --merge --out runs/wora.pt
     """
-    from tbps.train.checkpoint import export_run
+    from tbps.models.runs import export_run
 
     path, identity = export_run(run, out_file, checkpoint)
     out.print(f"wrote {path} (run {identity['run']}, {identity['checkpoint']} step {identity['step']}, weights {identity['sha']})", highlight=False)
@@ -380,28 +393,41 @@ def synth(
     Example: tbps synth --out runs/demo-world --seed 0 --pool-size 20000 --defect-rate 0.4
     """
     options = {k: v for k, v in locals().items() if k not in ("out_dir", "quiet", "defect_mix")}  # field names = option names
-    from tbps.data.synth import SynthConfig, synthesize
-
     cfg = SynthConfig(out=out_dir, **options, **({"defect_mix": defect_mix} if defect_mix is not None else {}))
     with progress_bar("rendering", unit="images", quiet=quiet) as update:
         summary = synthesize(cfg, progress=update)
-    table = Table("section", "item", "count", title=f"tbps synth -> {summary.out}")
-    for row in summary.rows():
-        table.add_row(*row)
-    out.print(table)
+    out.print(synth_summary(summary))
 
 
 # --- select (tbps.curate.select) -----------------------------------------------------------
 
 
-@app.command("select")
+def _select_help() -> str:
+    """The help of ``tbps select``, its steps listed from ``STEPS``."""
+    steps = "\n".join(f"{k}. {s.name} ({s.option}), reason {s.reason}: drops {s.drops}." for k, s in enumerate(STEPS, start=1))
+    return f"""Select the training subset: status, score and bank-rank cuts, dedup, budgets -> a manifest.
+
+Steps, in the order they run, each on the rows the steps before it kept:
+
+{steps}
+
+Writes the manifest, NAME.dropped.parquet (every dropped row with its step and reason) and NAME.json (provenance).
+
+Example: tbps select runs/scores --rule paper-pretrain --keep 0.4 --name pool-40 --truth runs/world/pool/truth.parquet
+"""
+
+
+_RULE_HELP = " or ".join(f"{name} (bank_rank <= {k})" for name, k in PAPER_RULES.items())
+
+
+@app.command("select", help=_select_help())
 def select_(
     scores: list[Path] = typer.Argument(..., help="Score tables: `tbps score` output dirs, dirs of Parquet parts, or Parquet files."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Manifest path (default manifests/NAME.parquet)."),
     name: Optional[str] = typer.Option(None, "--name", help="Manifest name when --out is not given (default: the first input's name)."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop rows with score below this."),
     max_bank_rank: Optional[int] = typer.Option(None, "--max-bank-rank", help="Drop rows with bank_rank above this."),
-    rule: Optional[str] = typer.Option(None, "--rule", help="paper-pretrain (bank_rank <= 48) or paper-finetune (<= 1799), for a 10,000-caption bank; scaled to other bank sizes."),
+    rule: Optional[str] = typer.Option(None, "--rule", help=f"{_RULE_HELP}, for a {PAPER_BANK_SIZE:,}-caption bank; scaled to other bank sizes."),
     dedup: str = typer.Option("image,caption", "--dedup", help="Exact dedup keys: image, caption (comma-separated), pair (both at once), or none."),
     dedup_threshold: Optional[float] = typer.Option(None, "--dedup-threshold", help="Also drop near duplicates: embedding cosine >= this (needs a `tbps score` dir)."),
     keep: Optional[float] = typer.Option(None, "--keep", help="Keep the best FRACTION of the input rows (all rows read), in (0, 1]."),
@@ -413,21 +439,11 @@ def select_(
     explain: bool = typer.Option(False, "--explain", help="Also print why rows were dropped."),
     quiet: bool = QuietOpt,
 ) -> None:
-    """Select the training subset: status, score and bank-rank cuts, dedup, budgets -> a manifest.
-
-    Steps run in a fixed order (status, min-score, bank-rank, exact dedup, near dedup, per-person, quota, budget).
-    Writes the manifest, NAME.dropped.parquet (every dropped row with its reason) and NAME.json (provenance).
-
-    Example: tbps select runs/scores --rule paper-pretrain --keep 0.4 --name pool-40 --truth runs/world/pool/truth.parquet
-    """
+    """Select the training subset (the help text, with the steps, is :func:`_select_help`)."""
     options = {k: v for k, v in locals().items() if k not in ("out_path", "explain", "quiet", "quota", "scores")}  # field names = option names
-    from tbps.curate.select import SelectConfig
-    from tbps.curate.select_io import run_select, summary
-
     cfg = SelectConfig(scores=tuple(scores), out=out_path, quota=tuple(quota or ()), **options)
-    run = run_select(cfg, log=log_line(quiet))
-    for part in summary(run, explain=explain):
-        out.print(part)
+    run = select_io.run_select(cfg, log=log_line(quiet))
+    show(select_summary(run, explain=explain))
 
 
 # --- demo (tbps.demo) ----------------------------------------------------------------------
@@ -452,20 +468,21 @@ def demo(
     Example: tbps demo --quick --out runs/demo-quick
     """
     options = {k: v for k, v in locals().items() if k not in ("out_dir", "quiet")}  # field names = option names
-    from tbps.demo import DemoConfig, run_demo
+    from tbps.demo.run import run_demo
 
     with progress_bar("demo", unit="stages", quiet=quiet) as update:
         result = run_demo(DemoConfig(out=out_dir, **options), progress=update, log=log_line(quiet))
-    for part in result.renderables():
-        out.print(part)
+    show(demo_tables(result))
     err.print(f"wrote {result.files['markdown']}, {result.files['json']}, {result.files['report']} ({result.seconds / 60:.1f} min)", highlight=False)
 
 
 def main() -> None:
     """Entry point of the ``tbps`` console script and ``python -m tbps``."""
-    from tbps.runtime import hold_freed_memory
+    from tbps.runtime import hold_freed_memory, offline_by_default
 
-    hold_freed_memory()  # the program, not the library, sets process-wide allocator policy
+    # The program, not the library, sets process-wide policy: the allocator, and no downloads.
+    offline_by_default()
+    hold_freed_memory()
     app()
 
 

@@ -42,6 +42,7 @@ Truth sidecar (``tbps synth``): one row per pool pair
 
 from __future__ import annotations
 
+import polars as pl
 import pyarrow as pa
 
 PAIR_ID = "pair_id"
@@ -166,6 +167,4 @@ def embedding_schema(dim: int) -> pa.Schema:
 
 def polars_schema(schema: pa.Schema) -> dict:
     """The Polars dtypes of a pyarrow schema, for building empty or typed frames."""
-    import polars as pl
-
     return dict(pl.from_arrow(schema.empty_table()).schema)

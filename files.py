@@ -38,6 +38,11 @@ _FILE_MODE = 0o666 & ~_umask()
 _DIR_MODE = 0o777 & ~_umask()
 
 
+def hasher() -> "hashlib._Hash":
+    """A fresh :data:`HASH_ALGO` hash object, for content fed in pieces (``update``, ``hexdigest``)."""
+    return hashlib.blake2b(digest_size=16)
+
+
 def content_hash(data: bytes) -> str:
     """The :data:`HASH_ALGO` hex digest of ``data``."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -45,20 +50,10 @@ def content_hash(data: bytes) -> str:
 
 def file_hash(path: str | Path) -> str:
     """The :data:`HASH_ALGO` hex digest of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.blake2b(digest_size=16)
+    h = hasher()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_BLOCK), b""):
             h.update(block)
-    return h.hexdigest()
-
-
-def hash_parts(parts: list[str | bytes]) -> str:
-    """The :data:`HASH_ALGO` hex digest of a sequence of strings or bytes, each length-prefixed."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
     return h.hexdigest()
 
 

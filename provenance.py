@@ -8,14 +8,13 @@ import os
 import platform
 import subprocess
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 
 def versions() -> dict[str, str]:
     """Versions of tbps and the libraries whose behaviour shapes results."""
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {}
     for pkg in ("tbps", "torch", "open_clip_torch", "polars", "pyarrow", "faiss-cpu", "pillow"):
         try:
@@ -58,13 +57,3 @@ def record(config: Any, **extra: Any) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **json.loads(json.dumps(extra, default=str)),
     }
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """Write JSON to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path

@@ -15,12 +15,11 @@ import polars as pl
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from tbps import columns as C
-from tbps.cli import app
 from tbps.curate.score import TIE_EPS, ScoreConfig, bank_rank, plan_parts, read_score_table, run_score
 from tbps.errors import TbpsError, UsageError
+from tbps.files import TEMP_SUFFIX
 
 COLOURS = ["red", "blue", "green", "black", "white", "yellow"]
 RGB = {"red": (200, 30, 30), "blue": (30, 40, 200), "green": (30, 160, 60), "black": (15, 15, 15), "white": (235, 235, 235), "yellow": (230, 210, 40)}
@@ -177,7 +176,7 @@ def test_decoding_workers_give_the_table_of_in_process_decoding(world, tmp_path)
 
 def test_the_bank_is_embedded_once_per_output_directory(world, tmp_path):
     from tbps import models
-    from tbps.curate.score import BANK_EMBEDDINGS_FILE
+    from tbps.curate.layout import BANK_EMBEDDINGS_FILE
     from tbps.models.encode import encode_texts
 
     out = tmp_path / "out"
@@ -235,16 +234,15 @@ def test_shards_together_equal_one_run(world, tmp_path):
     assert table(tmp_path / "one").equals(table(tmp_path / "two"))
 
 
-def test_cli_scores_and_reports(world, tmp_path):
-    res = CliRunner().invoke(app, ["score", str(world / "reid_raw.json"), "--model", "tbps-tiny", "--bank", str(world / "bank.txt"),
-                                   "--out", str(tmp_path / "out"), "--workers", "0", "--precision", "fp32", "--quiet"])
+def test_cli_scores_and_reports(world, tmp_path, cli):
+    res = cli("score", world / "reid_raw.json", "--model", "tbps-tiny", "--bank", world / "bank.txt",
+              "--out", tmp_path / "out", "--workers", "0", "--precision", "fp32", "--quiet")
     assert res.exit_code == 0, res.output
     assert "complete" in res.output and table(tmp_path / "out").height == 24
-    res = CliRunner().invoke(app, ["score", str(world / "nope.json"), "--model", "tbps-tiny", "--bank", str(world / "bank.txt"),
-                                   "--out", str(tmp_path / "x"), "--quiet"])
+    res = cli("score", world / "nope.json", "--model", "tbps-tiny", "--bank", world / "bank.txt", "--out", tmp_path / "x", "--quiet")
     assert res.exit_code == 1
-    res = CliRunner().invoke(app, ["score", str(world / "reid_raw.json"), "--model", "tbps-tiny", "--bank", str(world / "bank.txt"),
-                                   "--out", str(tmp_path / "y"), "--precision", "fp8"])
+    res = cli("score", world / "reid_raw.json", "--model", "tbps-tiny", "--bank", world / "bank.txt", "--out", tmp_path / "y",
+              "--precision", "fp8")
     assert res.exit_code == 2
 
 
@@ -269,7 +267,7 @@ def test_resume_after_kill_9(tmp_path):
     s = run_score(config(world, tmp_path / "out", chunk_size=4, batch_size=2))
     assert s.parts_skipped == written and s.complete
     assert table(tmp_path / "ref").equals(table(tmp_path / "out"))
-    assert not list((tmp_path / "out").rglob(".*.tmp"))
+    assert not list((tmp_path / "out").rglob(f"*{TEMP_SUFFIX}"))
 
 
 @pytest.mark.slow
