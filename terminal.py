@@ -25,7 +25,7 @@ from tbps.curate.select import STEPS_BY_NAME
 from tbps.curate.select_io import SelectRun, drop_reasons
 from tbps.data.readers import DatasetSummary
 from tbps.data.synth import SynthSummary
-from tbps.demo.report import TABLE_HEADER, DemoResult, filter_rows, kind_rows, table_cells
+from tbps.demo.report import CLAIMS_HEADER, QUICK_NOTE, claim_rows, gate_line, gate_tone, table_cells, verdict_tone
 
 if TYPE_CHECKING:  # annotations only: these modules load torch, which `tbps --help` must not
     from tbps.curate.score import ScoreSummary
@@ -375,37 +375,29 @@ def search_results(result: SearchResult) -> list[Text]:
 # --------------------------------------------------------------------------- tbps demo
 
 
-def demo_tables(result: DemoResult) -> list[Table]:
-    """What ``tbps demo`` prints: the results table, the filter's truth metrics and the claims.
+def demo_tables(results: dict[str, Any]) -> list[RenderableType]:
+    """What ``tbps demo`` prints: the results table (R@1 and mAP with their intervals), the gate and the claims.
 
     Args:
-        result: what :func:`tbps.demo.run.run_demo` measured.
+        results: the demo's results record (``results.json``; see :mod:`tbps.demo.report`).
+            A missing value prints as "-".
 
     Returns:
-        Rich tables, in print order.
+        Rich renderables, in print order.
     """
-    parts = []
-    title = "tbps demo" + (" --quick (tiny world, few steps: the numbers mean nothing)" if result.quick else "") + " - test split"
-    table = Table(title=title, caption="; ".join(result.design))
-    table.add_column(TABLE_HEADER[0], ratio=1, min_width=16)
-    for name in TABLE_HEADER[1:]:
+    tones = {"good": "green", "bad": "red", "neutral": "yellow"}
+    title = "tbps demo" + (" --quick" if results.get("quick") else "") + " - test split, mean [bootstrap interval]"
+    table = Table(title=title, caption=QUICK_NOTE if results.get("quick") else None)
+    table.add_column("arm", ratio=1, min_width=16)
+    for name in ("R@1", "mAP", "trainable: % of all", "% of non-embedding", "seeds"):
         table.add_column(name, justify="right", no_wrap=True)
-    for row in result.rows:
-        table.add_row(*table_cells(row), end_section=row["key"] in ("baseline", "pretrain-filtered"))
-    parts.append(table)
-    filt = Table("selection", "kept", "precision", "recall", "AUROC score", "AUROC bank_rank", title="the filter against the defect truth")
-    for row in filter_rows(result.selections):
-        filt.add_row(*row)
-    parts.append(filt)
-    keep = next(iter(result.selections.values()), None)
-    if keep:
-        kinds = Table("defect", "pairs", "removed", "recall", "AUROC score", "AUROC bank_rank", title=f"per defect kind ({next(iter(result.selections))})")
-        for row in kind_rows(keep):
-            kinds.add_row(*row)
-        parts.append(kinds)
-    claims = Table("claim", "paper", "verdict", "measured", title="the paper's claims, as measured here")
-    for c in result.claims:
-        colour = "green" if c.verdict.startswith("holds") else ("red" if c.verdict.startswith("does not") else "yellow")
-        claims.add_row(c.name, c.paper, f"[{colour}]{c.verdict}[/]", c.measured)
-    parts.append(claims)
-    return parts
+    rows = [r for r in results.get("table") or [] if isinstance(r, dict)]
+    for i, row in enumerate(rows):
+        cells = table_cells(row)
+        last_of_stage = i + 1 < len(rows) and rows[i + 1].get("stage") != row.get("stage")
+        table.add_row(cells["arm"], cells["R@1"], cells["mAP"], cells["% of all"], cells["% of non-embedding"], cells["seeds"],
+                      end_section=last_of_stage)
+    claims = Table(*CLAIMS_HEADER, title="the paper's claims, as measured here")
+    for claim, paper, verdict, measured in claim_rows(results):
+        claims.add_row(claim, paper, Text(verdict, style=tones[verdict_tone(verdict)]), measured)
+    return [table, Text(gate_line(results), style=tones[gate_tone(results)]), claims]

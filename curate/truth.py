@@ -70,6 +70,9 @@ def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
+DUPLICATE_KINDS = (C.DEFECT_EXACT_DUP, C.DEFECT_NEAR_DUP)
+
+
 def truth_metrics(outcome: pl.DataFrame, truth: pl.DataFrame) -> dict:
     """Precision, recall and AUROCs of a selection against the defect ground truth.
 
@@ -79,8 +82,10 @@ def truth_metrics(outcome: pl.DataFrame, truth: pl.DataFrame) -> dict:
         truth: ``pair_id`` and ``defect`` (``none`` or a defect kind) per pool pair.
 
     Returns:
-        ``{"matched", "unmatched_rows", "truth_rows_missing", "overall": {...}, "kinds": {kind:
-        {...}}, "steps": {step: {"removed", "defective", "precision"}}}``.
+        ``{"matched", "unmatched_rows", "truth_rows_missing", "overall": {...}, "relevance": {...},
+        "kinds": {kind: {...}}, "steps": {step: {"removed", "defective", "precision"}}}``;
+        ``relevance`` is the defects a relevance score can see (all but the duplicates) against
+        the clean pairs.
 
     Raises:
         TbpsError: when no input row has a truth entry, or the truth repeats a pair_id.
@@ -129,6 +134,10 @@ def truth_metrics(outcome: pl.DataFrame, truth: pl.DataFrame) -> dict:
         "unscored": int((~scored).sum()),
         **detectors(bad),
     }
+    # What a relevance score can see: every defect but the duplicates (de-duplication's job, judged by its recall).
+    relevant = bad & ~np.isin(defect, DUPLICATE_KINDS)
+    relevance = {"defective": int(relevant.sum()), "removed": int((relevant & removed).sum()),
+                 "recall": _ratio(int((relevant & removed).sum()), int(relevant.sum())), **detectors(relevant)}
     kinds = {}
     known = [k for k in C.DEFECT_KINDS if (defect == k).any()]
     extra = sorted(set(defect[bad].tolist()) - set(C.DEFECT_KINDS))
@@ -159,6 +168,7 @@ def truth_metrics(outcome: pl.DataFrame, truth: pl.DataFrame) -> dict:
         "unmatched_rows": int(joined.height - matched.height),
         "truth_rows_missing": int(truth.height - matched.height),
         "overall": overall,
+        "relevance": relevance,
         "kinds": kinds,
         "steps": steps,
     }

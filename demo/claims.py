@@ -1,225 +1,182 @@
-"""Statistics over training seeds and the paper's claims, judged as measured.
+"""The comparisons the demo makes and the paper's claims, judged from paired differences.
 
-The claims (the paper's, each reported as measured; a claim that fails is reported with its
-numbers, not hidden): the filter finds the defects (AUROC of ``bank_rank``); filtered 40% vs
-the full pool (R@1, mAP after fine-tuning, and stage-A training time; the paper: better, with
-19.82% less time); filtered 40% vs random 40%; WoRA vs full fine-tuning (R@1 gap and the share of
-trainable parameters); WoRA vs DoRA vs LoRA at the same rank.
-
-With ``--seeds N`` each claim is judged on the mean of its per-seed paired differences, and a
-difference smaller than the std of those differences is reported as within seed noise.
+Every comparison is one arm minus another on the test split, query by query, seed by seed
+(:func:`tbps.demo.stats.paired_difference`: a 95% bootstrap interval over test identities of the
+seeds' mean difference). Its verdict is "better" or "worse" only when the interval excludes 0,
+"within noise" otherwise. A claim of *competitive* accuracy holds when the interval's lower bound
+is above ``-MARGIN`` R@1 points, does not hold when its upper bound is below ``-MARGIN``, and is
+inconclusive otherwise. When the gate fails (pretraining on the clean pool does not beat
+fine-tuning alone on val), no curation claim can be tested in this world and each says so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
-import numpy as np
+from tbps.demo.plan import GATE_POINTS, MARGIN
 
-from tbps import columns as C
-from tbps.demo.plan import VARIANTS
-
-METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 NOT_JUDGED = "not judged (--quick)"
-WEAK_AUROC = 0.6  # a defect kind detected with a lower AUROC of bank_rank is "not found"
-DUPLICATE_KINDS = (C.DEFECT_EXACT_DUP, C.DEFECT_NEAR_DUP)
-PAPER_TIME_SAVING = 19.82  # % less training time the paper reports for its filtered pretraining data
+NOT_TESTABLE = "not testable in this world (the gate failed)"
+RELEVANCE_AUROC = 0.7  # the filter "finds" the relevance defects when its AUROC reaches this
 
-
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for fewer than two values)."""
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else None)
-
-
-def aggregate(measured: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One table row per variant: mean (and std over seeds) of every measured number.
-
-    Args:
-        measured: variant key -> one measurement per seed (``R1``.. ``mINP``, ``trainable``,
-            ``total``, ``train_seconds``, ``pairs_seen``, ``steps``, ``val_R1``).
-
-    Returns:
-        Rows in :data:`VARIANTS` order: ``key``, ``label``, ``stage``, ``adapter``, ``seeds``,
-        and ``{name: {"mean", "std"}}`` per number.
-    """
-    rows = []
-    for v in VARIANTS:
-        runs = measured.get(v.key)
-        if not runs:
-            continue
-        row: dict[str, Any] = {"key": v.key, "label": v.label, "stage": v.stage, "adapter": v.adapter, "seeds": len(runs)}
-        for name in (*METRICS, "trainable", "total", "train_seconds", "pairs_seen", "steps", "val_R1"):
-            mean, std = mean_std([r[name] for r in runs])
-            row[name] = {"mean": mean, "std": std}
-        rows.append(row)
-    return rows
-
-
-def paired(measured: dict[str, list[dict[str, Any]]], a: str, b: str, metric: str) -> dict[str, Any]:
-    """``a`` minus ``b`` on one metric, seed by seed (runs of the same seed are paired).
-
-    Args:
-        measured: as for :func:`aggregate`; seed ``i`` of ``a`` pairs with seed ``i`` of ``b``.
-        a: a variant key.
-        b: another variant key.
-        metric: the number compared.
-
-    Returns:
-        ``{"a", "b", "diff", "diff_std", "n", "noise"}``: the means, the mean difference, the
-        std of the per-seed differences (None for one seed) and whether the difference is
-        within seed noise (``|diff| <= diff_std``; False for one seed, where it is unknown).
-    """
-    xs = [r[metric] for r in measured[a]]
-    ys = [r[metric] for r in measured[b]]
-    n = min(len(xs), len(ys))
-    diff, diff_std = mean_std([x - y for x, y in zip(xs[:n], ys[:n])])
-    return {
-        "a": mean_std(xs[:n])[0],
-        "b": mean_std(ys[:n])[0],
-        "diff": diff,
-        "diff_std": diff_std,
-        "n": n,
-        "noise": diff_std is not None and abs(diff) <= diff_std,
-    }
+# (name, a, b, metric): a minus b.
+COMPARISONS: tuple[tuple[str, str, str, str], ...] = (
+    ("pretraining on the oracle pool vs fine-tuning alone", "oracle", "alone", "R1"),
+    ("pretraining on the full pool vs fine-tuning alone", "full", "alone", "R1"),
+    ("filtered vs full pool (equal epochs)", "filtered", "full", "R1"),
+    ("filtered vs full pool (equal epochs), mAP", "filtered", "full", "mAP"),
+    ("filtered vs full pool (equal steps)", "filtered", "full-steps", "R1"),
+    ("filtered vs random (same size)", "filtered", "random", "R1"),
+    ("filtered vs oracle (same size)", "filtered", "oracle", "R1"),
+    ("paper-pretrain rule vs full pool", "rule", "full", "R1"),
+    ("paper-finetune filter vs the whole train split", "filtered-ftfilter", "filtered", "R1"),
+    ("WoRA vs full fine-tuning", "filtered-wora", "filtered", "R1"),
+    ("WoRA vs DoRA (lora_alpha = 8r)", "filtered-wora", "filtered-dora", "R1"),
+    ("WoRA vs LoRA (lora_alpha = 8r)", "filtered-wora", "filtered-lora", "R1"),
+    ("WoRA vs WoRA with alpha, beta frozen", "filtered-wora", "filtered-wora-fixed", "R1"),
+    ("WoRA + norms, embeddings vs WoRA", "filtered-wora-plus", "filtered-wora", "R1"),
+)
 
 
 @dataclass
 class Claim:
-    """One of the paper's claims, as this run measured it.
+    """One of the paper's claims, as this run measured it (``verdict`` holds / does not hold / ...)."""
 
-    Attributes:
-        name: what is claimed.
-        paper: what the paper reports.
-        verdict: ``holds``, ``does not hold`` (either may add "(within seed noise)"), ``mixed``,
-            ``not measured``, or :data:`NOT_JUDGED`.
-        measured: the numbers, in a sentence.
-        numbers: the same numbers, for the JSON record.
-    """
-
-    name: str
+    claim: str
     paper: str
     verdict: str
     measured: str
-    numbers: dict[str, Any] = field(default_factory=dict)
 
 
-def _pm(d: dict[str, Any], unit: str = "") -> str:
-    """``+1.25 pts`` or ``+1.25 ± 0.40 pts (within seed noise)`` for a paired difference."""
-    text = f"{d['diff']:+.2f}"
-    if d["diff_std"] is not None:
-        text += f" ± {d['diff_std']:.2f}"
-    text += unit
-    if d["noise"]:
-        text += " (within seed noise)"
-    return text
-
-
-def _verdict(checks: list[tuple[bool, bool]]) -> str:
-    """``holds`` / ``does not hold`` / ``mixed`` from (passed, within seed noise) checks.
-
-    A unanimous verdict that rests on a difference within seed noise says so.
-    """
-    passed = [ok for ok, _ in checks]
-    verdict = "holds" if all(passed) else ("does not hold" if not any(passed) else "mixed")
-    if verdict != "mixed" and any(noisy for _, noisy in checks):
-        verdict += " (within seed noise)"
-    return verdict
-
-
-def judge_claims(measured: dict[str, list[dict[str, Any]]], filter_truth: dict[str, Any] | None, *, judged: bool = True) -> list[Claim]:
-    """The paper's claims, judged on this run's measurements (see the module docstring).
-
-    A "better" claim holds when the mean paired difference is positive on every metric it
-    names; a verdict that rests on a difference within seed noise says so ("holds (within
-    seed noise)"). The
-    filter claim holds when the AUROC of ``bank_rank`` is above 0.5 overall and at least
-    :data:`WEAK_AUROC` for every defect kind a score can see (duplicates excepted: they are
-    de-duplication's job, and their removal recall is reported); it is mixed when some kind
-    falls below that.
+def judge_gate(val_r1: dict[str, list[float]], pretrained: str = "oracle", alone: str = "alone") -> dict[str, Any]:
+    """The gate: val R@1 of ``pretrained`` minus ``alone``, per seed and on average, against :data:`GATE_POINTS`.
 
     Args:
-        measured: variant key -> per-seed measurements (as for :func:`aggregate`).
-        filter_truth: the keep selection's truth metrics (``tbps.curate.truth.truth_metrics``),
-            with the paper rule's under ``"paper_rule"`` when measured.
-        judged: False for ``--quick``: the numbers are reported, every verdict is
-            :data:`NOT_JUDGED` (a few steps on a tiny world decide nothing).
+        val_r1: arm key -> the best val R@1 of each seed's run (seed order).
+        pretrained: the arm pretrained on the clean pool then fine-tuned.
+        alone: the arm fine-tuned from scratch.
 
     Returns:
-        The claims, in the issue's order.
+        ``{"metric", "pretrained", "alone", "threshold", "per_seed", "mean_difference", "passed", "note"}``.
     """
-    if not judged:
-        return [replace(c, verdict=NOT_JUDGED) for c in judge_claims(measured, filter_truth)]
-    claims = []
-    if filter_truth:
-        o = filter_truth["overall"]
-        au = o.get("auroc_bank_rank")
-        kinds = filter_truth.get("kinds", {})
-        # A duplicate looks as relevant as its original: no score finds it, de-duplication does.
-        weak = [k for k, m in kinds.items() if k not in DUPLICATE_KINDS and m.get("auroc_bank_rank") is not None and m["auroc_bank_rank"] < WEAK_AUROC]
-        dups = {k: kinds[k]["recall"] for k in DUPLICATE_KINDS if k in kinds}
-        text = (
-            f"AUROC of bank_rank {au:.3f} (of score {o['auroc_score']:.3f}); the --keep selection removed "
-            f"{o['removed_defective']:,} of {o['defective']:,} defective pairs (recall {o['recall']:.3f}, precision {o['precision']:.3f})"
-            if au is not None else "no AUROC: no defective or no clean scored pair"
-        )
-        rule = filter_truth.get("paper_rule")
-        if rule:
-            r = rule["overall"]
-            text += f"; the paper-pretrain rule: recall {r['recall']:.3f}, precision {r['precision']:.3f}, {r['pairs'] - r['removed']:,} pairs kept"
-        if weak:
-            text += f"; defect kinds it does not find (AUROC of bank_rank < {WEAK_AUROC}): " + ", ".join(f"{k} {kinds[k]['auroc_bank_rank']:.3f}" for k in weak)
-        if dups:
-            text += "; duplicates removed (recall): " + ", ".join(f"{k} {v:.3f}" for k, v in dups.items() if v is not None)
-        verdict = "not measured" if au is None else ("does not hold" if au <= 0.5 else ("mixed" if weak else "holds"))
-        claims.append(Claim("the filter finds the defects", "the filter removes noisy, mismatched pairs", verdict, text,
-                            {"auroc_bank_rank": au, "auroc_score": o.get("auroc_score"), "weak_kinds": weak, "duplicate_recall": dups}))
+    a, b = val_r1.get(pretrained, []), val_r1.get(alone, [])
+    per_seed = [{"seed": i, "pretrained": x, "alone": y, "difference": x - y} for i, (x, y) in enumerate(zip(a, b))]
+    mean = sum(p["difference"] for p in per_seed) / len(per_seed) if per_seed else None
+    passed = mean is not None and mean >= GATE_POINTS
+    note = (f"pretraining on the clean pool gains {mean:+.2f} val R@1 over fine-tuning alone "
+            f"({'>=' if passed else '<'} {GATE_POINTS:g})") if mean is not None else "not measured"
+    return {"metric": "val R@1", "pretrained": pretrained, "alone": alone, "threshold": GATE_POINTS,
+            "per_seed": per_seed, "mean_difference": mean, "passed": passed, "note": note}
 
-    def have(*keys: str) -> bool:
-        return all(measured.get(k) for k in keys)
 
-    if have("filtered-wora", "full-wora", "pretrain-filtered", "pretrain-full"):
-        r1, ap = paired(measured, "filtered-wora", "full-wora", "R1"), paired(measured, "filtered-wora", "full-wora", "mAP")
-        pre = paired(measured, "pretrain-filtered", "pretrain-full", "R1")
-        t_f = mean_std([r["train_seconds"] for r in measured["pretrain-filtered"]])[0]
-        t_a = mean_std([r["train_seconds"] for r in measured["pretrain-full"]])[0]
-        saving = 100.0 * (1.0 - t_f / t_a) if t_a > 0 else float("nan")
-        claims.append(Claim(
-            "filtered 40% vs the full pool", f"better, with {PAPER_TIME_SAVING}% less training time",
-            _verdict([(r1["diff"] > 0, r1["noise"]), (ap["diff"] > 0, ap["noise"]), (saving > 0, False)]),
-            f"after WoRA fine-tuning R@1 {r1['a']:.2f} vs {r1['b']:.2f} ({_pm(r1, ' pts')}), mAP {ap['a']:.2f} vs {ap['b']:.2f} "
-            f"({_pm(ap, ' pts')}); pretrained only R@1 {_pm(pre, ' pts')}; stage-A training time {t_f:.0f} s vs {t_a:.0f} s "
-            f"({saving:.1f}% less)",
-            {"R1": r1, "mAP": ap, "pretrain_R1": pre, "pretrain_seconds": {"filtered": t_f, "full": t_a}, "time_saving_pct": saving},
-        ))
-    if have("filtered-wora", "random-wora", "pretrain-filtered", "pretrain-random"):
-        r1, ap = paired(measured, "filtered-wora", "random-wora", "R1"), paired(measured, "filtered-wora", "random-wora", "mAP")
-        pre = paired(measured, "pretrain-filtered", "pretrain-random", "R1")
-        claims.append(Claim(
-            "filtered 40% vs a random 40%", "the filter's choice beats chance at the same size",
-            _verdict([(r1["diff"] > 0, r1["noise"]), (ap["diff"] > 0, ap["noise"])]),
-            f"after WoRA fine-tuning R@1 {r1['a']:.2f} vs {r1['b']:.2f} ({_pm(r1, ' pts')}), mAP {ap['a']:.2f} vs {ap['b']:.2f} "
-            f"({_pm(ap, ' pts')}); pretrained only R@1 {_pm(pre, ' pts')}",
-            {"R1": r1, "mAP": ap, "pretrain_R1": pre},
-        ))
-    if have("filtered-wora", "filtered-full"):
-        r1 = paired(measured, "filtered-wora", "filtered-full", "R1")
-        share = 100.0 * measured["filtered-wora"][0]["trainable"] / measured["filtered-full"][0]["trainable"]
-        claims.append(Claim(
-            "WoRA vs full fine-tuning", "WoRA matches or beats full fine-tuning while training a small share of the parameters",
-            _verdict([(r1["diff"] >= 0, r1["noise"])]),
-            f"R@1 {r1['a']:.2f} vs {r1['b']:.2f} (gap {_pm(r1, ' pts')}), training {share:.2f}% of the parameters",
-            {"R1": r1, "trainable_share_pct": share},
-        ))
-    if have("filtered-wora", "filtered-dora", "filtered-lora"):
-        means = {k: mean_std([r["R1"] for r in measured[f"filtered-{k}"]])[0] for k in ("wora", "dora", "lora")}
-        vs_d, vs_l = paired(measured, "filtered-wora", "filtered-dora", "R1"), paired(measured, "filtered-wora", "filtered-lora", "R1")
-        claims.append(Claim(
-            "WoRA vs DoRA vs LoRA at the same rank", "WoRA is the best of the three",
-            _verdict([(vs_d["diff"] > 0, vs_d["noise"]), (vs_l["diff"] > 0, vs_l["noise"])]),
-            f"R@1 WoRA {means['wora']:.2f}, DoRA {means['dora']:.2f}, LoRA {means['lora']:.2f} "
-            f"(WoRA - DoRA {_pm(vs_d, ' pts')}, WoRA - LoRA {_pm(vs_l, ' pts')})",
-            {"R1": means, "vs_dora": vs_d, "vs_lora": vs_l},
-        ))
-    return claims
+def compare(paired: Callable[[str, str, str], dict[str, Any] | None], verdict: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """Every comparison of :data:`COMPARISONS` whose two arms were measured.
+
+    Args:
+        paired: ``paired(a, b, metric)`` -> ``{"mean", "lo", "hi", "std", "per_seed"}`` or None.
+        verdict: an interval -> ``better`` / ``worse`` / ``within noise``.
+
+    Returns:
+        ``{"name", "a", "b", "metric", "per_seed", "mean", "lo", "hi", "verdict"}`` per comparison.
+    """
+    found = []
+    for name, a, b, metric in COMPARISONS:
+        d = paired(a, b, metric)
+        if d is not None:
+            found.append({"name": name, "a": a, "b": b, "metric": metric, **d, "verdict": verdict(d)})
+    return found
+
+
+def _pts(d: dict[str, Any]) -> str:
+    return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+
+
+def _competitive(d: dict[str, Any]) -> str:
+    if d["lo"] > -MARGIN:
+        return "holds"
+    if d["hi"] < -MARGIN:
+        return "does not hold"
+    return "inconclusive (the interval spans the margin)"
+
+
+def judge_claims(
+    comparisons: list[dict[str, Any]],
+    times: dict[str, float],
+    shares: dict[str, float],
+    filter_truth: dict[str, Any] | None,
+    gate: dict[str, Any],
+    *,
+    judged: bool = True,
+) -> list[dict[str, Any]]:
+    """The paper's claims as it states them, plus the two controls, judged on this run.
+
+    Args:
+        comparisons: from :func:`compare`.
+        times: arm key -> mean training seconds.
+        shares: arm key -> trainable share of the non-embedding parameters (percent).
+        filter_truth: the score filter's truth metrics (``relevance``, ``kinds``), or None.
+        gate: from :func:`judge_gate`.
+        judged: False in ``--quick`` mode: every verdict is :data:`NOT_JUDGED`.
+
+    Returns:
+        One ``{"claim", "paper", "verdict", "measured"}`` per claim.
+    """
+    by = {(c["a"], c["b"], c["metric"]): c for c in comparisons}
+    claims: list[Claim] = []
+
+    rel = (filter_truth or {}).get("relevance", {})
+    vs_random = by.get(("filtered", "random", "R1"))
+    vs_oracle = by.get(("filtered", "oracle", "R1"))
+    if rel or vs_random:
+        auroc = rel.get("auroc_bank_rank")
+        finds = auroc is not None and auroc >= RELEVANCE_AUROC
+        beats = vs_random is not None and vs_random["verdict"] == "better"
+        verdict = "holds" if finds and beats else "does not hold" if not finds and not beats else "mixed"
+        measured = f"AUROC of bank_rank over the relevance defects {auroc if auroc is None else round(auroc, 3)} (holds at >= {RELEVANCE_AUROC})"
+        if vs_random:
+            measured += f"; after fine-tuning, filtered - random R@1 {_pts(vs_random)} ({vs_random['verdict']})"
+        if vs_oracle:
+            measured += f"; filtered - oracle {_pts(vs_oracle)} ({vs_oracle['verdict']})"
+        claims.append(Claim("the filter removes the coarse (mismatched) pairs", "noisy pairs are filtered out, and training on the rest helps", verdict, measured))
+
+    eq = by.get(("filtered", "full", "R1"))
+    if eq:
+        saving = 100.0 * (1 - times.get("A-filtered", float("nan")) / times.get("A-full", float("nan")))
+        verdict = _competitive(eq)
+        if verdict == "holds" and not saving > 0:
+            verdict = "does not hold (no time saved)"
+        steps = by.get(("filtered", "full-steps", "R1"))
+        measured = f"filtered - full pool R@1 {_pts(eq)} at equal epochs, stage-A time {saving:.1f}% less"
+        if steps:
+            measured += f"; at equal steps {_pts(steps)} ({steps['verdict']})"
+        claims.append(Claim("filtered data: competitive accuracy with less training time", "competitive with the full data, 19.82% less training time", verdict, measured))
+
+    wora = by.get(("filtered-wora", "filtered", "R1"))
+    if wora:
+        share = shares.get("filtered-wora")
+        measured = f"WoRA - full FT R@1 {_pts(wora)}, training {share:.2f}% of the non-embedding parameters" if share is not None else f"WoRA - full FT R@1 {_pts(wora)}"
+        claims.append(Claim("WoRA light fine-tuning is competitive with full fine-tuning", "competitive at a small share of the parameters", _competitive(wora), measured))
+
+    rivals = [by.get(("filtered-wora", other, "R1")) for other in ("filtered-dora", "filtered-lora")]
+    if all(rivals):
+        verdicts = {r["verdict"] for r in rivals}
+        verdict = "holds" if verdicts == {"better"} else "does not hold" if "worse" in verdicts else "within noise"
+        measured = "; ".join(f"WoRA - {r['b'].split('-', 1)[1]} {_pts(r)} ({r['verdict']})" for r in rivals)
+        fixed = by.get(("filtered-wora", "filtered-wora-fixed", "R1"))
+        if fixed:
+            measured += f"; learnable alpha, beta vs frozen {_pts(fixed)} ({fixed['verdict']})"
+        claims.append(Claim("WoRA beats DoRA and LoRA at the same rank and scale", "WoRA is the best of the three", verdict, measured))
+
+    ft = by.get(("filtered-ftfilter", "filtered", "R1"))
+    if ft:
+        verdict = {"better": "holds", "worse": "does not hold"}.get(ft["verdict"], "within noise")
+        claims.append(Claim("the fine-tuning filter (top 1,800 of 10,001) helps", "fine-tuning on the filtered split", verdict, f"filtered split - whole split R@1 {_pts(ft)}"))
+
+    out = [asdict(c) for c in claims]
+    for c in out:
+        if not judged:
+            c["verdict"] = NOT_JUDGED
+        elif not gate.get("passed") and c["claim"] != "WoRA beats DoRA and LoRA at the same rank and scale":
+            c["verdict"] = NOT_TESTABLE
+    return out

@@ -1,21 +1,38 @@
-"""The demo's plan: its options, the variants it compares, the budgets of each mode, the training subsets.
+"""The demo's plan: its options, the arms it compares, the training methods, the budgets of each mode.
 
-Budgets of the full mode: a world of 360 benchmark identities (300 train / 30 val / 30 test, 4
-images and 8 captions each) and a 4,000-pair pool (40% defective); batch 32, AdamW at lr 5e-4
-with 10% warm-up and cosine decay, fp32, CLIP loss, rank 8, for every run; the scorer 4 epochs
-(300 steps); stage A 2 epochs (250 steps on the whole pool, 100 on a 40% subset); stage B 2
-epochs (150 steps); two validations per run. The first full run had stage B at 1 epoch and
-took 10.7 minutes (load average 2.6 to 3.0 on 2 cores); stage B was raised once, to 2 epochs,
-to use the time the issue allows (25 minutes); that run's table had been seen, and nothing else
-was changed after it.
+The experiment (full mode, per training seed):
 
-The world's difficulty (:data:`CALIBRATED` and the split) was calibrated once, on val, with the
-baseline alone; the tries are recorded in bench/RESULTS.md ("demo calibration").
+* **World.** A benchmark in the CUHK-PEDES format with a *low-data* fine-tuning split (150 train
+  identities, 1,200 pairs), 50 val identities and 100 test identities (400 gallery images, 800
+  queries), and a synthetic pool 10x the fine-tuning split (12,000 pairs of 2,000 other
+  identities, 40% defective) in the MALS format.
+* **Stage A** (pretraining from the same random init, full training, one fixed recipe): the whole
+  pool; the score-filtered pool at the pool's clean share; a random subset of the same size; the
+  oracle (the truth's clean pairs) at the same size; the paper's ``paper-pretrain`` rule; and the
+  whole pool for the filtered arm's number of steps (equal steps). Equal epochs otherwise, so a
+  subset takes fewer steps (the time saving the paper reports).
+* **Stage B** (fine-tuning on the benchmark's train split, equal epochs): from scratch ("alone"),
+  from every stage-A model with full fine-tuning, from the filtered model with the paper's
+  fine-tuning filter (``paper-finetune`` against a bank of the train split's captions), and from
+  the filtered model with WoRA, WoRA with alpha and beta frozen, DoRA and LoRA at WoRA's
+  effective scale (``lora_alpha = 8 r``), and WoRA that also trains norms and embeddings.
+* **Scorer.** The filter scores the pool with the full pool's stage-B model of the first seed: the
+  strongest model built from the data at hand (pool and train split), standing in for the
+  pretrained BLIP-2 the paper scores with. Its filter is fixed for every seed.
+* **Tuning.** Each training method's learning rate is chosen once, on val, from a small grid
+  (``tbps demo --tune``: stage-B runs from the full pool's stage-A model, "alone" from scratch);
+  the record is ``demo/tuning.json`` and is copied into ``results.json``.
+* **Gate.** Before any curation claim is judged, pretraining on the oracle pool then fine-tuning
+  must beat fine-tuning alone by :data:`GATE_POINTS` val R@1 (mean over seeds).
+* **Statistics.** Every metric with a 95% bootstrap interval over test identities (and seeds);
+  every claim from paired per-seed differences, a verdict only where the interval excludes 0.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,101 +41,143 @@ import polars as pl
 from tbps import columns as C
 from tbps.errors import TbpsError, UsageError
 
-# Stages and the subsets of the pool that stage A trains on.
-BASELINE, PRETRAIN, FINETUNE = "baseline", "pretrain", "fine-tune"
-SUBSETS = ("full", "filtered", "random")
+ALONE, PRETRAIN, FINETUNE = "alone", "pretrain", "fine-tune"
+GATE_POINTS = 5.0  # val R@1 points the oracle-pretrained model must gain over fine-tuning alone
+MARGIN = 2.0  # R@1 points: "competitive" means the paired interval's lower bound is above -MARGIN
+TUNING_FILE = Path(__file__).resolve().parent / "tuning.json"
+
+# Patterns of the "WoRA + norms and embeddings" method (the paper's released code trains them too).
+NORMS_AND_EMBEDDINGS = ["*ln_*", "token_embedding.weight", "positional_embedding", "class_embedding"]
 
 
 @dataclass(frozen=True)
-class Variant:
-    """One row of the results table: which stage made the model, on what, with which adapter.
+class Method:
+    """A training method of stage B: its ``tbps train`` options and the learning-rate grid it is tuned on."""
+
+    name: str
+    label: str
+    adapter: str
+    grid: tuple[float, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def train_options(self, rank: int) -> dict[str, Any]:
+        """The ``TrainConfig`` fields of this method (``lora_alpha`` as a multiple of the rank)."""
+        opts = {"adapter": self.adapter, **{k: v for k, v in self.options.items() if k != "lora_alpha_per_rank"}}
+        if "lora_alpha_per_rank" in self.options:
+            opts["lora_alpha"] = float(self.options["lora_alpha_per_rank"] * rank)
+        return opts
+
+
+FULL_GRID = (1e-4, 3e-4, 1e-3)
+ADAPTER_GRID = (1e-3, 3e-3, 1e-2)
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("alone", "full FT from scratch", "full", FULL_GRID),
+    Method("full", "full FT", "full", FULL_GRID),
+    Method("wora", "WoRA", "wora", ADAPTER_GRID),
+    Method("wora-fixed", "WoRA, alpha and beta frozen", "wora", ADAPTER_GRID, {"fixed_scale": True}),
+    Method("dora", "DoRA, lora_alpha = 8r", "dora", ADAPTER_GRID, {"lora_alpha_per_rank": 8}),
+    Method("lora", "LoRA, lora_alpha = 8r", "lora", ADAPTER_GRID, {"lora_alpha_per_rank": 8}),
+    Method("wora-plus", "WoRA + norms and embeddings", "wora", ADAPTER_GRID, {"also_train": NORMS_AND_EMBEDDINGS}),
+)}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One trained model of the table.
 
     Attributes:
         key: a short id, also the run directory's name.
         label: the row's label.
-        stage: ``baseline`` (the scorer), ``pretrain`` (stage A) or ``fine-tune`` (stage B).
-        data: ``benchmark`` (train split) or the pool subset ``full`` / ``filtered`` / ``random``.
-        adapter: ``full``, ``wora``, ``dora`` or ``lora``.
-        wora_norm: WoRA's norm convention (``per-input`` or ``per-output``).
-        init: for a fine-tune, the pool subset whose stage-A model it starts from.
+        stage: ``pretrain`` (stage A), ``alone`` or ``fine-tune`` (stage B).
+        data: stage A: the pool subset (``full``, ``filtered``, ``random``, ``oracle``, ``rule``);
+            stage B: ``benchmark`` or ``benchmark-filtered`` (the paper's fine-tuning filter).
+        method: stage B: a key of :data:`METHODS`; stage A trains with the fixed pretraining recipe.
+        init: stage B: the stage-A arm it starts from (None: random weights).
+        steps_of: stage A: train for as many steps as this arm takes (equal steps), not for epochs.
     """
 
     key: str
     label: str
     stage: str
     data: str
-    adapter: str = "full"
-    wora_norm: str = "per-input"
+    method: str = "full"
     init: str | None = None
+    steps_of: str | None = None
 
 
-VARIANTS: tuple[Variant, ...] = (
-    Variant("baseline", "baseline: no pretraining, full FT (the scorer)", BASELINE, "benchmark"),
-    Variant("pretrain-full", "pool 100%, pretrain only", PRETRAIN, "full"),
-    Variant("pretrain-random", "random 40%, pretrain only", PRETRAIN, "random"),
-    Variant("pretrain-filtered", "filtered 40%, pretrain only", PRETRAIN, "filtered"),
-    Variant("full-wora", "pool 100% -> WoRA", FINETUNE, "benchmark", "wora", init="full"),
-    Variant("random-wora", "random 40% -> WoRA", FINETUNE, "benchmark", "wora", init="random"),
-    Variant("filtered-wora", "filtered 40% -> WoRA (per-input norm)", FINETUNE, "benchmark", "wora", init="filtered"),
-    Variant("filtered-wora-out", "filtered 40% -> WoRA (per-output norm)", FINETUNE, "benchmark", "wora", "per-output", init="filtered"),
-    Variant("filtered-dora", "filtered 40% -> DoRA", FINETUNE, "benchmark", "dora", init="filtered"),
-    Variant("filtered-lora", "filtered 40% -> LoRA", FINETUNE, "benchmark", "lora", init="filtered"),
-    Variant("filtered-full", "filtered 40% -> full FT", FINETUNE, "benchmark", "full", init="filtered"),
+POOL_SUBSETS = ("full", "filtered", "random", "oracle", "rule")
+ARMS: tuple[Arm, ...] = (
+    Arm("A-full", "pool 100%", PRETRAIN, "full"),
+    Arm("A-full-steps", "pool 100%, the filtered arm's steps", PRETRAIN, "full", steps_of="A-filtered"),
+    Arm("A-filtered", "filtered (score) at the clean share", PRETRAIN, "filtered"),
+    Arm("A-random", "random, same size", PRETRAIN, "random"),
+    Arm("A-oracle", "oracle (truth-clean), same size", PRETRAIN, "oracle"),
+    Arm("A-rule", "paper-pretrain rule", PRETRAIN, "rule"),
+    Arm("alone", "fine-tune alone (no pretraining)", ALONE, "benchmark", "alone"),
+    Arm("full", "pool 100% -> full FT", FINETUNE, "benchmark", init="A-full"),
+    Arm("full-steps", "pool 100% (equal steps) -> full FT", FINETUNE, "benchmark", init="A-full-steps"),
+    Arm("filtered", "filtered -> full FT", FINETUNE, "benchmark", init="A-filtered"),
+    Arm("random", "random -> full FT", FINETUNE, "benchmark", init="A-random"),
+    Arm("oracle", "oracle -> full FT", FINETUNE, "benchmark", init="A-oracle"),
+    Arm("rule", "paper-pretrain rule -> full FT", FINETUNE, "benchmark", init="A-rule"),
+    Arm("filtered-ftfilter", "filtered -> full FT on the paper-finetune subset", FINETUNE, "benchmark-filtered", init="A-filtered"),
+    Arm("filtered-wora", "filtered -> WoRA", FINETUNE, "benchmark", "wora", init="A-filtered"),
+    Arm("filtered-wora-fixed", "filtered -> WoRA (alpha, beta frozen)", FINETUNE, "benchmark", "wora-fixed", init="A-filtered"),
+    Arm("filtered-dora", "filtered -> DoRA (lora_alpha = 8r)", FINETUNE, "benchmark", "dora", init="A-filtered"),
+    Arm("filtered-lora", "filtered -> LoRA (lora_alpha = 8r)", FINETUNE, "benchmark", "lora", init="A-filtered"),
+    Arm("filtered-wora-plus", "filtered -> WoRA + norms, embeddings", FINETUNE, "benchmark", "wora-plus", init="A-filtered"),
 )
-VARIANT = {v.key: v for v in VARIANTS}
+ARM = {a.key: a for a in ARMS}
+SCORER_ARM = "full"  # the first seed's model of this arm scores the pool (see the module docstring)
 
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes and training budgets of one demo mode (full or ``--quick``).
+    """Sizes and budgets of one demo mode (full or ``--quick``).
 
     Attributes:
         world: ``SynthConfig`` options besides ``out``, ``seed`` and ``workers``.
         batch_size: pairs per optimizer step, every run.
-        lr: peak AdamW learning rate, every run (one value: no method gets its own tuning).
+        pretrain_lr: stage A's peak learning rate (one recipe for every pool subset; not tuned).
         warmup: share of a run's steps spent warming up.
-        scorer_epochs: epochs of the scorer (= the baseline) over the benchmark train split.
         pretrain_epochs: stage-A epochs over each pool subset (equal epochs).
-        finetune_epochs: stage-B epochs over the benchmark train split (equal steps).
+        finetune_epochs: stage-B epochs over the benchmark's train split (equal steps).
         validations: how many times a run validates (evenly spaced, and after its last step).
-        bank_size: the reference bank's captions (capped by the train split's distinct captions).
         rank: the adapters' rank.
+        bank_size: the reference bank's captions (capped by the train split's distinct captions).
     """
 
     world: dict[str, Any]
     batch_size: int
-    lr: float
+    pretrain_lr: float
     warmup: float
-    scorer_epochs: int
     pretrain_epochs: int
     finetune_epochs: int
     validations: int
-    bank_size: int = 10_000
     rank: int = 8
+    bank_size: int = 10_000
 
 
-# The world's difficulty knobs, calibrated once on val with the baseline (bench/RESULTS.md, demo calibration).
+# The rendering knobs calibrated for the first demo (bench/RESULTS.md, demo calibration).
 CALIBRATED = {"colours": 17, "occlusion": 0.25, "lighting": 0.3, "clutter": 3}
 
 FULL_PLAN = DemoPlan(
-    world={"identities": 360, "split": "10:1:1", "images_per_id": 4, "pool_identities": 1000, "pool_size": 4000,
+    world={"identities": 300, "split": "3:1:2", "images_per_id": 4, "pool_identities": 2000, "pool_size": 12000,
            "defect_rate": 0.4, **CALIBRATED},
     batch_size=32,
-    lr=5e-4,
+    pretrain_lr=5e-4,
     warmup=0.1,
-    scorer_epochs=4,
     pretrain_epochs=2,
-    finetune_epochs=2,
-    validations=2,
+    finetune_epochs=6,
+    validations=3,
 )
 
 QUICK_PLAN = DemoPlan(
-    world={"identities": 24, "split": "4:1:1", "images_per_id": 2, "pool_identities": 60, "pool_size": 240,
+    world={"identities": 24, "split": "2:1:1", "images_per_id": 2, "pool_identities": 60, "pool_size": 200,
            "defect_rate": 0.4, **CALIBRATED},
     batch_size=16,
-    lr=5e-4,
+    pretrain_lr=5e-4,
     warmup=0.1,
-    scorer_epochs=2,
     pretrain_epochs=1,
     finetune_epochs=1,
     validations=1,
@@ -126,14 +185,7 @@ QUICK_PLAN = DemoPlan(
 
 
 def plan_for(quick: bool) -> DemoPlan:
-    """The plan of a mode.
-
-    Args:
-        quick: the ``--quick`` mode (tiny world, a few steps) instead of the full demo.
-
-    Returns:
-        The :class:`DemoPlan`.
-    """
+    """The plan of a mode (``--quick``: a tiny world and a few steps; every stage runs, the numbers mean nothing)."""
     return QUICK_PLAN if quick else FULL_PLAN
 
 
@@ -144,12 +196,12 @@ class DemoConfig:
     Attributes:
         out: the run directory (created; a previous demo there is replaced, anything else refused).
         quick: tiny world and a few steps: every stage runs, the numbers mean nothing.
-        seeds: how many training seeds repeat the training stages (mean ± std when > 1).
+        seeds: how many training seeds repeat the training stages.
         seed: the world's seed, the scorer's seed and the first training seed.
-        keep: the share of the pool the filter keeps (and the random control draws).
-        workers: DataLoader worker processes decoding images (0: in the main process).
-        threads: torch intra-op threads while the demo runs (restored after); 0 leaves torch's
-            setting. One thread is fastest on a shared 2-core machine.
+        tune: choose every method's learning rate on val first (the grid of :data:`METHODS`),
+            instead of reading the recorded choice (``demo/tuning.json``).
+        jobs: training runs at a time (processes, one torch thread each).
+        workers: DataLoader worker processes decoding images per run (0: in the run's process).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
     """
 
@@ -157,82 +209,105 @@ class DemoConfig:
     quick: bool = False
     seeds: int = 1
     seed: int = 0
-    keep: float = 0.4
+    tune: bool = False
+    jobs: int = 2
     workers: int = 0
-    threads: int = 1
     device: str = "auto"
 
     def __post_init__(self) -> None:
         self.out = str(self.out)
-        for name, lo in (("seeds", 1), ("seed", 0), ("workers", 0), ("threads", 0)):
+        for name, lo in (("seeds", 1), ("seed", 0), ("jobs", 1), ("workers", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise UsageError(f"--{name} must be an integer >= {lo}", field=f"--{name}", value=value)
         if self.seeds > 10:
             raise UsageError("--seeds is at most 10 (each seed repeats every training run)", field="--seeds", value=self.seeds)
-        if not isinstance(self.keep, (int, float)) or not 0.0 < self.keep < 1.0:
-            raise UsageError("--keep is the share of the pool kept, in (0, 1)", field="--keep", value=self.keep)
+
+
+def read_tuning(path: Path = TUNING_FILE) -> dict[str, Any]:
+    """The recorded learning-rate choice (``tbps demo --tune`` wrote it).
+
+    Raises:
+        TbpsError: the file is missing, unreadable, or lacks a method.
+    """
+    try:
+        record = json.loads(Path(path).read_text())
+        chosen = {m: float(record["chosen"][m]) for m in METHODS}
+    except FileNotFoundError:
+        raise TbpsError("no recorded learning-rate choice", path=path, hint="run tbps demo --tune once") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TbpsError(f"unreadable tuning record ({exc})", path=path, hint="run tbps demo --tune again") from exc
+    return {**record, "chosen": chosen}
+
+
+def quick_tuning() -> dict[str, Any]:
+    """``--quick`` without ``--tune``: each grid's middle rate (the quick numbers mean nothing, and no tuning ran)."""
+    return {"grid": {m.name: list(m.grid) for m in METHODS.values()}, "val_R1": {}, "chosen": {m.name: m.grid[len(m.grid) // 2] for m in METHODS.values()},
+            "note": "--quick: no tuning ran; each method trains at its grid's middle rate"}
+
+
+def choose_lr(val_r1: dict[str, dict[float, float]]) -> dict[str, float]:
+    """Each method's learning rate with the best val R@1 (the smaller rate on a tie)."""
+    return {m: min(scores, key=lambda lr: (-scores[lr], lr)) for m, scores in val_r1.items()}
 
 
 # ------------------------------------------------------------------------------------------
-# The training subsets and their steps: tables in, tables out.
+# The training subsets: tables in, tables out.
 
 
-def full_manifest(scores: pl.DataFrame) -> pl.DataFrame:
-    """The whole pool as a manifest: every scored row whose status is ok, sorted by pair id.
-
-    Args:
-        scores: a score table (``columns.SCORE_SCHEMA``).
-
-    Returns:
-        The ok rows, all columns, sorted by ``pair_id``.
-    """
+def ok_rows(scores: pl.DataFrame) -> pl.DataFrame:
+    """Every scored row whose status is ok, sorted by pair id (the whole pool as a manifest)."""
     return scores.filter(pl.col(C.STATUS) == C.STATUS_OK).sort(C.PAIR_ID)
 
 
-def random_manifest(scores: pl.DataFrame, rows: int, seed: int) -> pl.DataFrame:
-    """The random control: ``rows`` ok rows drawn uniformly without replacement.
-
-    Args:
-        scores: a score table (``columns.SCORE_SCHEMA``).
-        rows: how many rows to draw (the filtered manifest's size).
-        seed: the seed of the draw.
-
-    Returns:
-        The drawn rows, sorted by ``pair_id`` (the same seed draws the same rows).
+def random_rows(scores: pl.DataFrame, rows: int, seed: int) -> pl.DataFrame:
+    """The random control: ``rows`` ok rows drawn uniformly without replacement, sorted by pair id.
 
     Raises:
         TbpsError: fewer ok rows than asked for.
     """
-    pool = full_manifest(scores)
+    pool = ok_rows(scores)
     if rows > pool.height:
-        raise TbpsError(f"cannot draw {rows} random rows from {pool.height} ok rows", field="keep", value=rows)
+        raise TbpsError(f"cannot draw {rows} random rows from {pool.height} ok rows", field="rows", value=rows)
+    pick = np.sort(np.random.default_rng(seed).choice(pool.height, size=rows, replace=False))
+    return pool[pick]
+
+
+def oracle_rows(scores: pl.DataFrame, truth: pl.DataFrame, rows: int, seed: int) -> pl.DataFrame:
+    """The oracle: ``rows`` ok rows the truth calls clean (all of them when fewer), sorted by pair id.
+
+    Args:
+        scores: a score table.
+        truth: the world's truth sidecar (``pair_id``, ``defect``).
+        rows: the size to match (the filtered arm's).
+        seed: the seed of the draw when there are more clean rows than ``rows``.
+    """
+    clean = truth.filter(pl.col(C.DEFECT) == C.DEFECT_NONE).select(C.PAIR_ID)
+    pool = ok_rows(scores).join(clean, on=C.PAIR_ID, how="semi").sort(C.PAIR_ID)
+    if pool.height <= rows:
+        return pool
     pick = np.sort(np.random.default_rng(seed).choice(pool.height, size=rows, replace=False))
     return pool[pick]
 
 
 def steps_for(rows: int, batch_size: int, epochs: int) -> int:
-    """Optimizer steps of ``epochs`` passes over ``rows`` pairs (the last incomplete batch dropped).
-
-    Args:
-        rows: training pairs.
-        batch_size: pairs per step.
-        epochs: passes over the data.
-
-    Returns:
-        At least 1.
-    """
+    """Optimizer steps of ``epochs`` passes over ``rows`` pairs (the last incomplete batch dropped); at least 1."""
     return max(1, epochs * (rows // batch_size))
 
 
-def design_notes(plan: DemoPlan, config: DemoConfig) -> list[str]:
-    """One-line statements of how the comparison is made fair (printed under the table)."""
+def design_notes(plan: DemoPlan, config: DemoConfig, tuning: dict[str, Any]) -> list[str]:
+    """One-line statements of how the comparison is made fair (printed with the table)."""
+    chosen = ", ".join(f"{m} {lr:g}" for m, lr in tuning["chosen"].items())
     notes = [
-        f"stage A (pretrain, full training from the same random init): equal epochs ({plan.pretrain_epochs}), so a 40% subset takes 40% of the steps",
-        f"stage B (fine-tune on the benchmark train split): equal epochs = equal steps ({plan.finetune_epochs} epochs), same lr {plan.lr:g}, batch {plan.batch_size}, rank {plan.rank}",
-        f"baseline = the scorer: {plan.scorer_epochs} epochs of full training from random weights on the benchmark train split",
-        "every checkpoint chosen on val R@1; test used only for this table",
+        f"stage A: full training from the same random init, lr {plan.pretrain_lr:g} for every subset (not tuned), "
+        f"{plan.pretrain_epochs} epochs each (equal epochs); 'pool 100%, equal steps' trains as many steps as the filtered subset",
+        f"stage B: {plan.finetune_epochs} epochs of the benchmark train split (equal steps), batch {plan.batch_size}, rank {plan.rank}; "
+        f"each method's lr chosen once on val from its grid ({chosen})",
+        f"scorer: the first seed's '{ARM[SCORER_ARM].label}' model; its filter is fixed for every seed",
+        f"gate: oracle -> FT must beat fine-tuning alone by {GATE_POINTS:g} val R@1 (mean over seeds) before curation claims are judged",
+        "every checkpoint chosen on val R@1; the test split is used only for the table; "
+        "intervals: 95% percentile bootstrap over test identities (and the seeds' mean)",
     ]
     if config.seeds > 1:
-        notes.append(f"mean ± sample std over training seeds {config.seed}..{config.seed + config.seeds - 1}; world, scorer and filter fixed by --seed {config.seed}")
+        notes.append(f"training seeds {config.seed}..{config.seed + config.seeds - 1}; world, scorer and filter fixed by --seed {config.seed}")
     return notes

@@ -1,40 +1,56 @@
-"""The demo's stages, in order, in one run directory: :func:`run_demo`."""
+"""The demo's stages in one run directory: :func:`run_demo`.
+
+Training runs are independent jobs (train, export a stage-A model, evaluate on test) with
+dependencies between them (a fine-tune needs its stage-A model; the filtered subsets need the
+scorer). :func:`_execute` runs them ``--jobs`` at a time in worker processes, one torch thread
+each; every run is seeded and single-threaded, so its numbers do not depend on what ran beside it.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import json
+import multiprocessing
 import os
 import shutil
 import time
-from dataclasses import asdict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+import numpy as np
 import polars as pl
 import torch
 
 from tbps import columns as C
 from tbps.curate.inspect import InspectConfig, run_inspect
 from tbps.curate.score import ScoreConfig, read_score_table, run_score
-from tbps.curate.select import SelectConfig
+from tbps.curate.select import SelectConfig, keep_target
 from tbps.curate.select_io import run_select
 from tbps.data.readers import read_dataset
 from tbps.data.splits import select_split
 from tbps.data.synth import SynthConfig, synthesize
-from tbps.demo.claims import METRICS, aggregate, judge_claims
+from tbps.demo import stats
+from tbps.demo.claims import compare, judge_claims, judge_gate
 from tbps.demo.plan import (
-    FINETUNE,
-    SUBSETS,
-    VARIANTS,
+    ARM,
+    ARMS,
+    METHODS,
+    PRETRAIN,
+    SCORER_ARM,
     DemoConfig,
     DemoPlan,
+    quick_tuning,
+    choose_lr,
     design_notes,
-    full_manifest,
+    ok_rows,
+    oracle_rows,
     plan_for,
-    random_manifest,
+    random_rows,
+    read_tuning,
     steps_for,
 )
-from tbps.demo.report import DemoResult, results_markdown
+from tbps.demo.report import render_report_html, results_markdown
 from tbps.errors import TbpsError
 from tbps.eval.evaluate import evaluate
 from tbps.files import atomic_write, write_json, write_text
@@ -48,16 +64,11 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 REPORT_HTML = "report.html"
 SCORES_REPORT_HTML = "report-scores.html"
+TUNING_JSON = "tuning.json"
 
 
 def prepare_out(path: str | Path) -> Path:
     """Create the run directory, replacing a previous demo there and refusing anything else.
-
-    Args:
-        path: the ``--out`` directory.
-
-    Returns:
-        The directory, empty but for the demo marker.
 
     Raises:
         TbpsError: the path is a file, or a non-empty directory that no demo made.
@@ -75,217 +86,411 @@ def prepare_out(path: str | Path) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to ``n`` for the block (0: left alone), then restored."""
-    previous = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def _rows(path: Path) -> int:
+    return pl.scan_parquet(path).select(pl.len()).collect().item()
+
+
+def _parquet(frame: pl.DataFrame, path: Path) -> Path:
+    with atomic_write(path) as fh:
+        frame.write_parquet(fh)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Jobs: module-level functions of a plain dict, run in worker processes.
+
+
+def _embedding_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "token_embedding" in n)
+
+
+def train_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one run; export it (stage A) and evaluate it on the test split when asked.
+
+    Args:
+        spec: ``train`` (TrainConfig fields), ``export`` (checkpoint path or None), ``test``
+            (``{"data": benchmark path, "out": eval JSON path, "device"}`` or None).
+
+    Returns:
+        The run's numbers: ``train_seconds``, ``pairs_seen``, ``steps``, ``trainable``, ``total``,
+        ``embedding``, ``val_R1``, ``best_step``, ``export``, ``test`` (metrics) and ``eval`` (path).
+    """
+    if spec.get("skip"):
+        return {"run": spec["train"]["out"], "skipped": spec["skip"]}
+    torch.set_num_threads(1)
+    result = train(TrainConfig(**spec["train"]))
+    out: dict[str, Any] = {
+        "run": spec["train"]["out"], "train_seconds": result.train_seconds, "pairs_seen": result.pairs_seen, "steps": result.steps,
+        "trainable": result.trainable, "total": result.total, "val_R1": result.best_metrics.get("R1"), "best_step": result.best_step,
+    }
+    if spec.get("export"):
+        out["export"] = str(export_run(spec["train"]["out"], spec["export"])[0])
+    if spec.get("test"):
+        test = spec["test"]
+        loaded = load_model(spec["train"]["out"])
+        out["embedding"] = _embedding_parameters(loaded.model)
+        rows = select_split(read_dataset(test["data"]), "test")[0]
+        res = evaluate(loaded, rows, batch_size=128, workers=0, device=test["device"], precision="fp32", per_query=True)
+        per_query = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in res.pop("per_query").items()}
+        write_json(test["out"], {"model": loaded.identity, **res, "per_query": per_query})
+        out["test"], out["eval"] = res["metrics"], test["out"]
+    return out
+
+
+def score_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Score the pool and the benchmark's train split with the scorer; write the filtered selections.
+
+    Returns:
+        ``filtered`` and ``rule`` (manifest paths and truth metrics), ``ftfilter`` (the train split's
+        paper-finetune manifest), the pool's inspect pages.
+    """
+    torch.set_num_threads(1)
+    out, scorer = Path(spec["out"]), spec["scorer"]
+    common = {"model": scorer, "bank": spec["bank"], "seed": spec["seed"], "batch_size": 128, "workers": 0, "precision": "fp32",
+              "device": spec["device"], "bank_size": spec["bank_size"]}
+    run_score(ScoreConfig(data=spec["pool"], out=str(out / "scores"), **common))
+    keep = run_select(SelectConfig(scores=(str(out / "scores"),), out=spec["filtered"], keep=spec["keep"], truth=spec["truth"]))
+    rule = run_select(SelectConfig(scores=(str(out / "scores"),), out=spec["rule"], rule="paper-pretrain", truth=spec["truth"]))
+    run_score(ScoreConfig(data=spec["bench_train"], out=str(out / "scores-train"), **common))
+    ftf = run_select(SelectConfig(scores=(str(out / "scores-train"),), out=spec["ftfilter"], rule="paper-finetune", dedup="none"))
+    pages = {}
+    for name, table in (("pool", out / "scores"), ("filtered", keep.paths.manifest), ("rule", rule.paths.manifest)):
+        page = out / f"inspect-{name}.html"
+        run_inspect(InspectConfig(table=str(table), html=str(page), top=12))
+        pages[name] = page.name
+    return {
+        "filtered": {"rows": keep.selection.rows_kept, "truth": keep.selection.truth},
+        "rule": {"rows": rule.selection.rows_kept, "truth": rule.selection.truth},
+        "ftfilter": {"rows": ftf.selection.rows_kept, "of": ftf.selection.rows_in},
+        "pages": pages,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# A small dependency-ordered executor (one machine; scale-out is torchrun's job).
+
+
+@dataclass
+class Job:
+    """A unit of work: ``fn(build(done))`` once every job named in ``deps`` is done."""
+
+    name: str
+    deps: tuple[str, ...]
+    fn: Callable[[dict[str, Any]], dict[str, Any]]
+    build: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _execute(jobs: list[Job], workers: int, done: dict[str, Any], on_done: Callable[[str, dict[str, Any]], None]) -> None:
+    """Run ``jobs`` in list order as their dependencies allow, ``workers`` at a time.
+
+    Raises:
+        TbpsError: a job's dependency is never run (a mistake in the plan); a job's own error propagates.
+    """
+    pending = list(jobs)
+    known = {j.name for j in jobs} | set(done)
+    for job in jobs:
+        missing = [d for d in job.deps if d not in known]
+        if missing:
+            raise TbpsError(f"demo job {job.name} depends on unknown jobs {missing}")
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch state
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        running: dict[Any, str] = {}
+        while pending or running:
+            for job in list(pending):
+                if len(running) >= workers:
+                    break
+                if all(d in done for d in job.deps):
+                    running[pool.submit(job.fn, job.build(done))] = job.name
+                    pending.remove(job)
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                done[name] = future.result()
+                on_done(name, done[name])
+
+
+# ------------------------------------------------------------------------------------------
+# The demo.
 
 
 class _Demo:
-    """The stages of one demo run; holds the paths and options they share."""
+    """Paths, options and job builders of one demo run."""
 
-    def __init__(self, config: DemoConfig, plan: DemoPlan, out: Path, log: Callable[[str], None]) -> None:
-        self.config, self.plan, self.out, self.say = config, plan, out, log
+    def __init__(self, config: DemoConfig, plan: DemoPlan, out: Path, say: Callable[[str], None]) -> None:
+        self.config, self.plan, self.out, self.say = config, plan, out, say
         self.world = out / "world"
         self.bench = self.world / "benchmark" / "reid_raw.json"
         self.pool = self.world / "pool" / "pool.json"
         self.truth = self.world / "pool" / "truth.parquet"
         self.manifests = out / "manifests"
-        self.timings: dict[str, float] = {}
-        self.train_rows = 0  # usable pairs of the benchmark's train split (read_benchmark)
-        self.test_rows: pl.DataFrame | None = None  # the test split's rows (read_benchmark)
+        self.seeds = list(range(config.seed, config.seed + config.seeds))
+        self.train_rows = 0
+        self.subset_rows = 0
+        self.lr: dict[str, float] = {}
 
-    @contextlib.contextmanager
-    def timed(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 2)
-
-    def make_world(self) -> dict[str, Any]:
-        cfg = SynthConfig(out=self.world, seed=self.config.seed, workers=2, **self.plan.world)
-        summary = synthesize(cfg)
-        self.say(f"world: {summary.splits}, pool {summary.pool_pairs:,} pairs, defects {summary.defects}")
-        return {"splits": summary.splits, "pool_pairs": summary.pool_pairs, "defects": summary.defects}
-
-    def read_benchmark(self) -> Path:
-        """Count the train split, keep the test split's rows, write the bank; returns the bank's path.
-
-        The bank is the train split's captions, one per line: the scorer's reference bank.
-        """
+    def prepare_data(self) -> dict[str, Any]:
+        """The world, the bank (train split captions), the train split as a table, the scorer-free subsets."""
+        world = synthesize(SynthConfig(out=self.world, seed=self.config.seed, workers=2, **self.plan.world))
         pairs = read_dataset(self.bench)
         train_split = pairs.filter((pl.col(C.SPLIT) == "train") & (pl.col(C.STATUS) == C.STATUS_OK))
         self.train_rows = train_split.height
-        self.test_rows = select_split(pairs, "test")[0]
-        captions = train_split.get_column(C.CAPTION).to_list()
-        path = self.out / "bank.txt"
         # One caption a line: a caption's own line breaks would split it.
-        write_text(path, "".join(" ".join(c.split()) + "\n" for c in captions))
-        return path
+        write_text(self.out / "bank.txt", "".join(" ".join(c.split()) + "\n" for c in train_split.get_column(C.CAPTION).to_list()))
+        _parquet(train_split, self.manifests / "benchmark-train.parquet")
+        pool = read_dataset(self.pool)
+        truth = pl.read_parquet(self.truth)
+        self.clean_share = round(1.0 - self.plan.world["defect_rate"], 6)
+        self.subset_rows = keep_target(self.clean_share, pool.height)
+        _parquet(ok_rows(pool), self.manifests / "full.parquet")
+        for seed in self.seeds:
+            _parquet(random_rows(pool, self.subset_rows, seed), self.manifests / f"random-seed{seed}.parquet")
+            _parquet(oracle_rows(pool, truth, self.subset_rows, seed), self.manifests / f"oracle-seed{seed}.parquet")
+        self.say(f"world: {world.splits}, pool {world.pool_pairs:,} pairs; subsets of {self.subset_rows:,} pairs (the clean share {self.clean_share:g})")
+        return {"splits": world.splits, "pool_pairs": world.pool_pairs, "defects": world.defects, "train_pairs": self.train_rows}
 
-    def train(self, key: str, seed: int, *, model: str, adapter: str = "full", wora_norm: str = "per-input",
-              manifest: Path | None = None, epochs: int) -> tuple[Path, Any]:
-        """One ``tbps train`` run, validated on the benchmark's val split; returns (run dir, result)."""
-        rows = pl.scan_parquet(manifest).select(pl.len()).collect().item() if manifest else self.train_rows
-        steps = steps_for(rows, self.plan.batch_size, epochs)
-        run = self.out / "runs" / (key if key == "baseline" else f"seed{seed}") / key
-        cfg = TrainConfig(
-            out=str(run), model=model, manifest=str(manifest) if manifest else None, data=None if manifest else str(self.bench),
-            val=str(self.bench), adapter=adapter, wora_norm=wora_norm, rank=self.plan.rank, epochs=epochs,
-            batch_size=self.plan.batch_size, lr=self.plan.lr, warmup=max(1, round(self.plan.warmup * steps)), precision="fp32",
-            seed=seed, val_every=-(-steps // self.plan.validations), save_every=steps, log_every=max(1, steps // 4),
-            workers=self.config.workers, device=self.config.device,
-        )
-        self.say(f"{key} seed {seed}: training {adapter}{' ' + wora_norm if adapter == 'wora' else ''}, {epochs} epoch(s) of {rows:,} pairs = {steps} steps")
-        result = train(cfg, log=lambda m: self.say(f"{key} seed {seed}: {m}"))
-        return run, result
+    def manifest(self, data: str, seed: int) -> Path:
+        names = {"full": "full.parquet", "filtered": "filtered.parquet", "rule": "paper-pretrain.parquet",
+                 "random": f"random-seed{seed}.parquet", "oracle": f"oracle-seed{seed}.parquet",
+                 "benchmark-filtered": "paper-finetune.parquet"}
+        return self.manifests / names[data]
 
-    def evaluate(self, key: str, seed: int, model: str) -> dict[str, Any]:
-        """Test-split metrics of a model (``tbps eval``'s protocol), also written as JSON."""
-        loaded = load_model(model)
-        result = evaluate(loaded, self.test_rows, batch_size=128, workers=self.config.workers, device=self.config.device, precision="fp32")
-        write_json(self.out / "eval" / f"{key}-seed{seed}.json", {"model": loaded.identity, **result})
-        m = result["metrics"]
-        self.say(f"{key} seed {seed}: test R@1 {m['R1']:.2f} | mAP {m['mAP']:.2f}")
-        return m
+    def train_spec(self, name: str, seed: int, *, method: str | None, data: str, init: str | None, lr: float, epochs: int | None,
+                   steps: int | None, rows: int, export: bool, test: bool) -> dict[str, Any]:
+        """The job spec of one training run (validated on the benchmark's val split)."""
+        run = self.out / "runs" / name
+        skip = None
+        if rows < self.plan.batch_size:
+            skip = f"{rows} pairs, fewer than one batch of {self.plan.batch_size}"
+        elif init is not None and init.startswith("skipped:"):
+            skip = f"its stage-A model was not trained ({init[len('skipped:'):]})"
+        total = steps or steps_for(rows, self.plan.batch_size, epochs)
+        opts = METHODS[method].train_options(self.plan.rank) if method else {"adapter": "full"}
+        manifest = None if data == "benchmark" else str(self.manifest(data, seed))
+        train_cfg = {
+            "out": str(run), "model": init or "tbps-tiny", "manifest": manifest, "data": None if manifest else str(self.bench),
+            "val": str(self.bench), "rank": self.plan.rank, "epochs": None if steps else epochs, "steps": steps,
+            "batch_size": self.plan.batch_size, "lr": lr, "warmup": max(1, round(self.plan.warmup * total)), "precision": "fp32",
+            "seed": seed, "val_every": -(-total // self.plan.validations), "save_every": total, "log_every": max(1, total // 8),
+            "workers": self.config.workers, "device": self.config.device, **opts,
+        }
+        return {
+            "train": train_cfg,
+            "skip": skip,
+            "export": str(self.out / "models" / f"{name}.pt") if export else None,
+            "test": {"data": str(self.bench), "out": str(self.out / "eval" / f"{name}.json"), "device": self.config.device} if test else None,
+        }
 
-    def export(self, run: Path, key: str, seed: int) -> Path:
-        """Export a stage-A run (adapters folded in) as the checkpoint a fine-tune starts from."""
-        path, _ = export_run(run, self.out / "models" / f"seed{seed}" / f"{key}.pt")
-        return path
+    def arm_job(self, key: str, seed: int) -> Job:
+        """The job of one arm and seed, with its dependencies."""
+        arm, name = ARM[key], f"seed{seed}/{key}"
+        deps: list[str] = []
+        if arm.stage == PRETRAIN:
+            if arm.data in ("filtered", "rule"):
+                deps.append("score")
+        else:
+            if arm.init:
+                deps.append(f"seed{seed}/{arm.init}")
+            if arm.data == "benchmark-filtered":
+                deps.append("score")
+            if self.config.tune:
+                deps.append("tuned")
+
+        def build(done: dict[str, Any]) -> dict[str, Any]:
+            rows = self.train_rows if arm.data == "benchmark" else _rows(self.manifest(arm.data, seed))
+            if arm.stage == PRETRAIN:
+                # Equal steps: the filtered subset's size is planned (keep = the clean share of the pool's rows).
+                steps = steps_for(self.subset_rows, self.plan.batch_size, self.plan.pretrain_epochs) if arm.steps_of else None
+                return self.train_spec(name, seed, method=None, data=arm.data, init=None, lr=self.plan.pretrain_lr,
+                                       epochs=self.plan.pretrain_epochs, steps=steps, rows=rows, export=True, test=True)
+            stage_a = done[f"seed{seed}/{arm.init}"] if arm.init else None
+            init = None if stage_a is None else stage_a.get("export") or f"skipped:{stage_a.get('skipped')}"
+            return self.train_spec(name, seed, method=arm.method, data=arm.data, init=init, lr=self.lr[arm.method],
+                                   epochs=self.plan.finetune_epochs, steps=None, rows=rows, export=False, test=True)
+
+        return Job(name, tuple(dict.fromkeys(deps)), train_job, build)
+
+    def score_job(self) -> Job:
+        scorer = f"seed{self.config.seed}/{SCORER_ARM}"
+
+        def build(done: dict[str, Any]) -> dict[str, Any]:
+            return {"out": str(self.out), "scorer": done[scorer]["run"], "bank": str(self.out / "bank.txt"), "seed": self.config.seed,
+                    "device": self.config.device, "bank_size": self.plan.bank_size, "pool": str(self.pool), "truth": str(self.truth),
+                    "keep": self.clean_share, "filtered": str(self.manifest("filtered", 0)), "rule": str(self.manifest("rule", 0)),
+                    "bench_train": str(self.manifests / "benchmark-train.parquet"), "ftfilter": str(self.manifest("benchmark-filtered", 0))}
+
+        return Job("score", (scorer,), score_job, build)
+
+    def tuning_jobs(self) -> list[Job]:
+        """Every method x learning rate of the grid, validated only (the test split is never touched)."""
+        seed, jobs = self.config.seed, []
+        for method in METHODS.values():
+            for lr in method.grid:
+                name = f"tune/{method.name}/{lr:g}"
+                init = None if method.name == "alone" else f"seed{seed}/A-full"
+
+                def build(done: dict[str, Any], method=method, lr=lr, init=init, name=name) -> dict[str, Any]:
+                    return self.train_spec(name, seed, method=method.name, data="benchmark", init=done[init]["export"] if init else None,
+                                           lr=lr, epochs=self.plan.finetune_epochs, steps=None, rows=self.train_rows, export=False, test=False)
+
+                jobs.append(Job(name, (init,) if init else (), train_job, build))
+        return jobs
 
 
-def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
-    """A manifest written atomically (``tbps.files.atomic_write``)."""
-    with atomic_write(path) as fh:
-        frame.write_parquet(fh)
-
-
-def _measurement(metrics: dict[str, Any], result: Any) -> dict[str, Any]:
+def _tuning_record(done: dict[str, Any]) -> dict[str, Any]:
+    val: dict[str, dict[float, float]] = {}
+    for name, res in done.items():
+        if name.startswith("tune/"):
+            _, method, lr = name.split("/")
+            val.setdefault(method, {})[float(lr)] = float(res["val_R1"])
+    chosen = choose_lr(val)
     return {
-        **{m: float(metrics[m]) for m in METRICS},
-        "trainable": result.trainable,
-        "total": result.total,
-        "train_seconds": result.train_seconds,
-        "pairs_seen": result.pairs_seen,
-        "steps": result.steps,
-        "val_R1": float(result.best_metrics.get("R1", float("nan"))),
-        "best_step": result.best_step,
+        "grid": {m.name: list(m.grid) for m in METHODS.values()},
+        "val_R1": {m: {f"{lr:g}": v for lr, v in sorted(scores.items())} for m, scores in val.items()},
+        "chosen": chosen,
+        "note": "each method's learning rate with the best val R@1 of a stage-B run (alone: from scratch; the others from the first seed's "
+                "'pool 100%' stage-A model), chosen once; the test split was not used",
     }
 
 
-def run_demo(config: DemoConfig, progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None) -> DemoResult:
-    """Run the whole paradigm on the synthetic world and measure the paper's claims.
+def _summaries(demo: _Demo, done: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """The table rows (intervals), the comparisons and the gate, from every arm's per-query test outcomes."""
+    values: dict[str, list[dict[str, np.ndarray]]] = {}
+    for arm in ARMS:
+        runs = [done.get(f"seed{s}/{arm.key}") for s in demo.seeds]
+        if all(r and not r.get("skipped") for r in runs):
+            values[arm.key] = [stats.query_values(json.loads(Path(r["eval"]).read_text())["per_query"]) for r in runs]
+    if not values:
+        raise TbpsError("no arm was evaluated")
+    groups = next(iter(values.values()))[0]["person_id"]
+    rows = []
+    for arm in ARMS:
+        if arm.key not in values:
+            continue
+        runs = [done[f"seed{s}/{arm.key}"] for s in demo.seeds]
+        first = runs[0]
+        lr = demo.plan.pretrain_lr if arm.stage == PRETRAIN else demo.lr.get(arm.method)
+        rows.append({
+            "key": arm.key, "label": arm.label, "stage": arm.stage, "adapter": METHODS[arm.method].adapter if arm.stage != PRETRAIN else "full",
+            "method": arm.method if arm.stage != PRETRAIN else "pretrain", "seeds": len(runs), "lr": lr,
+            "metrics": {m: stats.bootstrap_mean([v[m] for v in values[arm.key]], groups) for m in stats.METRIC_KEYS},
+            "trainable": first["trainable"], "total": first["total"], "non_embedding_total": first["total"] - first.get("embedding", 0),
+            "train_seconds": _mean_std([r["train_seconds"] for r in runs]), "pairs_seen": first["pairs_seen"], "steps": first["steps"],
+            "val_R1": _mean_std([r["val_R1"] for r in runs if r["val_R1"] is not None]),
+        })
+
+    def paired(a: str, b: str, metric: str) -> dict[str, Any] | None:
+        if a not in values or b not in values:
+            return None
+        return stats.paired_difference([v[metric] for v in values[a]], [v[metric] for v in values[b]], groups)
+
+    comparisons = compare(paired, stats.verdict)
+    gate = judge_gate({k: [done[f"seed{s}/{k}"]["val_R1"] for s in demo.seeds] for k in ("oracle", "alone") if k in values})
+    return rows, comparisons, gate
+
+
+def _mean_std(xs: list[float]) -> dict[str, float | None]:
+    arr = np.asarray(xs, dtype=np.float64)
+    if not len(arr):
+        return {"mean": None, "std": None}
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else None}
+
+
+def _filter_record(score: dict[str, Any]) -> dict[str, Any]:
+    selections = {}
+    for name, label in (("filtered", f"score filter (keep the clean share)"), ("rule", "paper-pretrain rule")):
+        truth = score[name]["truth"]
+        o, rel = truth["overall"], truth.get("relevance", {})
+        selections[label] = {
+            "kept": score[name]["rows"], "rows": o["pairs"], "precision": o["precision"], "recall": o["recall"],
+            "auroc_score": o["auroc_score"], "auroc_bank_rank": o["auroc_bank_rank"],
+            "auroc_relevance_score": rel.get("auroc_score"), "auroc_relevance_bank_rank": rel.get("auroc_bank_rank"),
+            "per_kind": {k: {key: v.get(key) for key in ("pairs", "removed", "recall", "auroc_score", "auroc_bank_rank")} for k, v in truth["kinds"].items()},
+        }
+    return {"selections": selections, "duplicate_kinds": [C.DEFECT_EXACT_DUP, C.DEFECT_NEAR_DUP]}
+
+
+def run_demo(config: DemoConfig, progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the experiment (see :mod:`tbps.demo.plan`) and write its record and reports.
 
     Args:
         config: the options.
-        progress: called as ``progress(done, total)`` in stages (world, scorer, scoring,
-            selection, each training run with its evaluation, the report).
+        progress: called as ``progress(done, total)`` as jobs finish.
         log: receives one-line progress messages (stderr in the CLI).
 
     Returns:
-        The :class:`DemoResult`; ``results.md``, ``results.json`` and the HTML reports are in
-        ``config.out``.
+        The results record (also ``results.json``); ``results.md`` and ``report.html`` beside it.
 
     Raises:
-        TbpsError: the output directory holds something other than a previous demo.
+        TbpsError: the output directory holds something other than a previous demo, or the
+            recorded tuning is missing (run ``--tune``).
     """
     say = log or (lambda _msg: None)
     plan = plan_for(config.quick)
+    tuning = None if config.tune else read_tuning() if not config.quick else quick_tuning()
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     out = prepare_out(config.out)
     demo = _Demo(config, plan, out, say)
-    seeds = list(range(config.seed, config.seed + config.seeds))
-    finetunes = [v for v in VARIANTS if v.stage == FINETUNE]
-    total = 4 + 1 + len(seeds) * (len(SUBSETS) + len(finetunes)) + 1
-    done = 0
+    world = demo.prepare_data()
+    if tuning:
+        demo.lr = dict(tuning["chosen"])
 
-    def step() -> None:
-        nonlocal done
-        done += 1
+    # List order is priority: the scorer's path first (A-full -> full -> score), then the first seed, then the others.
+    order = ("A-full", "alone", "full", "A-oracle", "A-random", "A-full-steps", "A-filtered", "A-rule", "oracle", "random", "full-steps",
+             "filtered", "rule", "filtered-ftfilter", "filtered-wora", "filtered-wora-fixed", "filtered-dora", "filtered-lora", "filtered-wora-plus")
+    jobs: list[Job] = [demo.arm_job("A-full", config.seed), demo.score_job()]
+    if config.tune:
+        jobs += demo.tuning_jobs()
+        jobs.append(Job("tuned", tuple(j.name for j in jobs if j.name.startswith("tune/")), _no_op, lambda done: {}))
+    for seed in demo.seeds:
+        jobs += [demo.arm_job(k, seed) for k in order if not (seed == config.seed and k == "A-full")]
+    done: dict[str, Any] = {}
+    finished = [0]
+
+    def on_done(name: str, res: dict[str, Any]) -> None:
+        finished[0] += 1
+        if name == "tuned":
+            record_ = _tuning_record(done)
+            demo.lr = dict(record_["chosen"])
+            done["tuned"] = record_
+            write_json(out / TUNING_JSON, record_)
+            say(f"tuning: chosen {record_['chosen']} (val R@1 {record_['val_R1']})")
+        elif name == "score":
+            say(f"scored: filtered {res['filtered']['rows']:,}, rule {res['rule']['rows']:,}, paper-finetune {res['ftfilter']['rows']:,} of {res['ftfilter']['of']:,}")
+        elif res.get("skipped"):
+            say(f"{name}: not trained ({res['skipped']})")
+        else:
+            test = res.get("test") or {}
+            say(f"{name}: val R@1 {res['val_R1'] if res['val_R1'] is None else round(res['val_R1'], 2)}, test R@1 "
+                f"{test.get('R1', float('nan')):.2f}, {res['steps']} steps in {res['train_seconds']:.0f} s")
         if progress:
-            progress(done, total)
+            progress(finished[0], len(jobs))
 
-    measured: dict[str, list[dict[str, Any]]] = {}
-    with _threads(config.threads):
-        if progress:
-            progress(0, total)
-        with demo.timed("world"):
-            world = demo.make_world()
-        bank = demo.read_benchmark()
-        step()
+    _execute(jobs, config.jobs, done, on_done)
+    tuning = done.get("tuned") or tuning
+    rows, comparisons, gate = _summaries(demo, done)
+    by_key = {r["key"]: r for r in rows}
+    times = {k: r["train_seconds"]["mean"] for k, r in by_key.items()}
+    shares = {k: 100.0 * r["trainable"] / r["non_embedding_total"] for k, r in by_key.items() if r["non_embedding_total"]}
+    filt = _filter_record(done["score"])
+    claims = judge_claims(comparisons, times, shares, done["score"]["filtered"]["truth"], gate, judged=not config.quick)
+    seconds = time.perf_counter() - started
+    results = {
+        "quick": config.quick, "seconds": seconds, "load": {"start_1min": load_start, "end_1min": os.getloadavg()[0]},
+        "command": "tbps demo" + (" --quick" if config.quick else "") + (f" --seeds {config.seeds}" if config.seeds > 1 else "")
+                   + (" --tune" if config.tune else "") + f" --out {config.out}",
+        "design": design_notes(plan, config, tuning), "world": world, "plan": asdict(plan), "gate": gate, "tuning": tuning,
+        "table": rows, "comparisons": comparisons, "claims": claims, "filter": filt,
+        "runs": [{"key": name.split("/", 1)[1], "seed": int(name.split("/")[0][4:]), "dir": str(Path(res["run"]).relative_to(out))}
+                 for name, res in done.items() if name.startswith("seed") and not res.get("skipped")],
+        "links": {"pool": done["score"]["pages"]["pool"], "selections": {k: v for k, v in done["score"]["pages"].items() if k != "pool"}},
+        "subset_rows": demo.subset_rows, "cpu_count": os.cpu_count(), "jobs": config.jobs,
+    }
+    write_json(out / RESULTS_JSON, record(config, **results))
+    write_text(out / RESULTS_MD, results_markdown(results))
+    write_text(out / REPORT_HTML, render_report_html(results, out))
+    return results
 
-        with demo.timed("scorer"):
-            scorer, scorer_result = demo.train("baseline", config.seed, model="tbps-tiny", epochs=plan.scorer_epochs)
-            say(f"scorer (= baseline) val R@1 {scorer_result.best_metrics.get('R1', float('nan')):.2f} at step {scorer_result.best_step}")
-        step()
 
-        with demo.timed("score"):
-            scores_dir = out / "scores"
-            run_score(ScoreConfig(data=str(demo.pool), model=str(scorer), bank=str(bank), out=str(scores_dir), bank_size=plan.bank_size,
-                                  seed=config.seed, batch_size=128, workers=config.workers, precision="fp32", device=config.device), log=say)
-        step()
-
-        with demo.timed("select"):
-            keep_name = f"keep {config.keep:g}"
-            keep = run_select(SelectConfig(scores=(str(scores_dir),), out=str(demo.manifests / "filtered.parquet"), keep=config.keep,
-                                           truth=str(demo.truth)), log=say)
-            rule = run_select(SelectConfig(scores=(str(scores_dir),), out=str(demo.manifests / "paper-pretrain.parquet"), rule="paper-pretrain",
-                                           truth=str(demo.truth)), log=say)
-            selections = {keep_name: keep.selection.truth, "paper-pretrain rule": rule.selection.truth}
-            table = read_score_table(scores_dir).collect()
-            _write_parquet(full_manifest(table), demo.manifests / "full.parquet")
-            kept = keep.selection.rows_kept
-            run_inspect(InspectConfig(table=keep.paths.manifest, html=out / REPORT_HTML, top=12))
-            run_inspect(InspectConfig(table=scores_dir, html=out / SCORES_REPORT_HTML, top=12))
-            say(f"filter: kept {kept:,} of {keep.selection.rows_in:,}; AUROC of bank_rank {keep.selection.truth['overall']['auroc_bank_rank']}")
-        step()
-
-        with demo.timed("evaluate"):
-            measured["baseline"] = [_measurement(demo.evaluate("baseline", config.seed, str(scorer)), scorer_result)]
-        step()
-
-        for seed in seeds:
-            random_path = demo.manifests / f"random-seed{seed}.parquet"
-            _write_parquet(random_manifest(table, kept, seed), random_path)
-            paths = {"full": demo.manifests / "full.parquet", "filtered": keep.paths.manifest, "random": random_path}
-            inits: dict[str, Path] = {}
-            for subset in SUBSETS:
-                key = f"pretrain-{subset}"
-                with demo.timed("pretrain"):
-                    run, result = demo.train(key, seed, model="tbps-tiny", manifest=paths[subset], epochs=plan.pretrain_epochs)
-                    inits[subset] = demo.export(run, key, seed)
-                with demo.timed("evaluate"):
-                    measured.setdefault(key, []).append(_measurement(demo.evaluate(key, seed, str(run)), result))
-                step()
-            for v in finetunes:
-                with demo.timed("finetune"):
-                    run, result = demo.train(v.key, seed, model=str(inits[v.init]), adapter=v.adapter, wora_norm=v.wora_norm,
-                                             epochs=plan.finetune_epochs)
-                with demo.timed("evaluate"):
-                    measured.setdefault(v.key, []).append(_measurement(demo.evaluate(v.key, seed, str(run)), result))
-                step()
-
-        rows = aggregate(measured)
-        keep_truth = dict(keep.selection.truth)
-        keep_truth["paper_rule"] = rule.selection.truth
-        claims = judge_claims(measured, keep_truth, judged=not config.quick)
-        design = design_notes(plan, config)
-        seconds = time.perf_counter() - started
-        load = {"start_1min": load_start, "end_1min": os.getloadavg()[0]}
-        files = {"markdown": str(out / RESULTS_MD), "json": str(out / RESULTS_JSON), "report": str(out / REPORT_HTML),
-                 "scores_report": str(out / SCORES_REPORT_HTML)}
-        result = DemoResult(out, config.quick, rows, claims, selections, design, seconds, load, files)
-        write_text(out / RESULTS_MD, results_markdown(result, config))
-        write_json(out / RESULTS_JSON, record(
-            config, plan=asdict(plan), world=world, design=design, table=rows, measured=measured,
-            claims=[asdict(c) for c in claims], selections=selections, timings=demo.timings, seconds=seconds, load=load,
-            cpu_count=os.cpu_count(), torch_threads=config.threads or "torch default",
-        ))
-        step()
-    return result
+def _no_op(spec: dict[str, Any]) -> dict[str, Any]:
+    """The barrier job after the tuning grid (its record is made in the main process)."""
+    return {}

@@ -170,9 +170,14 @@ def evaluate(
     device: str = "auto",
     precision: str = "fp32",
     chunk_size: int | None = None,
+    per_query: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Text-to-image retrieval of a model on the rows of one split.
+
+    The queries are the usable rows of ``pairs`` (status ``ok``, an image path and a person id:
+    :func:`build_protocol`), one query per row, in table order; a caption repeated on several
+    rows is several queries.
 
     Args:
         loaded: the model (:class:`tbps.models.protocol.Encoder`).
@@ -182,11 +187,15 @@ def evaluate(
         device: ``auto``, ``cpu`` or a CUDA device.
         precision: ``fp32``, ``bf16`` or ``auto`` (autocast of the forward passes).
         chunk_size: query rows per block of the similarity; ``None`` = automatic.
+        per_query: also return each query's outcome (``per_query`` below).
         log: receives one line per stage (for stderr), or ``None``.
 
     Returns:
         ``{"metrics": {R1, R5, R10, mAP, mINP, queries, queries_without_match, gallery},
-        "counts": {...}, "data_hash": str, "seconds": {...}}``.
+        "counts": {...}, "data_hash": str, "seconds": {...}}``. With ``per_query=True`` also
+        ``"per_query"``: the arrays of :func:`tbps.eval.metrics.retrieval_metrics` (``first_rank``,
+        ``ap``, ``inp``, ``evaluated``) plus ``pair_id``, ``person_id`` and ``caption`` (lists of
+        str), one entry per query in query order; ``metrics`` itself stays as without it.
 
     Raises:
         TbpsError: no person ids, no usable rows, or no image could be decoded.
@@ -214,19 +223,32 @@ def evaluate(
     t2 = time.perf_counter()
     g_pids = np.asarray(proto.gallery_pids, dtype=object)[ok]
     metrics = retrieval_metrics_from_embeddings(
-        text_emb, enc.embeddings[ok], proto.queries.get_column(C.PERSON_ID).to_numpy(), g_pids, chunk_size=chunk_size
+        text_emb,
+        enc.embeddings[ok],
+        proto.queries.get_column(C.PERSON_ID).to_numpy(),
+        g_pids,
+        chunk_size=chunk_size,
+        per_query=per_query,
     )
     t3 = time.perf_counter()
     failed = {}
     for status in np.asarray(enc.status, dtype=object)[~ok]:
         failed[status] = failed.get(status, 0) + 1
     counts = {**proto.counts, "images_failed": failed}
-    return {
+    result = {
         "metrics": metrics,
         "counts": counts,
         "data_hash": _data_hash(proto, enc.image_hash),
         "seconds": {"images": t1 - t0, "captions": t2 - t1, "metrics": t3 - t2},
     }
+    if per_query:
+        result["per_query"] = {
+            **metrics.pop("per_query"),
+            "pair_id": proto.queries.get_column(C.PAIR_ID).to_list(),
+            "person_id": proto.queries.get_column(C.PERSON_ID).to_list(),
+            "caption": captions.to_list(),
+        }
+    return result
 
 
 def _data_hash(proto: EvalProtocol, image_hashes: list[str | None]) -> str:

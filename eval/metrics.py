@@ -22,6 +22,10 @@ A query without any match in the gallery has no defined AP or INP (IRRA would di
 Such queries are skipped and counted: the result carries ``queries`` (evaluated) and
 ``queries_without_match`` (skipped), and every metric is averaged over the evaluated queries.
 
+With ``per_query=True`` the result also carries each query's outcome, in query order (the
+arrays the aggregate numbers are computed from): ``first_rank`` (1-based rank of the first
+match, 0 when skipped), ``ap`` and ``inp`` (0 when skipped) and ``evaluated``.
+
 The computation never builds a ranking: per block of queries it sorts the scores of each row
 (values only) and finds the rank of every matching item by binary search, so its memory is one
 block of rows and its cost about one sort of the similarity matrix.
@@ -84,7 +88,7 @@ def _pid_codes(query_pids: Any, gallery_pids: Any, n_queries: int, n_gallery: in
 
 
 class _Accumulator:
-    """Sums per-query CMC hits, AP and INP over blocks of queries."""
+    """Collects per-query first-match rank, AP and INP over blocks of queries."""
 
     def __init__(self, query_codes: np.ndarray, gallery_codes: np.ndarray) -> None:
         n_codes = int(max(query_codes.max(initial=-1), gallery_codes.max(initial=-1))) + 1
@@ -93,12 +97,11 @@ class _Accumulator:
         self.starts = np.searchsorted(gallery_codes[self.order], np.arange(n_codes + 1))
         self.query_codes = query_codes
         self.n_gallery = len(gallery_codes)
-        self.hits = np.zeros(len(_CMC_KS), dtype=np.int64)
-        # Per-query AP and INP, summed once at the end: the result does not depend on the blocks.
+        # Per-query outcomes, summed once at the end: the result does not depend on the blocks.
+        self.first_rank = np.zeros(len(query_codes), dtype=np.int64)
         self.ap = np.zeros(len(query_codes))
         self.inp = np.zeros(len(query_codes))
-        self.evaluated = 0
-        self.skipped = 0
+        self.has_match = np.zeros(len(query_codes), dtype=bool)
 
     def add(self, start: int, sim: np.ndarray) -> None:
         """Account for the queries ``start .. start + len(sim)`` given their similarity rows."""
@@ -108,8 +111,7 @@ class _Accumulator:
         codes = self.query_codes[start : start + len(sim)]
         n_match = self.starts[codes + 1] - self.starts[codes]
         has = n_match > 0
-        self.skipped += int((~has).sum())
-        self.evaluated += int(has.sum())
+        self.has_match[start : start + len(sim)] = has
         if not has.any():
             return
         # One flat entry per (query, matching gallery item) of this block, grouped by query.
@@ -143,25 +145,36 @@ class _Accumulator:
         ap = np.bincount(row, weights=k / rank_s, minlength=len(sim))[has] / n_match[has]
         idx = start + np.flatnonzero(has)
         self.ap[idx] = ap
-        last = np.cumsum(n_match)[has] - 1
-        self.inp[idx] = n_match[has] / rank_s[last]
-        best = rank_s[np.cumsum(n_match)[has] - n_match[has]]
-        for i, top in enumerate(_CMC_KS):
-            self.hits[i] += int((best <= top).sum())
+        end = np.cumsum(n_match)[has]  # one past each query's last entry in the flat arrays
+        self.inp[idx] = n_match[has] / rank_s[end - 1]
+        self.first_rank[idx] = rank_s[end - n_match[has]]
 
-    def result(self) -> dict[str, Any]:
-        if self.evaluated == 0:
+    def result(self, per_query: bool = False) -> dict[str, Any]:
+        """The aggregate metrics, and with ``per_query`` the per-query arrays they come from."""
+        evaluated = int(self.has_match.sum())
+        skipped = len(self.has_match) - evaluated
+        if evaluated == 0:
             raise TbpsError(
-                f"no query has a matching gallery item (all {self.skipped} queries skipped)",
+                f"no query has a matching gallery item (all {skipped} queries skipped)",
                 field="person_id",
                 hint="queries and gallery must share person ids",
             )
-        res = {f"R{top}": 100.0 * int(h) / self.evaluated for top, h in zip(_CMC_KS, self.hits)}
-        res["mAP"] = 100.0 * float(self.ap.sum()) / self.evaluated
-        res["mINP"] = 100.0 * float(self.inp.sum()) / self.evaluated
-        res["queries"] = self.evaluated
-        res["queries_without_match"] = self.skipped
+        # A skipped query has first_rank 0: the mask keeps it out of every hit count.
+        res = {
+            f"R{top}": 100.0 * int((self.has_match & (self.first_rank <= top)).sum()) / evaluated for top in _CMC_KS
+        }
+        res["mAP"] = 100.0 * float(self.ap.sum()) / evaluated
+        res["mINP"] = 100.0 * float(self.inp.sum()) / evaluated
+        res["queries"] = evaluated
+        res["queries_without_match"] = skipped
         res["gallery"] = self.n_gallery
+        if per_query:
+            res["per_query"] = {
+                "first_rank": self.first_rank,
+                "ap": self.ap,
+                "inp": self.inp,
+                "evaluated": self.has_match,
+            }
         return res
 
 
@@ -174,7 +187,7 @@ def _block_rows(chunk_size: int | None, n_gallery: int) -> int:
 
 
 def retrieval_metrics(
-    similarity: Any, query_pids: Any, gallery_pids: Any, *, chunk_size: int | None = None
+    similarity: Any, query_pids: Any, gallery_pids: Any, *, chunk_size: int | None = None, per_query: bool = False
 ) -> dict[str, Any]:
     """R@1/5/10, mAP and mINP (percent) of text-to-image retrieval from a similarity matrix.
 
@@ -185,11 +198,17 @@ def retrieval_metrics(
         gallery_pids: the person id of each gallery item (length = columns).
         chunk_size: query rows processed at a time (memory: about 3 x rows x gallery values);
             default: about 2**26 values per block.
+        per_query: also return each query's outcome (``per_query`` below).
 
     Returns:
         ``{"R1", "R5", "R10", "mAP", "mINP"}`` as floats in percent, plus ``queries`` (queries
         evaluated), ``queries_without_match`` (skipped: no gallery item with their id) and
         ``gallery`` (gallery size). Ties are ranked by gallery index (see the module docstring).
+        With ``per_query=True`` also ``"per_query": {"first_rank": int64, "ap": float64,
+        "inp": float64, "evaluated": bool}``, arrays with one entry per query in query (row)
+        order: the 1-based rank of the query's first match, its AP and INP as fractions (not
+        percent), and whether it was evaluated; a skipped query has ``first_rank`` 0, ``ap`` and
+        ``inp`` 0 and ``evaluated`` False. The aggregate numbers are computed from these arrays.
 
     Raises:
         TbpsError: shapes disagree, the matrix is empty or not finite, or no query has a match.
@@ -207,7 +226,7 @@ def retrieval_metrics(
     for start in range(0, sim.shape[0], rows):
         # Blocks of query rows bound the sorted copy's memory.
         acc.add(start, np.ascontiguousarray(sim[start : start + rows]))
-    return acc.result()
+    return acc.result(per_query)
 
 
 def _similarity_blocks(text_emb: Any, image_emb: Any, rows: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -233,6 +252,7 @@ def retrieval_metrics_from_embeddings(
     query_pids: Any,
     gallery_pids: Any,
     chunk_size: int | None = None,
+    per_query: bool = False,
 ) -> dict[str, Any]:
     """The metrics of :func:`retrieval_metrics` for ``text_emb @ image_emb.T``, block by block.
 
@@ -245,6 +265,7 @@ def retrieval_metrics_from_embeddings(
         query_pids: the person id of each query.
         gallery_pids: the person id of each gallery item.
         chunk_size: query rows per block; default about 2**26 similarity values per block.
+        per_query: also return each query's outcome, as :func:`retrieval_metrics` does.
 
     Returns:
         The same dict as :func:`retrieval_metrics`.
@@ -264,4 +285,4 @@ def retrieval_metrics_from_embeddings(
     acc = _Accumulator(q_codes, g_codes)
     for start, block in _similarity_blocks(text_emb, image_emb, _block_rows(chunk_size, image_emb.shape[0])):
         acc.add(start, block)
-    return acc.result()
+    return acc.result(per_query)

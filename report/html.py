@@ -17,7 +17,7 @@ import html
 import io
 import math
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 from tbps import columns as C
 from tbps.data.images import open_image
@@ -61,6 +61,15 @@ table.grid th{background:#f0f0f0}
 .card .num{font-weight:600}
 .card .cap{color:#333;max-height:6.2em;overflow:hidden}
 .card .id{color:#999;font-size:10px;word-break:break-all}
+td.good{color:#1a7f37;font-weight:600} td.bad{color:#cf222e;font-weight:600} td.neutral{color:#9a6700}
+td.strong{font-weight:700;background:#eef4ff}
+.banner{padding:8px 12px;border-radius:4px;margin:10px 0;border:1px solid #ddd;background:#fff}
+.banner.good{border-color:#1a7f37;background:#eefbf0} .banner.bad{border-color:#cf222e;background:#fff0f0}
+.note{color:#666;font-size:12px;margin:4px 0}
+.wide{overflow-x:auto} .wide table.grid{font-size:13px} .wide table.grid td,.wide table.grid th{padding:3px 6px}
+.wide table.grid td{white-space:nowrap} .wide table.grid th{vertical-align:bottom}
+.left table.grid td,.left table.grid th{text-align:left}
+.wide table.grid td.iv{white-space:pre;line-height:1.25}
 """
 
 _SCRIPT = """
@@ -133,10 +142,24 @@ def contact_sheet(rows: list[dict[str, Any]], fields: tuple[str, ...] = (C.SCORE
     return '<div class="sheet">' + "".join(cards) + "</div>"
 
 
+class Styled(NamedTuple):
+    """A table cell with a CSS class: ``good``, ``bad``, ``neutral`` (a verdict), ``strong`` (a choice) or
+    ``iv`` (its line breaks kept: a mean above its interval)."""
+
+    value: Any
+    css: str
+
+
 def grid_table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
-    """A plain HTML table of escaped cells."""
+    """A plain HTML table of escaped cells; a :class:`Styled` cell carries its class."""
+
+    def td(cell: Any) -> str:
+        if isinstance(cell, Styled):
+            return f'<td class="{esc(cell.css)}">{esc(_num(cell.value))}</td>'
+        return f"<td>{esc(_num(cell))}</td>"
+
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{esc(_num(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(td(c) for c in row) + "</tr>" for row in rows)
     return f'<table class="grid"><tr>{head}</tr>{body}</table>'
 
 
@@ -233,6 +256,243 @@ def _x_of(hist: Bins, value: float, left: float, bw: float) -> float:
 def threshold_is_integer(value: float) -> bool:
     """Whether a threshold is a whole number (a rank cut)."""
     return float(value).is_integer()
+
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+_CHAR_W = 6.4  # mean width in pixels of a character at font-size 11, to lay out labels and legends
+
+
+def _finite(value: Any) -> float | None:
+    """A plotted number, or None for a missing, non-numeric or non-finite value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About ``count`` round tick values (1, 2 or 5 times a power of ten) covering ``[lo, hi]``.
+
+    Args:
+        lo: the low end of the data.
+        hi: the high end (an empty range is widened by one unit on each side).
+        count: the number of intervals wanted.
+
+    Returns:
+        Increasing ticks, the first <= ``lo`` and the last >= ``hi``.
+    """
+    if hi <= lo:
+        lo, hi = lo - 1.0, hi + 1.0
+    raw = (hi - lo) / max(count, 1)
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.floor(lo / step + 1e-9) * step
+    ticks, k = [], 0
+    while not ticks or ticks[-1] < hi - 1e-9 * step:
+        ticks.append(round(first + k * step, 12))
+        k += 1
+    return ticks
+
+
+def _legend(items: Sequence[tuple[str, str]], x0: float, y0: float, width: float) -> tuple[str, float]:
+    """Legend swatches wrapped into rows within ``width``; returns (svg, height used)."""
+    parts, x, y = [], x0, y0
+    for label, colour in items:
+        w = 18 + _CHAR_W * len(label) + 14
+        if x > x0 and x + w > x0 + width:
+            x, y = x0, y + 16
+        parts.append(
+            f'<rect x="{x:.1f}" y="{y + 4:.1f}" width="12" height="4" fill="{esc(colour)}"/>'
+            f'<text x="{x + 16:.1f}" y="{y + 10:.1f}" font-size="11">{esc(label)}</text>'
+        )
+        x += w
+    return "".join(parts), (y - y0 + 16) if items else 0.0
+
+
+def svg_line_chart(
+    series: Mapping[str, Sequence[tuple[float, float | None]]],
+    x_label: str,
+    y_label: str,
+    title: str = "",
+    width: int = 420,
+    height: int = 250,
+    colours: Mapping[str, str] | None = None,
+    y_range: tuple[float, float] | None = None,
+) -> str:
+    """An inline SVG line chart of several series, with axis ticks and a legend below the plot.
+
+    Args:
+        series: label -> points ``(x, y)``, drawn in x order; a ``None`` (or non-finite) y
+            breaks the line. Each point is a dot with its value as a tooltip.
+        x_label: the x axis' title.
+        y_label: the y axis' title.
+        title: the chart's title, above the plot.
+        width, height: the size in pixels of the chart without its legend (the legend adds
+            rows below as it needs).
+        colours: label -> CSS colour; the others take :data:`PALETTE` in order.
+        y_range: the y axis' range; by default round ticks around the data.
+
+    Returns:
+        The ``<svg>`` element as text.
+    """
+    left, right, top, bottom = 52, 14, 26 if title else 10, 40
+    pw, ph = width - left - right, height - top - bottom
+    clean = {
+        label: sorted(((float(x), _finite(y)) for x, y in points if _finite(x) is not None), key=lambda p: p[0])
+        for label, points in series.items()
+    }
+    xs = [x for pts in clean.values() for x, _ in pts]
+    ys = [y for pts in clean.values() for _, y in pts if y is not None]
+    palette = dict(colours or {})
+    free = iter(PALETTE * (1 + len(clean) // len(PALETTE)))
+    for label in clean:
+        if label not in palette:
+            palette[label] = next(free)
+    legend, legend_h = _legend([(label, palette[label]) for label in clean], left, height, pw)
+    total_h = height + legend_h + (6 if legend_h else 0)
+    parts = [
+        f'<svg width="{width}" height="{total_h:.0f}" viewBox="0 0 {width} {total_h:.0f}" role="img" '
+        f'aria-label="{esc(title or y_label)}" style="background:#fff">',
+        f'<text x="{left}" y="16" font-size="13" font-weight="600">{esc(title)}</text>' if title else "",
+    ]
+    if not ys:
+        parts.append(f'<text x="{left + pw / 2:.1f}" y="{top + ph / 2:.1f}" font-size="12" text-anchor="middle" fill="#888">no data</text></svg>')
+        return "".join(parts)
+    xt = nice_ticks(min(xs), max(xs))
+    yt = nice_ticks(*y_range) if y_range else nice_ticks(min(ys), max(ys))
+    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
+
+    def px(x: float) -> float:
+        return left + pw * (x - x0) / ((x1 - x0) or 1.0)
+
+    def py(y: float) -> float:
+        return top + ph - ph * (y - y0) / ((y1 - y0) or 1.0)
+
+    for y in yt:
+        parts.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + pw}" y2="{py(y):.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 5}" y="{py(y) + 3.5:.1f}" font-size="10" text-anchor="end">{esc(_tick(y))}</text>')
+    for x in xt:
+        parts.append(f'<line x1="{px(x):.1f}" y1="{top + ph}" x2="{px(x):.1f}" y2="{top + ph + 4}" stroke="#888"/>')
+        parts.append(f'<text x="{px(x):.1f}" y="{top + ph + 15}" font-size="10" text-anchor="middle">{esc(_tick(x))}</text>')
+    parts += [
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#888"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#888"/>',
+        f'<text x="{left + pw / 2:.1f}" y="{top + ph + 32}" font-size="11" text-anchor="middle" fill="#555">{esc(x_label)}</text>',
+        f'<text x="12" y="{top + ph / 2:.1f}" font-size="11" text-anchor="middle" fill="#555" '
+        f'transform="rotate(-90 12 {top + ph / 2:.1f})">{esc(y_label)}</text>',
+    ]
+    for label, points in clean.items():
+        colour = esc(palette[label])
+        run: list[str] = []
+        # A missing value ends a stretch of line: the next one starts a new polyline.
+        for x, y in [*points, (math.nan, None)]:
+            if y is None:
+                if len(run) > 1:
+                    parts.append(f'<polyline points="{" ".join(run)}" fill="none" stroke="{colour}" stroke-width="1.8"/>')
+                run = []
+                continue
+            run.append(f"{px(x):.1f},{py(y):.1f}")
+            parts.append(
+                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.6" fill="{colour}">'
+                f"<title>{esc(label)}: {esc(x_label)} {esc(_tick(x))}, {esc(y_label)} {esc(_tick(y))}</title></circle>"
+            )
+    parts.append(legend)
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_bar_chart(
+    bars: Sequence[tuple[str, float | None | Sequence[float | None]]],
+    series: Sequence[str] = (),
+    title: str = "",
+    value_label: str = "",
+    reference: tuple[float, str] | None = None,
+    value_range: tuple[float, float] | None = None,
+    width: int = 560,
+    colours: Sequence[str] = PALETTE,
+    value_format: str = "{:.3f}",
+) -> str:
+    """An inline SVG horizontal bar chart, optionally grouped, with an optional reference line.
+
+    Args:
+        bars: (category label, value) rows, top to bottom; with ``series``, the value is one
+            number per series (a group of bars). A missing value is written "n/a", no bar.
+        series: the names of the bars in a group (the legend); empty for one bar per row.
+        title: the chart's title.
+        value_label: the value axis' title.
+        reference: (value, label) of a dashed vertical line, e.g. ``(0.5, "chance")``.
+        value_range: the value axis' range; by default from 0 (or the lowest value) to round
+            ticks above the highest.
+        width: the chart's width in pixels (the height follows the rows).
+        colours: the colours of the series, in order.
+        value_format: how a value is written at the end of its bar.
+
+    Returns:
+        The ``<svg>`` element as text.
+    """
+    groups = [(label, list(value) if series else [value]) for label, value in bars]
+    n = max(len(series), 1)
+    bar_h, gap = 12, 10
+    label_w = min(max((len(label) for label, _ in groups), default=4) * _CHAR_W + 12, 220)
+    left, right = label_w + 8, 56
+    pw = width - left - right
+    legend, legend_h = _legend([(s, colours[i % len(colours)]) for i, s in enumerate(series)], left, 24 if title else 6, pw)
+    top = (24 if title else 6) + legend_h + (14 if reference else 4)
+    ph = len(groups) * (n * bar_h + gap)
+    height = top + ph + 38
+    values = [v for _, vs in groups for v in map(_finite, vs) if v is not None]
+    if reference:
+        values.append(reference[0])
+    if value_range:
+        v0, v1 = value_range
+        ticks = nice_ticks(v0, v1)
+    else:
+        ticks = nice_ticks(min(0.0, *values) if values else 0.0, max(values, default=1.0))
+        v0, v1 = ticks[0], ticks[-1]
+
+    def px(v: float) -> float:
+        return left + pw * (min(max(v, v0), v1) - v0) / ((v1 - v0) or 1.0)
+
+    parts = [
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{esc(title or value_label)}" style="background:#fff">',
+        f'<text x="8" y="16" font-size="13" font-weight="600">{esc(title)}</text>' if title else "",
+        legend,
+    ]
+    for t in ticks:
+        if v0 - 1e-12 <= t <= v1 + 1e-12:
+            parts.append(f'<line x1="{px(t):.1f}" y1="{top}" x2="{px(t):.1f}" y2="{top + ph}" stroke="#eee"/>')
+            parts.append(f'<text x="{px(t):.1f}" y="{top + ph + 14}" font-size="10" text-anchor="middle">{esc(_tick(t))}</text>')
+    for g, (label, vs) in enumerate(groups):
+        y = top + g * (n * bar_h + gap) + gap / 2
+        parts.append(
+            f'<text x="{left - 6:.1f}" y="{y + n * bar_h / 2 + 4:.1f}" font-size="11" text-anchor="end">{esc(label)}</text>'
+        )
+        for i in range(n):
+            v = _finite(vs[i]) if i < len(vs) else None
+            yb = y + i * bar_h
+            name = f"{label} · {series[i]}" if series else label
+            if v is None:
+                parts.append(f'<text x="{left + 3:.1f}" y="{yb + bar_h - 2:.1f}" font-size="10" fill="#888">n/a</text>')
+                continue
+            x_base, x_end = px(max(v0, min(0.0, v1))), px(v)
+            parts.append(
+                f'<rect x="{min(x_base, x_end):.1f}" y="{yb + 1:.1f}" width="{max(abs(x_end - x_base), 0.5):.1f}" '
+                f'height="{bar_h - 2}" fill="{esc(colours[i % len(colours)])}"><title>{esc(name)}: {esc(value_format.format(v))}</title></rect>'
+                f'<text x="{max(x_base, x_end) + 3:.1f}" y="{yb + bar_h - 2:.1f}" font-size="10">{esc(value_format.format(v))}</text>'
+            )
+    parts += [
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#888"/>',
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#888"/>',
+        f'<text x="{left + pw / 2:.1f}" y="{top + ph + 30}" font-size="11" text-anchor="middle" fill="#555">{esc(value_label)}</text>',
+    ]
+    if reference:
+        x = px(reference[0])
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{top + ph}" stroke="#d62728" stroke-width="1.5" stroke-dasharray="5,3"/>'
+            f'<text x="{x:.1f}" y="{top - 6}" font-size="10" fill="#d62728" text-anchor="middle">{esc(reference[1])}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 def page(title: str, subtitle: str, body: str) -> str:

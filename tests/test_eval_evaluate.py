@@ -12,10 +12,12 @@ import polars as pl
 import pytest
 
 from tbps import columns as C
+from tbps.data.readers import read_dataset
 from tbps.data.splits import select_split
 from tbps.errors import TbpsError, UsageError
 from tbps.eval.evaluate import EvalConfig, build_protocol, evaluate
 from tbps.eval.metrics import retrieval_metrics
+from tbps.models.encode import encode_images, encode_texts
 
 from _eval_world import make_world
 
@@ -26,9 +28,6 @@ def world(synth_world):
 
 
 def test_evaluate_structure_and_equals_retrieval_metrics(world, tiny_clip):
-    from tbps.data.readers import read_dataset
-    from tbps.models.encode import encode_images, encode_texts
-
     pairs = read_dataset(world)
     rows, split = select_split(pairs, None)
     assert split == "test" and rows.height == 12  # 3 test identities x 2 images x 2 captions
@@ -55,8 +54,6 @@ def test_evaluate_structure_and_equals_retrieval_metrics(world, tiny_clip):
 
 
 def test_rows_are_accounted_for(tmp_path, tiny_clip):
-    from tbps.data.readers import read_dataset
-
     csv = make_world(tmp_path, persons=3)
     pairs = read_dataset(csv)
     rows, _ = select_split(pairs, "test")
@@ -77,9 +74,33 @@ def test_rows_are_accounted_for(tmp_path, tiny_clip):
     assert res["metrics"]["gallery"] == 2 and res["metrics"]["queries_without_match"] == 2
 
 
-def test_bad_input(tmp_path, world):
-    from tbps.data.readers import read_dataset
+def test_per_query_outcomes(tmp_path, tiny_clip):
+    csv = make_world(tmp_path, persons=3)
+    rows, _ = select_split(read_dataset(csv), "test")
+    # Row 4 has a reader status (not a query). Neither image of person 1 (rows 0-3) decodes: their
+    # four captions have no match and are skipped by the metrics, yet keep their place in the arrays.
+    for broken in (rows[0, C.IMAGE_PATH], rows[2, C.IMAGE_PATH]):
+        open(broken, "wb").write(b"not a jpeg")
+    status = pl.when(pl.int_range(pl.len()) == 4).then(pl.lit(C.STATUS_EMPTY_CAPTION)).otherwise(pl.col(C.STATUS))
+    rows = rows.with_columns(status.alias(C.STATUS))
+    plain = evaluate(tiny_clip, rows, workers=0, device="cpu")
+    res = evaluate(tiny_clip, rows, workers=0, device="cpu", per_query=True)
+    assert res["metrics"] == plain["metrics"] and "per_query" not in res["metrics"] and "per_query" not in plain
+    pq = res["per_query"]
+    queries = rows.filter(pl.col(C.STATUS) == C.STATUS_OK)  # the queries, in table order
+    assert pq["pair_id"] == queries.get_column(C.PAIR_ID).to_list()
+    assert pq["person_id"] == queries.get_column(C.PERSON_ID).to_list()
+    assert pq["caption"] == queries.get_column(C.CAPTION).to_list()
+    assert all(isinstance(v, str) for v in pq["person_id"])
+    assert all(len(pq[k]) == res["counts"]["queries_total"] == 7 for k in ("first_rank", "ap", "inp", "evaluated"))
+    m = res["metrics"]
+    assert pq["evaluated"].tolist() == [False] * 4 + [True] * 3 and m["queries"] == 3
+    assert ((pq["first_rank"] > 0) == pq["evaluated"]).all()
+    assert m["R1"] == 100.0 * int((pq["evaluated"] & (pq["first_rank"] == 1)).sum()) / m["queries"]
+    assert m["mAP"] == 100.0 * float(pq["ap"].sum()) / m["queries"]
 
+
+def test_bad_input(tmp_path, world):
     pairs = read_dataset(world)
     with pytest.raises(TbpsError, match="eval needs person ids"):
         build_protocol(pairs.with_columns(pl.lit(None, dtype=pl.String).alias(C.PERSON_ID)))

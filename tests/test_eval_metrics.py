@@ -31,6 +31,21 @@ def brute_force(sim: np.ndarray, qp, gp) -> dict:
     return {k: 100 * v / n for k, v in zip(("R1", "R5", "R10", "mAP", "mINP"), (r1, r5, r10, ap, inp))}
 
 
+def brute_force_per_query(sim: np.ndarray, qp, gp) -> dict:
+    """Each query's first-match rank, AP, INP and evaluated flag, one query at a time."""
+    qp, gp = np.asarray(qp), np.asarray(gp)
+    n = sim.shape[0]
+    out = {"first_rank": np.zeros(n, np.int64), "ap": np.zeros(n), "inp": np.zeros(n), "evaluated": np.zeros(n, bool)}
+    for i in range(n):
+        ranks = np.flatnonzero(gp[np.argsort(-sim[i], kind="stable")] == qp[i]) + 1
+        if len(ranks):
+            out["first_rank"][i] = ranks[0]
+            out["ap"][i] = np.mean(np.arange(1, len(ranks) + 1) / ranks)
+            out["inp"][i] = len(ranks) / ranks[-1]
+            out["evaluated"][i] = True
+    return out
+
+
 def close(res: dict, expected: dict) -> bool:
     return all(res[k] == pytest.approx(v, abs=1e-9) for k, v in expected.items())
 
@@ -144,6 +159,60 @@ def test_from_embeddings_equals_dense(chunk, as_torch):
     if as_torch:
         text, image = torch.from_numpy(text), torch.from_numpy(image)
     assert retrieval_metrics_from_embeddings(text, image, qp, gp, chunk_size=chunk) == dense
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_query_against_brute_force(seed):
+    sim, qp, gp = _random_case(seed)
+    res = retrieval_metrics(sim, qp, gp, per_query=True)
+    pq, ref = res.pop("per_query"), brute_force_per_query(sim, qp, gp)
+    assert res == retrieval_metrics(sim, qp, gp)  # the aggregate is the same with or without per_query
+    assert (~pq["evaluated"]).any() and pq["evaluated"].any()  # the case has skipped queries
+    assert {k: v.dtype for k, v in pq.items()} == {
+        "first_rank": np.int64, "ap": np.float64, "inp": np.float64, "evaluated": np.bool_
+    }
+    assert all(len(v) == sim.shape[0] for v in pq.values())
+    np.testing.assert_array_equal(pq["first_rank"], ref["first_rank"])
+    np.testing.assert_array_equal(pq["evaluated"], ref["evaluated"])
+    np.testing.assert_allclose(pq["ap"], ref["ap"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(pq["inp"], ref["inp"], rtol=0, atol=1e-12)
+    # Skipped queries hold zeros; the aggregate numbers are exactly those of the arrays.
+    skipped = ~pq["evaluated"]
+    assert not pq["first_rank"][skipped].any() and not pq["ap"][skipped].any() and not pq["inp"][skipped].any()
+    n = int(pq["evaluated"].sum())
+    assert (res["queries"], res["queries_without_match"]) == (n, sim.shape[0] - n)
+    for k in (1, 5, 10):
+        assert res[f"R{k}"] == 100.0 * int((pq["evaluated"] & (pq["first_rank"] <= k)).sum()) / n
+    assert res["mAP"] == 100.0 * float(pq["ap"].sum()) / n
+    assert res["mINP"] == 100.0 * float(pq["inp"].sum()) / n
+
+
+def test_per_query_does_not_depend_on_blocks_or_inputs():
+    sim, qp, gp = _random_case(5)
+    ref = retrieval_metrics(sim, qp, gp, per_query=True)["per_query"]
+    runs = [retrieval_metrics(sim, qp, gp, chunk_size=chunk, per_query=True) for chunk in (1, 7, 1000)]
+    rng = np.random.default_rng(5)
+    text = rng.integers(-2, 3, size=(40, 8)).astype(np.float32)
+    image = rng.integers(-2, 3, size=(25, 8)).astype(np.float32)
+    tq, tg = rng.integers(0, 9, size=40), rng.integers(0, 7, size=25)
+    dense = retrieval_metrics(text @ image.T, tq, tg, per_query=True)["per_query"]
+    for chunk in (None, 3):
+        runs_e = retrieval_metrics_from_embeddings(text, image, tq, tg, chunk_size=chunk, per_query=True)
+        for key, value in dense.items():
+            np.testing.assert_array_equal(runs_e["per_query"][key], value)
+    for run in runs:
+        for key, value in ref.items():
+            np.testing.assert_array_equal(run["per_query"][key], value)
+    assert "per_query" not in retrieval_metrics_from_embeddings(text, image, tq, tg)
+
+
+def test_per_query_hand_case():
+    # q0 (A) hits at rank 1; q1 (Z) has no match; q2 (B) ranks g0 A, g1 B: match at 2.
+    sim = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]], dtype=np.float32)
+    pq = retrieval_metrics(sim, ["A", "Z", "B"], ["A", "B"], per_query=True)["per_query"]
+    assert pq["first_rank"].tolist() == [1, 0, 2]
+    assert pq["ap"].tolist() == pq["inp"].tolist() == [1.0, 0.0, 0.5]
+    assert pq["evaluated"].tolist() == [True, False, True]
 
 
 @pytest.mark.parametrize(

@@ -21,13 +21,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tbps import columns as C
+from tbps.errors import UsageError
 from tbps.models import load
 from tbps.models.adapters import WEIGHTS_FILE, adapter_state_dict
 from tbps.models.encode import encode_images, encode_texts
 from tbps.models.runs import load_run
 from tbps.train.checkpoint import build_model
 from tbps.train.data import GlobalBatches
-from tbps.train.loop import TrainConfig, lr_factor, train
+from tbps.train.loop import TrainConfig, freeze_scale, lr_factor, train
 from tbps.train.loss import clip_loss, sdm_loss
 
 COLOURS = {
@@ -263,3 +264,18 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
     a, b = (load_file(tmp_path / r / "last" / WEIGHTS_FILE) for r in ("ddp", "one"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+
+
+def test_fixed_scale_freezes_alpha_and_beta_and_also_train_adds_parameters(tmp_path):
+    loaded = build_model("tbps-tiny", 0, "wora", 8, None, "per-input", also_train=["ln_final.*"])
+    trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    assert {"ln_final.weight", "ln_final.bias", "logit_scale"} <= trainable
+    assert any(n.endswith("wora_alpha") for n in trainable)
+    assert freeze_scale(loaded.model) > 0
+    assert not any(n.endswith(("wora_alpha", "wora_beta")) for n, p in loaded.model.named_parameters() if p.requires_grad)
+    with pytest.raises(UsageError, match="--fixed-scale applies to --adapter wora"):
+        TrainConfig(out=str(tmp_path / "r"), model="tbps-tiny", data="x", adapter="lora", fixed_scale=True)
+    with pytest.raises(UsageError, match="--lora-alpha applies"):
+        TrainConfig(out=str(tmp_path / "r"), model="tbps-tiny", data="x", adapter="wora", lora_alpha=64.0)
+    with pytest.raises(UsageError, match="--also-train applies"):
+        TrainConfig(out=str(tmp_path / "r"), model="tbps-tiny", data="x", adapter="full", also_train=["ln_*"])

@@ -25,10 +25,21 @@ from tbps.models.protocol import Encoder
 from tbps.models.runs import BEST, LAST, LOG_FILE, RUN_MARKER, TRAINER_FILE
 
 
-def build_model(model: str, seed: int, adapter: str, rank: int, targets: list[str] | None, wora_norm: str) -> Encoder:
+def build_model(
+    model: str,
+    seed: int,
+    adapter: str,
+    rank: int,
+    targets: list[str] | None,
+    wora_norm: str,
+    *,
+    lora_alpha: float | None = None,
+    also_train: list[str] | None = None,
+) -> Encoder:
     """The base model with fresh adapters, as a training run starts.
 
-    The learnable temperature ``logit_scale`` trains with the adapters (``extra_trainable``).
+    The learnable temperature ``logit_scale`` trains with the adapters (``extra_trainable``),
+    and so do the parameters matching ``also_train``.
 
     Args:
         model: the base model spec (see ``tbps.models.load``).
@@ -37,6 +48,8 @@ def build_model(model: str, seed: int, adapter: str, rank: int, targets: list[st
         rank: the adapter rank.
         targets: module name patterns, or None for every Linear / MultiheadAttention.
         wora_norm: ``per-input`` or ``per-output``.
+        lora_alpha: LoRA's / DoRA's alpha, or None for the default.
+        also_train: more parameter name patterns to train (adapter methods).
 
     Returns:
         The loaded model, adapted in place.
@@ -44,7 +57,9 @@ def build_model(model: str, seed: int, adapter: str, rank: int, targets: list[st
     loaded = load(model, seed=seed)
     opts: dict[str, Any] = {"targets": targets} if adapter in ADAPTER_METHODS else {}
     if adapter in ADAPTER_METHODS:
-        opts["extra_trainable"] = ["logit_scale"]
+        opts["extra_trainable"] = ["logit_scale", *(also_train or [])]
+    if lora_alpha is not None:
+        opts["lora_alpha"] = lora_alpha
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         apply_adapters(loaded.model, method=adapter, rank=rank, wora_norm=wora_norm, **opts)

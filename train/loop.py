@@ -68,6 +68,10 @@ class TrainConfig(ReaderOptions):
         rank: adapter rank.
         wora_norm: ``per-input`` (paper code) or ``per-output`` (DoRA convention).
         targets: module name patterns to adapt; None: every Linear and MultiheadAttention.
+        lora_alpha: LoRA's and DoRA's alpha (``scaling = lora_alpha / rank``); None: the default 16.
+        fixed_scale: WoRA with alpha and beta frozen at their initial values (isolates "learnable alpha, beta").
+        also_train: parameter name patterns that train besides the adapters and ``logit_scale``
+            (e.g. layer norms and embeddings, as the paper's released code trains them).
         loss: ``clip`` (InfoNCE) or ``sdm`` (identity-aware, IRRA).
         epochs: passes over the data (exclusive with ``steps``; default 5 when neither is given).
         steps: optimizer steps (exclusive with ``epochs``).
@@ -100,6 +104,9 @@ class TrainConfig(ReaderOptions):
     rank: int = 8
     wora_norm: str = "per-input"
     targets: list[str] | None = None
+    lora_alpha: float | None = None
+    fixed_scale: bool = False
+    also_train: list[str] | None = None
     loss: str = "clip"
     epochs: int | None = None
     steps: int | None = None
@@ -138,6 +145,16 @@ class TrainConfig(ReaderOptions):
             self.targets = [t.strip() for item in self.targets for t in item.split(",") if t.strip()] or None
         if self.targets is not None and self.adapter == "full":
             raise UsageError("--targets applies to the adapter methods, not --adapter full", field="--targets", value=self.targets)
+        if isinstance(self.also_train, str):
+            self.also_train = [self.also_train]
+        if self.also_train is not None:
+            self.also_train = [t.strip() for item in self.also_train for t in item.split(",") if t.strip()] or None
+        if self.also_train is not None and self.adapter == "full":
+            raise UsageError("--also-train applies to the adapter methods (full trains everything)", field="--also-train", value=self.also_train)
+        if self.lora_alpha is not None and self.adapter not in ("lora", "dora"):
+            raise UsageError("--lora-alpha applies to --adapter lora or dora", field="--lora-alpha", value=self.lora_alpha)
+        if self.fixed_scale and self.adapter != "wora":
+            raise UsageError("--fixed-scale applies to --adapter wora", field="--fixed-scale", value=self.adapter)
         if self.epochs is not None and self.steps is not None:
             raise UsageError("give --epochs or --steps, not both", field="--steps", value=(self.epochs, self.steps))
         if self.epochs is None and self.steps is None:
@@ -281,6 +298,20 @@ def validate(loaded, val: ValSet, config: TrainConfig, device: torch.device) -> 
     return retrieval_metrics_from_embeddings(texts, images.embeddings[ok], val.query_pids, gallery_pids)
 
 
+def freeze_scale(model: torch.nn.Module) -> int:
+    """Freeze WoRA's alpha and beta (``--fixed-scale``): W' = m * (beta*W0 + alpha*B*A) / norm with alpha, beta fixed.
+
+    Returns:
+        How many scalars were frozen.
+    """
+    frozen = 0
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in ("wora_alpha", "wora_beta"):
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on matrices only (as open_clip).
 
@@ -347,7 +378,10 @@ def prepare(config: TrainConfig) -> Setup:
         check_base(run, json.loads((run / RUN_MARKER).read_text()), base)
         loaded = load_weights(base, saved[0])
     else:
-        loaded = ckpt.build_model(config.model, config.seed, config.adapter, config.rank, config.targets, config.wora_norm)
+        loaded = ckpt.build_model(config.model, config.seed, config.adapter, config.rank, config.targets, config.wora_norm,
+                                  lora_alpha=config.lora_alpha, also_train=config.also_train)
+    if config.fixed_scale:
+        freeze_scale(loaded.model)
     state = saved[1] if saved else {}
     place = distributed(config.device)
     rank, world, device = place.rank, place.world, place.device
