@@ -157,7 +157,7 @@ def table_cells(row: dict[str, Any]) -> dict[str, str]:
         **{name: interval_cell(metrics.get(key)) for key, name in METRICS},
         "trainable": count_cell(row.get("trainable")),
         "% of all": share_cell(row.get("trainable"), row.get("total")),
-        "% of non-embedding": share_cell(row.get("trainable"), row.get("non_embedding_total")),
+        "% of non-embedding": share_cell(row.get("trainable_non_embedding", row.get("trainable")), row.get("non_embedding_total")),
         "train time": seconds_cell(row.get("train_seconds")),
         "pairs seen": MISSING if pairs is None else f"{pairs:,.0f}",
     }

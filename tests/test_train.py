@@ -279,3 +279,31 @@ def test_fixed_scale_freezes_alpha_and_beta_and_also_train_adds_parameters(tmp_p
         TrainConfig(out=str(tmp_path / "r"), model="tbps-tiny", data="x", adapter="wora", lora_alpha=64.0)
     with pytest.raises(UsageError, match="--also-train applies"):
         TrainConfig(out=str(tmp_path / "r"), model="tbps-tiny", data="x", adapter="full", also_train=["ln_*"])
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh(world, tmp_path, cli):
+    from tbps.train.checkpoint import recover, truncate_log
+
+    args = ["train", "--manifest", world / "manifest.parquet", *FAST, "--steps", "2", "--max-missing", "0.1", "--quiet"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text('{"status": "running"}')
+    (run / "log.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "tr')  # torn by the kill
+    (run / ".last.99999999.abcd1234.tbps-tmp").mkdir()  # a checkpoint half written by a dead process
+    for extra in ([], ["--resume"]):  # a plain re-run and --resume both start the run afresh
+        res = cli(*args, "--out", run, *extra)
+        assert res.exit_code == 0, res.output
+        assert json.loads((run / "run.json").read_text())["status"] == "complete"
+        assert not [p for p in run.iterdir() if p.name.endswith(".tbps-tmp")]
+        (run / "last").rename(run / "gone")
+        shutil.rmtree(run / "gone")
+        (run / "run.json").write_text('{"status": "running"}')
+        for name in ("best",):
+            shutil.rmtree(run / name, ignore_errors=True)
+    # A torn last log line is dropped, not a traceback.
+    (run / "log.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": 3}\n{"ki')
+    truncate_log(run, 2)
+    assert (run / "log.jsonl").read_text() == '{"kind": "train", "step": 1}\n'
+    # Files tbps did not write are never removed.
+    (run / "notes.txt").write_text("mine")
+    assert recover(run) == "foreign" and (run / "notes.txt").is_file()

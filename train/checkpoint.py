@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from tbps.errors import TbpsError
-from tbps.files import atomic_dir, write_text
+from tbps.files import atomic_dir, sweep_temps, write_text
 from tbps.models import load
 from tbps.models.adapters import ADAPTER_METHODS, CONFIG_FILE, WEIGHTS_FILE, apply_adapters, save_adapters
 from tbps.models.protocol import Encoder
@@ -152,11 +153,56 @@ def append_log(run: Path, line: dict[str, Any]) -> None:
         f.write(json.dumps(line) + "\n")
 
 
+def _log_line(text: str) -> dict[str, Any] | None:
+    try:
+        line = json.loads(text)
+    except ValueError:  # a line torn by a kill mid-write
+        return None
+    return line if isinstance(line, dict) else None
+
+
 def truncate_log(run: Path, step: int) -> None:
-    """Drop log lines after ``step`` (a resumed run rewrites them)."""
+    """Drop log lines after ``step`` (a resumed run rewrites them) and any line a kill tore."""
     path = run / LOG_FILE
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = [ln for ln in path.read_text().splitlines() if (line := _log_line(ln)) is not None and line.get("step", 0) <= step]
     write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def last_is_complete(run: Path) -> bool:
+    """Whether ``RUN/last`` holds every file a resume needs."""
+    return all((run / LAST / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE))
+
+
+# A run killed before its first checkpoint holds only these (its record and log lines).
+_UNSTARTED = {RUN_MARKER, LOG_FILE}
+
+
+def recover(run: Path) -> str:
+    """Bring a run directory back to a state a run can start or resume from, after a kill at any instant.
+
+    Temporaries of dead processes are swept (a checkpoint killed between its two renames is put
+    back). A tbps run killed before its first checkpoint holds nothing to resume (only its
+    record and log lines): those are removed, so the run starts afresh. Anything else is left
+    alone (a run with a damaged checkpoint is refused by name, never wiped).
+
+    Returns:
+        ``empty`` (nothing there), ``resumable`` (a complete ``last/``), ``restarted`` (an
+        unstarted run was cleared) or ``foreign`` (files tbps did not write: left alone).
+    """
+    if not run.is_dir():
+        return "empty"
+    sweep_temps(run)
+    names = {p.name for p in run.iterdir()}
+    if not names:
+        return "empty"
+    if last_is_complete(run):
+        return "resumable"
+    if RUN_MARKER in names and names <= _UNSTARTED:
+        for name in names:
+            path = run / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return "restarted"
+    return "foreign"
 

@@ -368,11 +368,14 @@ def prepare(config: TrainConfig) -> Setup:
     check_device(config.device)
     if config.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
         raise UsageError("--batch-size must be divisible by the number of torchrun processes", field="--batch-size", value=config.batch_size)
-    if not config.resume and run.exists() and any(run.iterdir()):
+    # After a kill at any instant: temps swept, an interrupted checkpoint put back, an unstarted run cleared.
+    found = ckpt.recover(run) if int(os.environ.get("RANK", "0")) == 0 else ("resumable" if ckpt.last_is_complete(run) else "empty")
+    if not config.resume and found in ("foreign", "resumable"):
         raise TbpsError("the run directory is not empty", path=run, hint="pass --resume to continue the run there, or choose another --out")
+    resume = config.resume and found != "restarted"  # a run killed before its first checkpoint starts afresh
     pairs, report, source = load_training_pairs(config)
     val = load_val_set(config) if config.val else None
-    saved = ckpt.read_resume_state(run, asdict(config), RESUME_FREE) if config.resume else None
+    saved = ckpt.read_resume_state(run, asdict(config), RESUME_FREE) if resume else None
     if saved:
         base = load(config.model, seed=config.seed)
         check_base(run, json.loads((run / RUN_MARKER).read_text()), base)
@@ -470,7 +473,7 @@ def train(
 
     if main:
         run.mkdir(parents=True, exist_ok=True)
-        if config.resume:
+        if s.state:
             ckpt.truncate_log(run, step)  # lines past the checkpoint are rewritten by this run
         else:
             write_record("running")
@@ -537,6 +540,8 @@ def train(
                 write_record("running" if step < s.total_steps else "complete")
         if progress and main:
             progress(step, s.total_steps)
+    if main:
+        write_record("complete")  # also when a resume found nothing left to train
     if s.world > 1:
         dist.barrier()
     return TrainResult(
