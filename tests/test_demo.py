@@ -248,7 +248,7 @@ def test_quick_demo_end_to_end(tmp_path, cli):
     markdown = (out / "results.md").read_text()
     assert "| fine-tune alone (no pretraining) |" in markdown
     html = (out / "report.html").read_text()
-    assert html.index("R@1") < html.index("claim") and "<svg" in html
+    assert html.index("Results on the test split") < html.index("The paper's claims, as measured") and "<svg" in html
     for page in record["links"]["selections"].values():
         assert (out / page).is_file()
     if CHROMIUM:
