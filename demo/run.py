@@ -153,7 +153,8 @@ def score_job(spec: dict[str, Any]) -> dict[str, Any]:
     run_score(ScoreConfig(data=spec["pool"], out=str(out / "scores"), **common))
     keep = run_select(SelectConfig(scores=(str(out / "scores"),), out=spec["filtered"], keep=spec["keep"], truth=spec["truth"]))
     rule = run_select(SelectConfig(scores=(str(out / "scores"),), out=spec["rule"], rule="paper-pretrain", truth=spec["truth"]))
-    run_score(ScoreConfig(data=spec["bench_train"], out=str(out / "scores-train"), **common))
+    # The train split as a table of absolute paths: they resolve inside the benchmark's image folder.
+    run_score(ScoreConfig(data=spec["bench_train"], image_root=spec["bench_images"], out=str(out / "scores-train"), **common))
     ftf = run_select(SelectConfig(scores=(str(out / "scores-train"),), out=spec["ftfilter"], rule="paper-finetune", dedup="none"))
     pages = {}
     for name, table in (("pool", out / "scores"), ("filtered", keep.paths.manifest), ("rule", rule.paths.manifest)):
@@ -318,7 +319,8 @@ class _Demo:
             return {"out": str(self.out), "scorer": done[scorer]["run"], "bank": str(self.out / "bank.txt"), "seed": self.config.seed,
                     "device": self.config.device, "bank_size": self.plan.bank_size, "pool": str(self.pool), "truth": str(self.truth),
                     "keep": self.clean_share, "filtered": str(self.manifest("filtered", 0)), "rule": str(self.manifest("rule", 0)),
-                    "bench_train": str(self.manifests / "benchmark-train.parquet"), "ftfilter": str(self.manifest("benchmark-filtered", 0))}
+                    "bench_train": str(self.manifests / "benchmark-train.parquet"), "bench_images": str(self.bench.parent / "imgs"),
+                    "ftfilter": str(self.manifest("benchmark-filtered", 0))}
 
         return Job("score", (scorer,), score_job, build)
 
