@@ -18,7 +18,10 @@ The experiment (full mode, per training seed):
   effective scale (``lora_alpha = 8 r``), and WoRA that also trains norms and embeddings.
 * **Scorer.** The filter scores the pool with the full pool's stage-B model of the first seed: the
   strongest model built from the data at hand (pool and train split), standing in for the
-  pretrained BLIP-2 the paper scores with. Its filter is fixed for every seed.
+  pretrained BLIP-2 the paper scores with. Its filter is fixed for every seed. A second scorer
+  (an ITM head or a hard-negative-trained model) is a second filter arm: one more pool subset
+  name here (``POOL_SUBSETS``), its stage-A and stage-B ``Arm`` entries, and a second selection
+  in ``tbps.demo.run.score_job``.
 * **Tuning.** Each training method's learning rate is chosen once, on val, from a small grid
   (``tbps demo --tune``: stage-B runs from the full pool's stage-A model, "alone" from scratch);
   the record is ``demo/tuning.json`` and is copied into ``results.json``.

@@ -26,6 +26,7 @@ from tbps.demo.plan import (
     ok_rows,
     oracle_rows,
     random_rows,
+    read_tuning,
     steps_for,
 )
 from tbps.demo.run import MARKER, Job, _execute, _no_op, prepare_out
@@ -256,3 +257,24 @@ def test_quick_demo_end_to_end(tmp_path, cli):
         dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
                               "--dump-dom", (out / "report.html").resolve().as_uri()], capture_output=True, text=True, timeout=120, env=env)
         assert "fine-tune alone" in dom.stdout and "<svg" in dom.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [(None, "no recorded learning-rate choice"), ("{not json", "unreadable tuning record"), ('{"chosen": {"full": 0.001}}', "unreadable tuning record")],
+)
+def test_a_missing_or_damaged_tuning_record_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "tuning.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(TbpsError, match=message):
+        read_tuning(path)
+
+
+def test_the_recorded_tuning_names_every_method_and_its_choice_is_on_its_grid():
+    record = read_tuning()
+    for name, method in METHODS.items():
+        assert record["chosen"][name] in method.grid
+        scores = record["val_R1"][name]
+        assert len(scores) == len(method.grid)
+        assert scores[f"{record['chosen'][name]:g}"] == max(scores.values())
