@@ -38,6 +38,8 @@ process does, Pillow pads truncated files and they are not detected.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -100,6 +102,33 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+# The largest image file read: a bigger file is refused before a byte of it is read (a 1.5 GB
+# junk ".jpg" cost 2.1 GB of memory before its decoder gave up). Photographs are far smaller.
+MAX_IMAGE_BYTES = 128 << 20
+
+
+class _NotAnImageFile(Exception):
+    """The path names something that must not be read as an image (a FIFO, a device, a huge file)."""
+
+
+def _read_regular_file(path: str) -> bytes:
+    """The bytes of a regular file of at most :data:`MAX_IMAGE_BYTES`.
+
+    Opened without blocking (a FIFO would wait for a writer forever) and checked on the open
+    descriptor, so what is checked is what is read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _NotAnImageFile("not a regular file (a FIFO, socket or device)")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise _NotAnImageFile(f"{st.st_size:,} bytes, above the {MAX_IMAGE_BYTES:,}-byte limit of an image file")
+        return fh.read(MAX_IMAGE_BYTES + 1)
+
+
 def _bad(status: str, error: str, image_hash: str | None = None) -> ImageResult:
     return ImageResult(image=None, status=status, error=error, image_hash=image_hash)
 
@@ -124,14 +153,15 @@ def open_image(path: str | None, max_pixels: int | None = None) -> ImageResult:
     if path is None:
         return _bad(STATUS_MISSING_IMAGE, "no image path")
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        data = _read_regular_file(path)
     except FileNotFoundError:
         return _bad(STATUS_MISSING_IMAGE, f"{path}: no such file")
     except IsADirectoryError:
         return _bad(STATUS_BAD_IMAGE, f"{path}: is a directory, not an image file")
-    except OSError as exc:
-        return _bad(STATUS_BAD_IMAGE, f"{path}: cannot be read ({exc.strerror or exc})")
+    except _NotAnImageFile as exc:
+        return _bad(STATUS_BAD_IMAGE, f"{path}: {exc}")
+    except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
+        return _bad(STATUS_BAD_IMAGE, f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})")
     image_hash = content_hash(data)
     if not data:
         return _bad(STATUS_EMPTY_FILE, f"{path}: the file is empty (0 bytes)", image_hash)

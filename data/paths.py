@@ -24,6 +24,15 @@ from typing import Iterable
 from tbps.columns import STATUS_BAD_RECORD, STATUS_OK, STATUS_PATH_OUTSIDE_ROOT
 
 _DRIVE = re.compile(r"^[A-Za-z]:/")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def normalise(relative: str) -> str:
@@ -89,6 +98,9 @@ class ImageResolver:
             relative = None if relative is None else str(relative)
         if not relative or relative.isspace():
             return None, STATUS_BAD_RECORD, "empty image path"
+        if _CONTROL.search(relative) or not _encodable(relative):
+            # A NUL byte or a lone surrogate cannot name a file: refused here, never handed to open().
+            return None, STATUS_BAD_RECORD, f"image path {relative!r} holds a control character or invalid unicode"
         given = relative.replace("\\", "/") if "\\" in relative else relative
         if _DRIVE.match(given) or given.startswith("//"):
             return None, STATUS_PATH_OUTSIDE_ROOT, f"absolute path {given!r} is outside the image root {self.root}"

@@ -216,3 +216,23 @@ def test_none_path_and_bad_limit(tmp_path):
     assert open_image(None).status == STATUS_MISSING_IMAGE
     with pytest.raises(ValueError, match="max_pixels"):
         open_image(str(tmp_path / "x.png"), max_pixels=0)
+
+
+def test_a_fifo_a_device_a_huge_file_and_a_nul_byte_are_statuses_not_hangs(tmp_path):
+    import os
+
+    from tbps.data import images
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    res = open_image(str(fifo))
+    assert res.image is None and res.status == "bad-image" and "not a regular file" in res.error
+    res = open_image("/dev/zero")
+    assert res.image is None and res.status == "bad-image" and "not a regular file" in res.error
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as fh:
+        fh.truncate(images.MAX_IMAGE_BYTES + 1)  # sparse: no disk, nothing read
+    res = open_image(str(big))
+    assert res.image is None and res.status == "bad-image" and "above the" in res.error
+    res = open_image(str(tmp_path / "a\x00b.jpg"))
+    assert res.image is None and res.status == "bad-image"

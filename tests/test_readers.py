@@ -529,3 +529,11 @@ def test_info_cli_bad_input_is_one_line_and_exit_1(tmp_path, cli):
     assert len(lines) == 1 and lines[0].startswith("error:") and "invalid JSON" in lines[0] and str(bad) in lines[0]
     usage = cli("info", bad, "--format", "coco")
     assert usage.exit_code == 2 and "--format" in usage.stderr
+
+
+@pytest.mark.parametrize("bad", ["imgs/a\x00b.jpg", "imgs/a\nb.jpg", "imgs/\ud800.jpg"])
+def test_an_unrepresentable_image_path_is_a_row_status_at_read_time(tmp_path, bad):
+    from tbps.data.paths import ImageResolver
+
+    path, status, error = ImageResolver(tmp_path).resolve(bad)
+    assert path is None and status == "bad-record" and "control character or invalid unicode" in error
