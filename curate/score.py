@@ -272,6 +272,36 @@ def _write_parquet(table: pa.Table, path: Path, metadata: dict[str, str]) -> Non
         pq.write_table(table, fh, compression="zstd")
 
 
+def _part_is_done(out: ScoreDir, k: int, span: tuple[int, int], metadata: dict[str, str], log: Callable[[str], None]) -> bool:
+    """Whether part ``k`` exists whole: both files readable, the planned rows, this run's model and bank.
+
+    A part that fails a check (truncated by a full disk, copied from another run) is removed
+    and scored again, and the log says why.
+    """
+    paths = (out.score_part(k), out.embedding_part(k))
+    if not paths[0].exists():
+        return False
+    problem = None
+    try:
+        scores, embeddings = (pq.read_metadata(p) for p in paths)
+    except (OSError, pa.ArrowException) as exc:
+        problem = f"unreadable ({exc})"
+    else:
+        found = {key.decode(): value.decode() for key, value in (scores.metadata or {}).items()}
+        if scores.num_rows != span[1] - span[0]:
+            problem = f"{scores.num_rows} rows, the plan has {span[1] - span[0]}"
+        elif any(found.get(key) != value for key, value in metadata.items()):
+            problem = "written by another model or bank than params.json names"
+        elif embeddings.num_rows > scores.num_rows:
+            problem = "its embeddings have more rows than its scores"
+    if problem is None:
+        return True
+    log(f"part {k} is not whole ({problem}): scoring it again")
+    for path in paths:
+        path.unlink(missing_ok=True)
+    return False
+
+
 def _part_tables(
     rows: pl.DataFrame,
     image_emb: np.ndarray,
@@ -470,7 +500,7 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
 
     metadata = {"tbps.model": json.dumps(loaded.identity, sort_keys=True), "tbps.bank_size": str(len(bank))}
     mine = [k for k in range(len(parts_plan)) if k % shard_count == shard_index]
-    todo = [k for k in mine if not out.score_part(k).exists()]
+    todo = [k for k in mine if not _part_is_done(out, k, parts_plan[k], metadata, log)]
     skipped = len(mine) - len(todo)
     if skipped:
         log(f"resuming: {skipped} of {len(mine)} parts already written, {len(todo)} to score")

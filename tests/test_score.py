@@ -293,3 +293,21 @@ def test_truncation_flags_from_tokens_match_a_full_retokenisation():
     exact = [len(loaded.tokenizer.encode(c)) + 2 > loaded.context_length for c in captions]
     assert flags.tolist() == exact == caption_truncated(loaded, captions).tolist()
     assert True in exact and False in exact
+
+
+def test_a_damaged_or_foreign_part_is_scored_again_on_resume(world, tmp_path):
+    import shutil
+
+    run_score(config(world, tmp_path / "ref"))
+    run_score(config(world, tmp_path / "out"))
+    other = tmp_path / "other"
+    run_score(config(world, other, seed=7))  # another bank sample and model weights
+    parts = sorted((tmp_path / "out" / "scores").glob("part-*.parquet"))
+    assert len(parts) >= 3
+    parts[0].write_bytes(parts[0].read_bytes()[:100])  # truncated by a full disk
+    shutil.copyfile(other / "scores" / parts[1].name, parts[1])  # another run's part
+    said: list[str] = []
+    s = run_score(config(world, tmp_path / "out"), log=said.append)
+    assert s.complete and s.parts_done_here == 2
+    assert any("part 0 is not whole (unreadable" in m for m in said) and any("part 1 is not whole (written by another model" in m for m in said)
+    assert table(tmp_path / "ref").equals(table(tmp_path / "out"))
