@@ -129,6 +129,8 @@ class SelectConfig:
         for name in ("out", "truth"):
             if getattr(self, name) is not None:
                 setattr(self, name, str(getattr(self, name)))
+        if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name or "\x00" in self.name):
+            raise _fail("name", "--name is a plain file name (manifests/NAME.parquet); give a path with --out", self.name)
         if self.min_score is not None and not math.isfinite(self.min_score):
             raise _fail("min_score", "--min-score must be a finite number", self.min_score)
         if self.max_bank_rank is not None and self.max_bank_rank < 0:

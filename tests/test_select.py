@@ -495,3 +495,9 @@ def test_synth_score_select_end_to_end(tmp_path, cli):
     assert rec["truth"]["matched"] == rec["rows_in"] == 80
     assert rec["rows_kept"] == pl.read_parquet(out).height <= 40
     assert pl.read_parquet(out.with_name("m.dropped.parquet")).height == 80 - rec["rows_kept"]
+
+
+@pytest.mark.parametrize("name", ["../../evil", "a/b", "..", "", "x\x00y"])
+def test_name_is_a_plain_file_name(name):
+    with pytest.raises(UsageError, match="--name is a plain file name"):
+        SelectConfig(scores=("s.parquet",), name=name)
