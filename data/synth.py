@@ -21,6 +21,7 @@ worker processes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -82,7 +83,7 @@ from tbps.data.world import (
     vocabulary,
 )
 from tbps.errors import TbpsError, UsageError
-from tbps.files import write_json, write_text
+from tbps.files import atomic_dir, sweep_temps, write_json, write_text
 from tbps.provenance import record
 
 SPLITS = ("train", "val", "test")
@@ -677,7 +678,7 @@ def _run_chunk(task: tuple[str, int, int]) -> tuple[str, int, list, float]:
 
 
 def _prepare_out(out: Path) -> None:
-    """Create ``out``; replace a previous world there, refuse any other non-empty directory."""
+    """Check that ``out`` may receive a world: new, empty, or a previous world (replaced whole once the new one is complete)."""
     if out.exists() and not out.is_dir():
         raise TbpsError("the output path exists and is not a directory", path=out, field="out")
     if out.is_dir() and any(out.iterdir()):
@@ -688,10 +689,8 @@ def _prepare_out(out: Path) -> None:
                 field="out",
                 hint="Choose an empty or new directory",
             )
-        for sub in ("benchmark", "pool"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        (out / "world.json").unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temps(out.parent)  # a half-rendered world of a killed run
 
 
 def _mp_context():
@@ -731,9 +730,20 @@ def synthesize(config: SynthConfig, progress: Callable[[int, int], None] | None 
     Raises:
         TbpsError: the output directory holds something other than a previous world.
     """
+    _prepare_out(config.out)
+    # Rendered beside the target and swapped in when complete: a kill leaves the old world (or none), never half of one.
+    with atomic_dir(config.out) as tmp:
+        summary = _synthesize(dataclasses.replace(config, out=tmp), config, progress)
+    return dataclasses.replace(
+        summary, out=config.out, benchmark=config.out / summary.benchmark.relative_to(tmp), pool=config.out / summary.pool.relative_to(tmp),
+        truth=config.out / summary.truth.relative_to(tmp), world=config.out / summary.world.relative_to(tmp),
+    )
+
+
+def _synthesize(config: SynthConfig, recorded: SynthConfig, progress: Callable[[int, int], None] | None) -> SynthSummary:
+    """Render the world into ``config.out`` (a fresh directory); ``recorded`` is the config the record names."""
     started, main_cpu = time.perf_counter(), time.process_time()
     out = config.out
-    _prepare_out(out)
     plan = plan_world(config)
     bench_dir, pool_dir = out / "benchmark", out / "pool"
     for pid in range(1, config.identities + 1):
@@ -833,5 +843,5 @@ def synthesize(config: SynthConfig, progress: Callable[[int, int], None] | None 
             "pair_id": "pool record i -> 'i:0'; benchmark record i caption j -> 'i:j'",
         },
     }
-    write_json(summary.world, record(config, world=world, seconds=round(seconds, 3), cpu_seconds=round(cpu_seconds, 3)))
+    write_json(summary.world, record(recorded, world=world, seconds=round(seconds, 3), cpu_seconds=round(cpu_seconds, 3)))
     return summary

@@ -412,3 +412,28 @@ def test_cli_synth_writes_a_world_and_bad_options_exit_2(tmp_path, cli):
     assert bad.exit_code == 2, bad.output
     assert "--image-size" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_world_killed_while_rendering_leaves_the_old_one_and_the_next_run_completes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "w"
+    synthesize(SynthConfig(out=out, seed=3, workers=1, **TINY))
+    before = _files(out)
+    cmd = [sys.executable, "-m", "tbps", "synth", "--out", str(out), "--seed", "4", "--identities", "60", "--pool-size", "3000",
+           "--pool-identities", "100", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.endswith(".tbps-tmp") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the rendering
+    assert proc.poll() is None, "the kill must land while the new world renders"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _files(out) == before  # the old world, whole
+    again = synthesize(SynthConfig(out=out, seed=3, workers=1, **TINY))
+    assert _files(again.out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["w"]
