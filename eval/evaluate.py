@@ -296,13 +296,15 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
         **result,
     )
     path = config.out if config.out is not None else default_out(config, split)
+    if config.out is not None and Path(path).exists() and log:
+        log(f"replacing the existing record {path} (--out names it)")
     rec["out"] = str(path)
     write_json(path, rec)
     return rec
 
 
 def default_out(config: EvalConfig, split: str | None) -> Path:
-    """``eval-<model>-<data>-<split>.json``: distinct per model, dataset and split.
+    """``eval-<model>-<data>-<split>.json``: distinct per model (its file name with suffix), dataset and split, and never an existing file.
 
     Args:
         config: the eval config (its ``model`` and ``data``).
@@ -312,10 +314,16 @@ def default_out(config: EvalConfig, split: str | None) -> Path:
         A path in the current directory.
     """
     spec = str(config.model).rstrip("/")
-    model = Path(spec).stem if ("/" in spec or spec.endswith((".pt", ".pth", ".bin", ".safetensors"))) else spec
+    # The file name keeps its suffix: runs/x.pt (a checkpoint) and runs/x (a run directory) differ.
+    model = Path(spec).name if ("/" in spec or spec.endswith((".pt", ".pth", ".bin", ".safetensors"))) else spec
     model = model.replace(":", "-").replace("/", "-")
     data = config.data.stem if config.data.is_file() else config.data.name
-    return Path(f"eval-{model}-{data}-{split or 'all'}.json")
+    path = Path(f"eval-{model}-{data}-{split or 'all'}.json")
+    n = 2
+    while path.exists():  # an earlier evaluation's record is never overwritten by a default name
+        path = Path(f"eval-{model}-{data}-{split or 'all'}-{n}.json")
+        n += 1
+    return path
 
 
 def load_records(paths: list[Path]) -> list[dict[str, Any]]:

@@ -160,3 +160,17 @@ def test_cli_compare_rejects_other_json(tmp_path, cli):
     bad.write_text(json.dumps({"hello": 1}))
     res = cli("eval", "--compare", bad)
     assert res.exit_code == 1 and "not a tbps eval record" in res.output
+
+
+def test_default_record_names_differ_per_model_file_and_never_overwrite(tmp_path, monkeypatch):
+    from tbps.eval.evaluate import EvalConfig, default_out
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "reid_raw.json"
+    data.write_text("[]")
+    checkpoint = default_out(EvalConfig(model="runs/x.pt", data=data), "test")
+    run_dir = default_out(EvalConfig(model="runs/x", data=data), "test")
+    assert checkpoint != run_dir
+    run_dir.write_text("{}")
+    again = default_out(EvalConfig(model="runs/x", data=data), "test")
+    assert again != run_dir and not again.exists() and again.name.endswith("-2.json")
