@@ -353,17 +353,19 @@ def train(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="A run directory written by `tbps train`."),
-    out_file: Path = typer.Option(..., "--out", help="The open_clip checkpoint (.pt) to write."),
-    merge: bool = typer.Option(True, "--merge", help="Fold the adapters into plain weights (always: open_clip has no adapters)."),
+    out_file: Path = typer.Option(..., "--out", help="With --merge: the checkpoint file (.pt); with --no-merge: a directory."),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="Fold the adapters into plain weights, or write the adapters alone (a small directory --model loads onto its base model)."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="best or last (default: the run's result)."),
 ) -> None:
-    """Write a plain open_clip checkpoint of a run, adapters folded in; --model FILE.pt loads it.
+    """Write a run's weights: a plain open_clip checkpoint with the adapters folded in (--merge), or the adapters alone (--no-merge).
+
+    Either loads with --model OUT in score, eval, search and train.
 
     Example: tbps export runs/wora --merge --out runs/wora.pt
     """
-    from tbps.models.runs import export_run
+    from tbps.models.runs import export_adapters, export_run
 
-    path, identity = export_run(run, out_file, checkpoint)
+    path, identity = (export_run if merge else export_adapters)(run, out_file, checkpoint)
     out.print(f"wrote {path} (run {identity['run']}, {identity['checkpoint']} step {identity['step']}, weights {identity['sha']})", highlight=False)
 
 

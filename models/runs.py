@@ -18,13 +18,14 @@ applies the adapters and loads the trained tensors.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tbps.errors import TbpsError, UsageError
-from tbps.files import content_hash, file_hash
+from tbps.files import atomic_dir, content_hash, file_hash, write_json
 from tbps.models.adapters import CONFIG_FILE, WEIGHTS_FILE, load_adapters, merge_adapters
 from tbps.models.protocol import Encoder
 from tbps.models.registry import load as load_model
@@ -146,6 +147,41 @@ def load_run(path: str | Path, checkpoint: str | None = None) -> Encoder:
         "base": loaded.identity,
     }
     return loaded
+
+
+def export_adapters(run: str | Path, out: str | Path, checkpoint: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write a run's adapters without merging them: a minimal run directory that loads like the run.
+
+    ``OUT/run.json`` (the run's record, naming the base model) and ``OUT/<checkpoint>/`` with the
+    adapter config and weights only (no optimizer state, no log): megabytes for an adapter run
+    of a large model, and ``--model OUT`` loads it onto its base model.
+
+    Args:
+        run: the run directory.
+        out: the directory to write (replaced whole when it exists).
+        checkpoint: ``best`` or ``last``; default: the run's result.
+
+    Returns:
+        The written directory and the identity of the exported weights.
+    """
+    run = Path(run)
+    record = read_record(run)
+    which = checkpoint or record.get("result_checkpoint") or LAST
+    if checkpoint is None and not (run / which).is_dir():
+        which = LAST
+    if which not in (BEST, LAST):
+        raise UsageError(f"the checkpoint is {BEST} or {LAST}", field="--checkpoint", value=checkpoint)
+    source = run / which
+    if not all((source / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE)):
+        raise TbpsError("the run has no such checkpoint", path=source, hint="the run may not have saved one yet")
+    identity = {"run": run.resolve().name, "checkpoint": which, "step": record.get("checkpoints", {}).get(which, {}).get("step"),
+                "sha": weights_hash(source)}
+    with atomic_dir(out) as tmp:
+        (tmp / which).mkdir()
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copyfile(source / name, tmp / which / name)
+        write_json(tmp / RUN_MARKER, {**record, "result_checkpoint": which, "exported_from": {"path": str(run.resolve()), **identity}})
+    return Path(out), identity
 
 
 def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None) -> tuple[Path, dict[str, Any]]:

@@ -134,6 +134,17 @@ def test_export_merge_gives_the_run_model(run_dir, world, tmp_path, cli, tiny_cl
     assert not np.allclose(encode_texts(tiny_clip, captions), encode_texts(exported, captions), atol=1e-4)
 
 
+def test_export_no_merge_writes_the_adapters_alone_and_they_load_like_the_run(run_dir, world, tmp_path, cli):
+    res = cli("export", run_dir, "--no-merge", "--out", tmp_path / "adapters")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "adapters"
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["adapter_config.json", WEIGHTS_FILE, "run.json"]
+    from_run, exported = load(str(run_dir)), load(str(out))
+    assert exported.identity["sha"] == from_run.identity["sha"] and exported.identity["checkpoint"] == "best"
+    captions = [f"a person wearing a {c} shirt" for c in COLOURS]
+    assert np.array_equal(encode_texts(from_run, captions), encode_texts(exported, captions))
+
+
 def test_sdm_treats_pairs_of_one_person_as_positives():
     # Two pairs of one person with identical embeddings, a third person orthogonal to them.
     emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
