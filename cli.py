@@ -317,7 +317,7 @@ def train(
     accum: int = typer.Option(1, "--accum", help="Micro-batches per optimizer step."),
     lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW)."),
     weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay of matrices."),
-    warmup: int = typer.Option(100, "--warmup", help="Linear warm-up steps, then cosine decay."),
+    warmup: float = typer.Option(0.05, "--warmup", help="Linear warm-up: a share of the steps (below 1) or a number of steps; then cosine decay."),
     clip_grad: float = typer.Option(1.0, "--clip-grad", help="Max gradient norm (0: off)."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 where native), fp32 or bf16."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights init, data order and augmentation."),

@@ -321,3 +321,22 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh(world, tmp_path,
     # Files tbps did not write are never removed.
     (run / "notes.txt").write_text("mine")
     assert recover(run) == "foreign" and (run / "notes.txt").is_file()
+
+
+@pytest.mark.parametrize(("warmup", "total", "steps"), [(0.05, 20, 1), (0.05, 1000, 50), (100, 20, 20), (3, 20, 3), (0, 20, 0)])
+def test_warmup_is_a_share_of_the_run_or_a_step_count_at_most_the_run(warmup, total, steps):
+    from tbps.train.loop import warmup_steps
+
+    assert warmup_steps(warmup, total) == steps
+    # The default share reaches the peak learning rate within the run.
+    if warmup == 0.05:
+        assert max(lr_factor(s, steps, total) for s in range(total)) == 1.0
+
+
+def test_a_warmup_covering_most_of_the_run_is_warned(world, tmp_path, cli):
+    args = ["train", "--manifest", world / "manifest.parquet", *FAST, "--steps", "4", "--max-missing", "0.1"]
+    res = cli(*args, "--warmup", "100", "--out", tmp_path / "r")  # where an option repeats, the last one counts
+    assert res.exit_code == 0, res.output
+    assert "warm-up covers 4 of the run's 4 steps" in " ".join(res.output.split())
+    with pytest.raises(UsageError, match="whole number of steps"):
+        TrainConfig(out=str(tmp_path / "x"), model="tbps-tiny", data="x", warmup=2.5)

@@ -79,7 +79,8 @@ class TrainConfig(ReaderOptions):
         accum: micro-batches per optimizer step (gradient accumulation).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay of matrices (never of biases, gains, scalars).
-        warmup: linear warm-up steps before the cosine decay to zero.
+        warmup: the linear warm-up before the cosine decay to zero: a share of the run's steps when
+            below 1 (default 5%), else a number of steps (at most the run's steps).
         clip_grad: max gradient norm; 0 disables clipping.
         precision: ``auto`` (bf16 autocast where native), ``fp32`` or ``bf16``.
         seed: seeds random base weights, adapter init, data order and augmentation.
@@ -114,7 +115,7 @@ class TrainConfig(ReaderOptions):
     accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.01
-    warmup: int = 100
+    warmup: float = 0.05
     clip_grad: float = 1.0
     precision: str = "auto"
     seed: int = 0
@@ -163,6 +164,8 @@ class TrainConfig(ReaderOptions):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1", field=f"--{name.replace('_', '-')}", value=value)
+        if self.warmup >= 1 and float(self.warmup) != int(self.warmup):
+            raise UsageError("--warmup is a share of the steps (below 1) or a whole number of steps", field="--warmup", value=self.warmup)
         for name in ("warmup", "workers"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name} must be 0 or more", field=f"--{name}", value=getattr(self, name))
@@ -204,6 +207,11 @@ class ValSet:
     gallery_paths: list[str]
     gallery_pids: list[str]
     report: D.PairReport
+
+
+def warmup_steps(warmup: float, total: int) -> int:
+    """The warm-up in steps: a share of ``total`` when ``warmup`` is below 1, else that many steps, at most ``total``."""
+    return round(warmup * total) if warmup < 1 else min(int(warmup), total)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -402,7 +410,8 @@ def prepare(config: TrainConfig) -> Setup:
     per_epoch = len(dataset) // config.batch_size
     total_steps = config.steps or max(1, config.epochs * per_epoch // config.accum)
     optimizer = _optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup, total_steps))
+    warm = warmup_steps(config.warmup, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warm, total_steps))
     if saved:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -431,6 +440,7 @@ def prepare(config: TrainConfig) -> Setup:
         "device": str(device),
         "autocast": str(dtype) if dtype else "fp32",
         "total_steps": total_steps,
+        "warmup_steps": warm,
         "result_checkpoint": ckpt.BEST if val else ckpt.LAST,
         "result_note": "the best validation step (R@1, then mAP)" if val else "no --val: the last checkpoint is the result",
     }
@@ -458,6 +468,10 @@ def train(
         UsageError: options that do not fit together (e.g. a batch not divisible by the ranks).
     """
     s = prepare(config)
+    warm, total = s.record["warmup_steps"], s.total_steps
+    if log and s.rank == 0 and warm > total // 2:
+        log(f"warning: the warm-up covers {warm} of the run's {total} steps (--warmup {config.warmup:g}): the learning rate "
+            "peaks late and decays at once; give --warmup as a share, e.g. 0.05")
     run, model, main = s.run, s.loaded.model, s.rank == 0
     step = int(s.state.get("step", 0))
     best = s.state.get("best")  # {"step", "metrics"} of the best validation so far
