@@ -27,6 +27,7 @@ The output directory's layout is :mod:`tbps.curate.layout`.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -272,6 +273,47 @@ def _write_parquet(table: pa.Table, path: Path, metadata: dict[str, str]) -> Non
         pq.write_table(table, fh, compression="zstd")
 
 
+NOT_OK_WARNING = 0.05  # a larger share of rows that are not ok is warned about
+_SAMPLE = 200  # image paths checked before any work
+
+
+def check_images_exist(pairs: pl.DataFrame, data: Path) -> None:
+    """Refuse, before any work, a dataset none of whose sampled image files exists (a wrong image root).
+
+    Args:
+        pairs: the pair table as read.
+        data: the dataset's path (where to look for the files, for the hint).
+
+    Raises:
+        TbpsError: no sampled image exists; the hint names the directory where a file of the
+            same name was found, when one is.
+    """
+    paths = pairs.filter(pl.col(C.STATUS) == C.STATUS_OK).get_column(C.IMAGE_PATH).drop_nulls().unique(maintain_order=True)
+    if paths.len() == 0 or paths.str.len_chars().max() == 0:
+        return
+    sample = paths.gather_every(max(1, paths.len() // _SAMPLE)).head(_SAMPLE).to_list()
+    if any(Path(p).is_file() for p in sample):
+        return
+    example = Path(sample[0])
+    hint = "check --image-root (or the paths in the dataset)"
+    found = _find_file(data.parent if data.is_file() else data, example.name)
+    if found is not None:
+        hint = f"a file named {example.name} is in {found.parent}: point --image-root at the folder the dataset's paths start from"
+    raise TbpsError(f"none of {len(sample)} sampled image files exists (e.g. {example})", path=data, field="--image-root", hint=hint)
+
+
+def _find_file(top: Path, name: str, limit: int = 50_000) -> Path | None:
+    """The first file named ``name`` below ``top``, looking at no more than ``limit`` entries."""
+    seen = 0
+    for dirpath, dirs, files in os.walk(top):
+        seen += len(files) + len(dirs)
+        if name in files:
+            return Path(dirpath) / name
+        if seen > limit:
+            return None
+    return None
+
+
 def _part_is_done(out: ScoreDir, k: int, span: tuple[int, int], metadata: dict[str, str], log: Callable[[str], None]) -> bool:
     """Whether part ``k`` exists whole: both files readable, the planned rows, this run's model and bank.
 
@@ -461,6 +503,7 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
     if pairs.height == 0:
         raise TbpsError("the dataset has no pairs", path=config.data)
     check_unique_ids(pairs, config.data)
+    check_images_exist(pairs, Path(config.data))
     pairs = order_pairs(pairs)
     parts_plan = plan_parts(pairs[C.IMAGE_PATH].to_list(), config.chunk_size)
 
@@ -546,6 +589,11 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
     if summary.complete:
         counts = pl.scan_parquet(list_parts(out.scores)).group_by(C.STATUS).len().collect()
         summary.status_counts = dict(sorted(zip(counts[C.STATUS].to_list(), counts["len"].to_list())))
+        bad = pairs.height - summary.status_counts.get(C.STATUS_OK, 0)
+        if rank == 0 and bad > NOT_OK_WARNING * pairs.height:
+            example = pl.scan_parquet(list_parts(out.scores)).filter(pl.col(C.STATUS) != C.STATUS_OK).select(C.ERROR).head(1).collect().item()
+            shown = ", ".join(f"{k} {v:,}" for k, v in summary.status_counts.items() if k != C.STATUS_OK)
+            log(f"warning: {bad:,} of {pairs.height:,} rows ({100 * bad / pairs.height:.1f}%) are not ok ({shown}); e.g. {example}")
         if rank == 0:
             _finalise(out, config, params, summary)
             log(f"finalised {out.record}")

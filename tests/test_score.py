@@ -311,3 +311,20 @@ def test_a_damaged_or_foreign_part_is_scored_again_on_resume(world, tmp_path):
     assert s.complete and s.parts_done_here == 2
     assert any("part 0 is not whole (unreadable" in m for m in said) and any("part 1 is not whole (written by another model" in m for m in said)
     assert table(tmp_path / "ref").equals(table(tmp_path / "out"))
+
+
+def test_a_wrong_image_root_is_refused_before_any_work_and_says_where_the_images_are(world, tmp_path):
+    wrong = tmp_path / "elsewhere"
+    wrong.mkdir()
+    with pytest.raises(TbpsError, match="none of .* sampled image files exists") as info:
+        run_score(config(world, tmp_path / "out", image_root=str(wrong)))
+    assert str(world) in str(info.value) and not (tmp_path / "out").exists()
+
+
+def test_many_rows_that_are_not_ok_are_warned_about(world, tmp_path):
+    images = sorted(p for p in world.rglob("*.jpg"))
+    for p in images[: len(images) // 3]:
+        p.write_bytes(b"not an image")
+    said: list[str] = []
+    s = run_score(config(world, tmp_path / "out"), log=said.append)
+    assert s.complete and any(m.startswith("warning:") and "are not ok (bad-image" in m for m in said), said
