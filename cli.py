@@ -328,6 +328,7 @@ def train(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from RUN/last (same options)."),
     max_missing: float = typer.Option(0.05, "--max-missing", help="Share of rows with missing images skipped; above: refuse."),
+    allow_test: bool = typer.Option(False, "--allow-test", help="Allow --val-split test (the checkpoint is then chosen on the test split)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Fine-tune a CLIP model with WoRA (or DoRA, LoRA, full) and write a run directory.

@@ -328,3 +328,12 @@ def test_many_rows_that_are_not_ok_are_warned_about(world, tmp_path):
     said: list[str] = []
     s = run_score(config(world, tmp_path / "out"), log=said.append)
     assert s.complete and any(m.startswith("warning:") and "are not ok (bad-image" in m for m in said), said
+
+
+def test_score_files_respect_the_umask(world, tmp_path):
+    run_score(config(world, tmp_path / "out"))
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert (path.stat().st_mode & 0o777) == 0o666 & ~mask, path

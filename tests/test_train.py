@@ -340,3 +340,30 @@ def test_a_warmup_covering_most_of_the_run_is_warned(world, tmp_path, cli):
     assert "warm-up covers 4 of the run's 4 steps" in " ".join(res.output.split())
     with pytest.raises(UsageError, match="whole number of steps"):
         TrainConfig(out=str(tmp_path / "x"), model="tbps-tiny", data="x", warmup=2.5)
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_a_run_directory_is_a_base_model_its_adapters_folded_in(run_dir, world, tmp_path, cli, adapter):
+    out = tmp_path / f"on-{adapter}"
+    res = cli("train", "--manifest", world / "manifest.parquet", "--model", run_dir, *FAST[2:], "--steps", "2", "--adapter", adapter,
+              "--max-missing", "0.1", "--out", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["base_model"]["spec"] == str(run_dir) and record["status"] == "complete"
+    res = cli("train", "--manifest", world / "manifest.parquet", "--model", run_dir, *FAST[2:], "--steps", "2", "--adapter", adapter,
+              "--max-missing", "0.1", "--out", out, "--resume", "--quiet")
+    assert res.exit_code == 0, res.output
+
+
+def test_validating_on_the_test_split_needs_allow_test(tmp_path):
+    with pytest.raises(UsageError, match="--val-split test would choose the checkpoint on the test split"):
+        TrainConfig(out=str(tmp_path / "r"), model="tbps-tiny", data="x", val="v", val_split="test")
+    assert TrainConfig(out=str(tmp_path / "r"), model="tbps-tiny", data="x", val="v", val_split="test", allow_test=True).allow_test
+
+
+def test_run_files_respect_the_umask(run_dir):
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in run_dir.rglob("*"):
+        expected = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert (path.stat().st_mode & 0o777) == expected, path

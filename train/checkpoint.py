@@ -21,7 +21,7 @@ import torch
 from tbps.errors import TbpsError
 from tbps.files import atomic_dir, sweep_temps, write_text
 from tbps.models import load
-from tbps.models.adapters import ADAPTER_METHODS, CONFIG_FILE, WEIGHTS_FILE, apply_adapters, save_adapters
+from tbps.models.adapters import ADAPTER_METHODS, CONFIG_FILE, WEIGHTS_FILE, apply_adapters, merge_adapters, save_adapters
 from tbps.models.protocol import Encoder
 from tbps.models.runs import BEST, LAST, LOG_FILE, RUN_MARKER, TRAINER_FILE
 
@@ -56,6 +56,9 @@ def build_model(
         The loaded model, adapted in place.
     """
     loaded = load(model, seed=seed)
+    # A run directory as the base: its adapters (or full fine-tuning) are folded in first, so the
+    # new run trains on the weights that run ended with.
+    merge_adapters(loaded.model)
     opts: dict[str, Any] = {"targets": targets} if adapter in ADAPTER_METHODS else {}
     if adapter in ADAPTER_METHODS:
         opts["extra_trainable"] = ["logit_scale", *(also_train or [])]

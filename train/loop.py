@@ -34,7 +34,7 @@ from tbps.errors import TbpsError, UsageError
 from tbps.eval.metrics import retrieval_metrics_from_embeddings
 from tbps.files import file_hash, write_json
 from tbps.models import load
-from tbps.models.adapters import METHODS, NORMS, adapter_config
+from tbps.models.adapters import METHODS, NORMS, adapter_config, merge_adapters
 from tbps.models.device import autocast_dtype, check_device, check_precision, distributed
 from tbps.models.encode import encode_images, encode_texts
 from tbps.models.protocol import Encoder, count_parameters
@@ -92,6 +92,8 @@ class TrainConfig(ReaderOptions):
         resume: continue the run in ``out`` from its ``last/`` checkpoint.
         max_missing: largest share of rows with a missing image file that is skipped; above
             it the run refuses before training.
+        allow_test: validate on a split named ``test`` (refused otherwise: choosing checkpoints on
+            the test split leaks it into the result); the run's record keeps the option.
     """
 
     out: str
@@ -126,6 +128,7 @@ class TrainConfig(ReaderOptions):
     device: str = "auto"
     resume: bool = False
     max_missing: float = 0.05
+    allow_test: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,6 +179,9 @@ class TrainConfig(ReaderOptions):
             if not (math.isfinite(value) and value >= 0):
                 raise UsageError(f"--{name.replace('_', '-')} must be 0 or more", field=f"--{name.replace('_', '-')}", value=value)
         check_precision(self.precision)
+        if self.val_split == "test" and not self.allow_test:
+            raise UsageError("--val-split test would choose the checkpoint on the test split", field="--val-split", value="test",
+                             hint="validate on val; --allow-test does it anyway and the run's record says so")
         if not 0.0 <= self.max_missing <= 1.0:
             raise UsageError("--max-missing is a fraction between 0 and 1", field="--max-missing", value=self.max_missing)
 
@@ -386,6 +392,7 @@ def prepare(config: TrainConfig) -> Setup:
     saved = ckpt.read_resume_state(run, asdict(config), RESUME_FREE) if resume else None
     if saved:
         base = load(config.model, seed=config.seed)
+        merge_adapters(base.model)  # a run directory as the base: as build_model does
         check_base(run, json.loads((run / RUN_MARKER).read_text()), base)
         loaded = load_weights(base, saved[0])
     else:
