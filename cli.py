@@ -148,6 +148,7 @@ def score(
     caption_col: Optional[str] = CaptionColOpt,
     id_col: Optional[str] = IdColOpt,
     bank_size: int = typer.Option(10_000, "--bank-size", help="Bank captions sampled with --seed."),
+    bank_split: str = typer.Option("train", "--bank-split", help="Split of a bank dataset to draw captions from (all: every row)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bank sample (and of random model weights)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
     workers: int = typer.Option(2, "--workers", help="DataLoader processes decoding images."),
@@ -167,7 +168,7 @@ def score(
 
     cfg = ScoreConfig(
         data=data, model=model, bank=bank, out=out_dir, format=format, image_root=image_root, image_col=image_col,
-        caption_col=caption_col, id_col=id_col, bank_size=bank_size, seed=seed, batch_size=batch_size, workers=workers,
+        caption_col=caption_col, id_col=id_col, bank_size=bank_size, bank_split=bank_split, seed=seed, batch_size=batch_size, workers=workers,
         precision=precision, device=device, chunk_size=chunk_size, shard=shard,
     )
     with progress_bar("scoring", quiet=quiet) as update:

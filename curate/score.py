@@ -68,6 +68,8 @@ class ScoreConfig(ReaderOptions):
         format, image_root, image_col, caption_col, id_col: the reader options of ``data``
             (``tbps.data.options.ReaderOptions``).
         bank_size: captions sampled from the bank.
+        bank_split: the split of a bank dataset its captions come from (``train``: never the test
+            split's captions); ``all`` takes every row. A text file has no splits.
         seed: seed of the bank sample (and of random model weights).
         batch_size: images per forward pass (captions go in batches of a fixed size, so their
             embeddings do not depend on it).
@@ -84,6 +86,7 @@ class ScoreConfig(ReaderOptions):
     bank: str
     out: str
     bank_size: int = PAPER_BANK_SIZE
+    bank_split: str = "train"
     seed: int = 0
     batch_size: int = 256
     workers: int = 2
@@ -510,7 +513,12 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
     dtype = autocast_dtype(config.precision, device)
     loaded = load(config.model, seed=config.seed)
     loaded.model.to(device)
-    bank = sample_bank(read_captions(config.bank), config.bank_size, config.seed)
+    bank = sample_bank(read_captions(config.bank, split=None if config.bank_split == "all" else config.bank_split), config.bank_size, config.seed)
+    if rank == 0:
+        log(f"bank: {len(bank):,} captions from {config.bank}" + (f" ({config.bank_split} split)" if config.bank_split != "all" else ""))
+        if len(bank) < config.bank_size:
+            log(f"warning: the bank holds {len(bank):,} distinct captions, fewer than --bank-size {config.bank_size:,}; bank ranks count "
+                f"against {len(bank):,} captions, and tbps select scales the paper's rules to that size")
     bank_frame = pl.DataFrame({"bank_index": np.arange(len(bank), dtype=np.int32), C.CAPTION: bank})
 
     params = {
@@ -521,6 +529,7 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
         "bank": str(Path(config.bank).resolve()),
         "bank_hash": frame_hash(bank_frame),
         "bank_size": len(bank),
+        "bank_split": config.bank_split,
         "seed": config.seed,
         "chunk_size": config.chunk_size,
         "parts": len(parts_plan),

@@ -223,20 +223,30 @@ def read_dataset(
     return read(config).pairs
 
 
-def read_captions(path: Path | str, **reader_opts: Any) -> list[str]:
+def read_captions(path: Path | str, split: str | None = None, **reader_opts: Any) -> list[str]:
     """The non-blank captions of a dataset or a text file (one caption per line), in order.
 
     Used for reference banks: images are irrelevant, so a table needs only a caption column.
 
     Args:
         path: any readable dataset, or a ``.txt`` file.
+        split: only the rows of this split, when the dataset has splits (a bank drawn from the
+            test split would rank the test captions); None: every row.
         **reader_opts: the keyword options of :func:`read_dataset`.
 
     Returns:
         The captions, in file order, without empty or blank ones.
+
+    Raises:
+        TbpsError: the dataset has splits but not ``split``.
     """
     config = ReadConfig(data=Path(path), **reader_opts)
     pairs = read(config, captions_only=True).pairs
+    if split is not None and pairs.get_column(SPLIT).is_not_null().any():
+        found = sorted(pairs.get_column(SPLIT).drop_nulls().unique().to_list())
+        if split not in found:
+            raise TbpsError(f"the bank has no {split!r} split (it has {', '.join(found)})", path=path, field="--bank-split", value=split)
+        pairs = pairs.filter(pl.col(SPLIT) == split)
     kept = pairs.filter(pl.col(CAPTION).is_not_null() & (pl.col(CAPTION).str.strip_chars() != ""))
     return kept.get_column(CAPTION).to_list()
 

@@ -337,3 +337,19 @@ def test_score_files_respect_the_umask(world, tmp_path):
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
             assert (path.stat().st_mode & 0o777) == 0o666 & ~mask, path
+
+
+def test_the_bank_defaults_to_the_train_split_and_a_small_bank_is_warned_about(tmp_path):
+    world = make_world(tmp_path / "w", n_images=8)
+    records = json.loads((world / "reid_raw.json").read_text())
+    for i, rec in enumerate(records):
+        rec["split"] = "test" if i % 2 else "train"
+    (world / "reid_raw.json").write_text(json.dumps(records))
+    said: list[str] = []
+    s = run_score(config(world, tmp_path / "out", bank=str(world / "reid_raw.json")), log=said.append)
+    bank = pl.read_parquet(tmp_path / "out" / "bank.parquet")[C.CAPTION].to_list()
+    test_captions = {c for i, r in enumerate(records) if i % 2 for c in r["captions"]}
+    assert bank and not set(bank) & test_captions and s.bank_size == len(bank)
+    assert any(m.startswith("warning: the bank holds") for m in said)
+    with pytest.raises(TbpsError, match="the bank has no 'dev' split"):
+        run_score(config(world, tmp_path / "other", bank=str(world / "reid_raw.json"), bank_split="dev"))
