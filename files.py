@@ -4,8 +4,8 @@ Every file tbps writes goes through :func:`atomic_write` (or :func:`atomic_dir` 
 the content goes to a temporary created exclusively in the target's directory (``mkstemp``: a
 fresh name, ``O_EXCL``, never following a link), which is renamed over the target only when it
 is complete. A killed process leaves either the old file or the new one, plus at most a temp
-named ``.<target name>.<pid>.<random>.tbps-tmp``; :func:`sweep_temps` removes those whose process
-is gone, and directory readers skip them (:func:`is_temp`). Written files get the permissions
+named ``.<target name>.<host>.<pid>.<random>.tbps-tmp``; :func:`sweep_temps` removes those whose
+process (on this machine) is gone, and directory readers skip them (:func:`is_temp`). Written files get the permissions
 the user's umask gives (``mkstemp`` alone would leave them ``0600``).
 
 Every content hash is :data:`HASH_ALGO` (blake2b with a 16-byte digest, hex), and records that
@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -62,8 +63,13 @@ def is_temp(name: str | Path) -> bool:
     return Path(name).name.endswith(TEMP_SUFFIX)
 
 
-def _temp_prefix(target: Path) -> str:
-    return f".{target.name}.{os.getpid()}."
+# Temps carry the host as well as the pid: a directory shared by several machines (SLURM arrays
+# writing one score directory) must not have one machine judge another's pids.
+HOST_TAG = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def _temp_prefix(target: Path, aside: bool = False) -> str:
+    return f".{target.name}.{'old.' if aside else ''}{HOST_TAG}.{os.getpid()}."
 
 
 @contextlib.contextmanager
@@ -115,7 +121,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
     The old directory (if any) is renamed aside first and deleted only after the new one is in
     place, so a kill at any instant leaves the old or the new one under ``path`` or aside as a
-    temp that :func:`restore_dir` brings back.
+    temp that :func:`sweep_temps` puts back.
 
     Args:
         path: the directory to (re)write; its parent is created when missing.
@@ -139,39 +145,47 @@ def replace_dir(new: Path, path: Path) -> None:
     """Put the complete directory ``new`` at ``path``, keeping the old one aside until it is there."""
     old = None
     if path.exists() or path.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent))
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path, aside=True), suffix=TEMP_SUFFIX, dir=path.parent))
         os.replace(path, old / path.name)
     os.replace(new, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _parse_temp(name: str) -> tuple[str, int, bool] | None:
-    """(target name, pid, is an aside copy) of a temp ``.<target>[.old].<pid>.<random>.tbps-tmp``."""
+def _parse_temp(name: str) -> tuple[str, str | None, int, bool] | None:
+    """(target name, host tag or None, pid, is an aside copy) of ``.<target>[.old][.<host>].<pid>.<random>.tbps-tmp``."""
     if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
         return None
     parts = name[1 : -len(TEMP_SUFFIX)].split(".")
     if len(parts) < 3 or not parts[-2].isdigit():
         return None
-    aside = len(parts) >= 4 and parts[-3] == "old"
-    target = ".".join(parts[: -3 if aside else -2])
-    return (target, int(parts[-2]), aside) if target else None
+    rest, pid = parts[:-2], int(parts[-2])
+    host = rest.pop() if len(rest) >= 2 and len(rest[-1]) == len(HOST_TAG) and all(c in "0123456789abcdef" for c in rest[-1]) else None
+    aside = len(rest) >= 2 and rest[-1] == "old"
+    target = ".".join(rest[:-1] if aside else rest)
+    return (target, host, pid, aside) if target else None
 
 
-def _alive(pid: int) -> bool:
+def _gone(host: str | None, pid: int) -> bool:
+    """Whether the process that made a temp has ended (a temp of another machine never counts as ended)."""
+    if host is not None and host != HOST_TAG:
+        return False
+    if pid == os.getpid():  # this process sweeps before it writes: a temp with its pid is a dead one's (pid reuse)
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
         return True
-    return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
 
 
 def sweep_temps(directory: str | Path, *, recursive: bool = False) -> list[Path]:
     """Remove tbps temporaries left in ``directory`` by processes that no longer run.
 
-    A temp of a live process (a concurrent run on the same directory) is left alone. An aside
+    A temp of a live process (a concurrent run on the same directory), or of another machine, is
+    left alone; a temp named with this process's pid is a dead process's (pids are reused). An aside
     copy of a directory (from :func:`atomic_dir`) is restored first when its target is missing.
 
     Args:
@@ -188,9 +202,9 @@ def sweep_temps(directory: str | Path, *, recursive: bool = False) -> list[Path]
     entries = directory.rglob(f"*{TEMP_SUFFIX}") if recursive else directory.glob(f".*{TEMP_SUFFIX}")
     for tmp in sorted(entries):
         parsed = _parse_temp(tmp.name)
-        if parsed is None or _alive(parsed[1]):
-            continue  # not a tbps temp, or a concurrent run's
-        target, _, aside = parsed
+        if parsed is None or not _gone(parsed[1], parsed[2]):
+            continue  # not a tbps temp, or a live (or another machine's) process's
+        target, _, _, aside = parsed
         if aside and not (tmp.parent / target).exists() and (tmp / target).exists():
             os.replace(tmp / target, tmp.parent / target)  # killed between the two renames
         if tmp.is_dir() and not tmp.is_symlink():

@@ -24,7 +24,8 @@ The experiment (full mode, per training seed):
   in ``tbps.demo.run.score_job``.
 * **Tuning.** Each training method's learning rate is chosen once, on val, from a small grid
   (``tbps demo --tune``: stage-B runs from the full pool's stage-A model, "alone" from scratch);
-  the record is ``demo/tuning.json`` and is copied into ``results.json``.
+  ``--tune`` writes ``OUT/tuning.json``, which becomes the recorded choice when copied to
+  ``demo/tuning.json`` (a later ``tbps demo`` reads it); the record is copied into ``results.json``.
 * **Gate.** Before any curation claim is judged, pretraining on the oracle pool then fine-tuning
   must beat fine-tuning alone by :data:`GATE_POINTS` val R@1 (mean over seeds).
 * **Statistics.** Every metric with a 95% bootstrap interval over test identities (and seeds);

@@ -205,6 +205,8 @@ def _execute(jobs: list[Job], workers: int, done: dict[str, Any], on_done: Calla
                 if all(d in done for d in job.deps):
                     running[pool.submit(job.fn, job.build(done))] = job.name
                     pending.remove(job)
+            if not running:
+                raise TbpsError(f"demo jobs wait on each other: {', '.join(j.name for j in pending)}")
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in finished:
                 name = running.pop(future)

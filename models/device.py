@@ -78,7 +78,8 @@ class Distributed:
         rank: the global rank.
         world: the number of processes.
         device: where this rank runs (under torchrun on GPUs: its local rank's GPU).
-        owns_group: the process group was initialised here (and is destroyed by the caller).
+        owns_group: the process group was initialised here (``tbps score`` destroys it when done;
+            ``tbps train`` leaves it to the process's exit).
     """
 
     rank: int

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from tbps.errors import TbpsError, UsageError
-from tbps.files import atomic_dir, content_hash, file_hash, write_json
+from tbps.files import atomic_dir, content_hash, file_hash, sweep_temps, write_json
 from tbps.models.adapters import CONFIG_FILE, WEIGHTS_FILE, load_adapters, merge_adapters
 from tbps.models.protocol import Encoder
 from tbps.models.registry import load as load_model
@@ -36,14 +36,41 @@ LAST = "last"
 BEST = "best"
 TRAINER_FILE = "trainer.pt"
 
-def is_run_dir(spec: str | Path) -> bool:
-    """Whether ``spec`` is a directory (a run directory when it holds ``run.json``)."""
-    return Path(spec).is_dir()
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what a loadable checkpoint directory holds
+
+
+def load_base(spec: str, seed: int = 0) -> Encoder:
+    """A base model for training or for a run's weights, unadapted.
+
+    A run directory as the base (a run trained on another run) loads with its adapters (or full
+    fine-tuning) folded in: the weights that run ended with.
+    """
+    loaded = load_model(spec, seed)
+    merge_adapters(loaded.model)
+    return loaded
+
+
+def choose_checkpoint(run: Path, record: dict[str, Any], checkpoint: str | None) -> Path:
+    """The checkpoint directory a run loads or exports: ``best``/``last``, default the run's result.
+
+    Raises:
+        UsageError: ``checkpoint`` is neither ``best`` nor ``last``.
+        TbpsError: the run has not saved that checkpoint.
+    """
+    if checkpoint not in (None, BEST, LAST):
+        raise UsageError(f"the checkpoint is {BEST} or {LAST}", field="--checkpoint", value=checkpoint)
+    which = checkpoint or record.get("result_checkpoint") or LAST
+    if checkpoint is None and not (run / which).is_dir():
+        which = LAST  # a run stopped before its first validation: its last state is all there is
+    directory = run / which
+    if not all((directory / name).is_file() for name in CHECKPOINT_FILES):
+        raise TbpsError("the run has no such checkpoint", path=directory, hint="the run may not have saved one yet")
+    return directory
 
 
 def weights_hash(directory: Path) -> str:
     """The content hash of a checkpoint directory: over the hashes of its adapter config and weights files."""
-    return content_hash("".join(file_hash(directory / name) for name in (CONFIG_FILE, WEIGHTS_FILE)).encode())
+    return content_hash("".join(file_hash(directory / name) for name in CHECKPOINT_FILES).encode())
 
 
 def load_weights(loaded: Encoder, directory: Path) -> Encoder:
@@ -124,15 +151,9 @@ def load_run(path: str | Path, checkpoint: str | None = None) -> Encoder:
     run = Path(path)
     record = read_record(run)
     config = record["config"]
-    if checkpoint not in (None, BEST, LAST):
-        raise UsageError(f"the checkpoint is {BEST} or {LAST}", field="--checkpoint", value=checkpoint)
-    which = checkpoint or record.get("result_checkpoint") or LAST
-    if checkpoint is None and not (run / which).is_dir():
-        which = LAST  # a run stopped before its first validation: its last state is all there is
-    directory = run / which
-    if not directory.is_dir():
-        raise TbpsError("the run has no such checkpoint", path=directory, hint="the run may not have saved one yet")
-    loaded = load_model(config["model"], int(config["seed"]))
+    directory = choose_checkpoint(run, record, checkpoint)
+    which = directory.name
+    loaded = load_base(config["model"], int(config["seed"]))
     check_base(run, record, loaded)
     load_weights(loaded, directory)
     loaded.model.eval()
@@ -164,24 +185,29 @@ def export_adapters(run: str | Path, out: str | Path, checkpoint: str | None = N
     Returns:
         The written directory and the identity of the exported weights.
     """
-    run = Path(run)
+    run, out = Path(run), Path(out)
     record = read_record(run)
-    which = checkpoint or record.get("result_checkpoint") or LAST
-    if checkpoint is None and not (run / which).is_dir():
-        which = LAST
-    if which not in (BEST, LAST):
-        raise UsageError(f"the checkpoint is {BEST} or {LAST}", field="--checkpoint", value=checkpoint)
-    source = run / which
-    if not all((source / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE)):
-        raise TbpsError("the run has no such checkpoint", path=source, hint="the run may not have saved one yet")
+    source = choose_checkpoint(run, record, checkpoint)
+    which = source.name
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and "exported_from" not in _record_or_empty(out))):
+        raise TbpsError("--out exists and is not a previous adapter export", path=out, hint="choose a new or empty directory")
+    sweep_temps(out.parent)  # an export killed between its two renames is put back
     identity = {"run": run.resolve().name, "checkpoint": which, "step": record.get("checkpoints", {}).get(which, {}).get("step"),
                 "sha": weights_hash(source)}
     with atomic_dir(out) as tmp:
         (tmp / which).mkdir()
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
+        for name in CHECKPOINT_FILES:
             shutil.copyfile(source / name, tmp / which / name)
         write_json(tmp / RUN_MARKER, {**record, "result_checkpoint": which, "exported_from": {"path": str(run.resolve()), **identity}})
     return Path(out), identity
+
+
+def _record_or_empty(directory: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((directory / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None) -> tuple[Path, dict[str, Any]]:

@@ -180,6 +180,8 @@ def test_the_executor_runs_jobs_after_their_dependencies_and_refuses_unknown_one
     assert order == ["a", "b", "c"] and set(done) == {"a", "b", "c"}
     with pytest.raises(TbpsError, match="unknown jobs"):
         _execute([Job("x", ("nope",), _no_op, lambda done: {})], 1, {}, lambda name, res: None)
+    with pytest.raises(TbpsError, match="wait on each other"):
+        _execute([Job("x", ("y",), _no_op, lambda done: {}), Job("y", ("x",), _no_op, lambda done: {})], 1, {}, lambda name, res: None)
 
 
 @pytest.mark.parametrize(

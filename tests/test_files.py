@@ -14,6 +14,7 @@ import pytest
 from tbps.curate.layout import list_parts, part_name
 from tbps.files import (
     HASH_ALGO,
+    HOST_TAG,
     TEMP_SUFFIX,
     atomic_dir,
     atomic_write,
@@ -80,7 +81,15 @@ def test_a_directory_is_replaced_whole(tmp_path):
 
 
 def test_sweeping_removes_dead_processes_temps_keeps_live_ones_and_restores_an_aside_directory(tmp_path):
-    dead, live = _dead_pid(), os.getpid()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a concurrent run
+    try:
+        _sweep_case(tmp_path, _dead_pid(), other.pid)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _sweep_case(tmp_path, dead: int, live: int) -> None:
     (tmp_path / f".part-000001.parquet.{dead}.abcd1234{TEMP_SUFFIX}").write_bytes(b"half a part")
     (tmp_path / f".part-000002.parquet.{dead}.12345678{TEMP_SUFFIX}").write_bytes(b"digits only in the random part")
     (tmp_path / f".part-000003.parquet.{live}.abcd1234{TEMP_SUFFIX}").write_bytes(b"a concurrent run's")
@@ -89,9 +98,13 @@ def test_sweeping_removes_dead_processes_temps_keeps_live_ones_and_restores_an_a
     (aside / "last").mkdir(parents=True)
     (aside / "last" / "trainer.pt").write_text("state")
     (tmp_path / "keep.txt").write_text("not a temp")
+    elsewhere = f".part-000004.parquet.0badf00d.{dead}.abcd1234{TEMP_SUFFIX}"  # another machine's: its pids mean nothing here
+    (tmp_path / elsewhere).write_bytes(b"x")
+    mine = f".part-000005.parquet.{HOST_TAG}.{os.getpid()}.abcd1234{TEMP_SUFFIX}"  # this pid, so a dead process's
+    (tmp_path / mine).write_bytes(b"x")
     removed = sweep_temps(tmp_path)
-    assert len(removed) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["keep.txt", "last", f".part-000003.parquet.{live}.abcd1234{TEMP_SUFFIX}"])
+    assert len(removed) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["keep.txt", "last", elsewhere, f".part-000003.parquet.{live}.abcd1234{TEMP_SUFFIX}"])
     assert (tmp_path / "last" / "trainer.pt").read_text() == "state"
 
 

@@ -353,6 +353,11 @@ def test_a_run_directory_is_a_base_model_its_adapters_folded_in(run_dir, world, 
     res = cli("train", "--manifest", world / "manifest.parquet", "--model", run_dir, *FAST[2:], "--steps", "2", "--adapter", adapter,
               "--max-missing", "0.1", "--out", out, "--resume", "--quiet")
     assert res.exit_code == 0, res.output
+    # The run trained on a run loads (score, eval, search, export): its base's adapters are folded in first.
+    loaded = load(str(out))
+    assert loaded.identity["base"]["run"] == "wora" and loaded.identity["adapter"] == adapter
+    res = cli("export", out, "--merge", "--out", tmp_path / f"{adapter}.pt")
+    assert res.exit_code == 0, res.output
 
 
 def test_validating_on_the_test_split_needs_allow_test(tmp_path):
@@ -367,3 +372,37 @@ def test_run_files_respect_the_umask(run_dir):
     for path in run_dir.rglob("*"):
         expected = (0o777 if path.is_dir() else 0o666) & ~mask
         assert (path.stat().st_mode & 0o777) == expected, path
+
+
+def test_export_no_merge_refuses_to_replace_a_directory_it_did_not_write(run_dir, tmp_path, cli):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    res = cli("export", run_dir, "--no-merge", "--out", mine)
+    assert res.exit_code == 1 and "not a previous adapter export" in res.output
+    assert (mine / "notes.txt").read_text() == "keep me"
+    res = cli("export", run_dir, "--no-merge", "--out", run_dir)
+    assert res.exit_code == 1 and (run_dir / "last" / "trainer.pt").is_file()
+    for _ in range(2):  # a previous export is replaced
+        assert cli("export", run_dir, "--no-merge", "--out", tmp_path / "exp").exit_code == 0
+
+
+def test_a_run_with_only_a_first_best_restarts_and_a_live_writer_is_refused(world, tmp_path, cli):
+    import platform
+
+    from tbps.train.checkpoint import recover
+
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "best" / "adapter_config.json").write_text("{}")
+    (run / "run.json").write_text(json.dumps({"status": "running", "pid": 99999999, "host": platform.node()}))
+    assert recover(run) == "restarted" and not any(run.iterdir())
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "run.json").write_text(json.dumps({"status": "running", "pid": other.pid, "host": platform.node()}))
+        assert recover(run) == "busy" and (run / "run.json").is_file()
+        res = cli("train", "--manifest", world / "manifest.parquet", *FAST, "--steps", "2", "--max-missing", "0.1", "--out", run)
+        assert res.exit_code == 1 and "another tbps train is writing" in " ".join(res.output.split())
+    finally:
+        other.kill()
+        other.wait()

@@ -10,6 +10,8 @@ run leaves the previous one.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import random
 import shutil
 from pathlib import Path
@@ -20,10 +22,9 @@ import torch
 
 from tbps.errors import TbpsError
 from tbps.files import atomic_dir, sweep_temps, write_text
-from tbps.models import load
-from tbps.models.adapters import ADAPTER_METHODS, CONFIG_FILE, WEIGHTS_FILE, apply_adapters, merge_adapters, save_adapters
+from tbps.models.adapters import ADAPTER_METHODS, apply_adapters, save_adapters
 from tbps.models.protocol import Encoder
-from tbps.models.runs import BEST, LAST, LOG_FILE, RUN_MARKER, TRAINER_FILE
+from tbps.models.runs import BEST, CHECKPOINT_FILES, LAST, LOG_FILE, RUN_MARKER, TRAINER_FILE, load_base
 
 
 def build_model(
@@ -55,10 +56,7 @@ def build_model(
     Returns:
         The loaded model, adapted in place.
     """
-    loaded = load(model, seed=seed)
-    # A run directory as the base: its adapters (or full fine-tuning) are folded in first, so the
-    # new run trains on the weights that run ended with.
-    merge_adapters(loaded.model)
+    loaded = load_base(model, seed=seed)
     opts: dict[str, Any] = {"targets": targets} if adapter in ADAPTER_METHODS else {}
     if adapter in ADAPTER_METHODS:
         opts["extra_trainable"] = ["logit_scale", *(also_train or [])]
@@ -131,7 +129,7 @@ def read_resume_state(run: Path, config: dict[str, Any], free: set[str]) -> tupl
     last = run / LAST
     if not (run / RUN_MARKER).is_file():
         raise TbpsError("cannot resume: not a run directory", path=run, hint=f"a run holds {RUN_MARKER}; drop --resume to start one")
-    for name in (CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE):
+    for name in (*CHECKPOINT_FILES, TRAINER_FILE):
         if not (last / name).is_file():
             raise TbpsError("cannot resume: the last checkpoint is incomplete", path=last / name, hint="the file is missing")
     try:
@@ -175,24 +173,45 @@ def truncate_log(run: Path, step: int) -> None:
 
 def last_is_complete(run: Path) -> bool:
     """Whether ``RUN/last`` holds every file a resume needs."""
-    return all((run / LAST / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE))
+    return all((run / LAST / name).is_file() for name in (*CHECKPOINT_FILES, TRAINER_FILE))
 
 
-# A run killed before its first checkpoint holds only these (its record and log lines).
-_UNSTARTED = {RUN_MARKER, LOG_FILE}
+# A run killed before its first last/ holds only these (its record, log lines, perhaps a best/ of its first validation).
+_UNSTARTED = {RUN_MARKER, LOG_FILE, BEST}
+
+
+def _writer_alive(run: Path) -> bool:
+    """Whether the run's record names a process of this machine, other than this one, that still runs."""
+    try:
+        record = json.loads((run / RUN_MARKER).read_text())
+        pid, host = int(record["pid"]), record["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if record.get("status") != "running" or host != platform.node() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def recover(run: Path) -> str:
     """Bring a run directory back to a state a run can start or resume from, after a kill at any instant.
 
     Temporaries of dead processes are swept (a checkpoint killed between its two renames is put
-    back). A tbps run killed before its first checkpoint holds nothing to resume (only its
-    record and log lines): those are removed, so the run starts afresh. Anything else is left
-    alone (a run with a damaged checkpoint is refused by name, never wiped).
+    back). A tbps run killed before its first ``last/`` holds nothing to resume (its record, log
+    lines, perhaps the ``best/`` of a first validation, which the restarted run writes again):
+    those are removed, so the run starts afresh. Anything else is left alone (a run with a
+    damaged ``last/`` is refused by name, never wiped), and so is a run whose record names a
+    process of this machine that still runs.
 
     Returns:
         ``empty`` (nothing there), ``resumable`` (a complete ``last/``), ``restarted`` (an
-        unstarted run was cleared) or ``foreign`` (files tbps did not write: left alone).
+        unstarted run was cleared), ``busy`` (a live process writes the run) or ``foreign``
+        (files tbps did not write, or a damaged ``last/``: left alone).
     """
     if not run.is_dir():
         return "empty"
@@ -202,6 +221,8 @@ def recover(run: Path) -> str:
         return "empty"
     if last_is_complete(run):
         return "resumable"
+    if _writer_alive(run):
+        return "busy"
     if RUN_MARKER in names and names <= _UNSTARTED:
         for name in names:
             path = run / name

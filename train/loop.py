@@ -33,12 +33,11 @@ from tbps.data.options import ReaderOptions
 from tbps.errors import TbpsError, UsageError
 from tbps.eval.metrics import retrieval_metrics_from_embeddings
 from tbps.files import file_hash, write_json
-from tbps.models import load
-from tbps.models.adapters import METHODS, NORMS, adapter_config, merge_adapters
+from tbps.models.adapters import METHODS, NORMS, adapter_config
 from tbps.models.device import autocast_dtype, check_device, check_precision, distributed
 from tbps.models.encode import encode_images, encode_texts
 from tbps.models.protocol import Encoder, count_parameters
-from tbps.models.runs import RUN_MARKER, check_base, load_weights
+from tbps.models.runs import RUN_MARKER, check_base, load_base, load_weights
 from tbps.provenance import record
 from tbps.train import checkpoint as ckpt
 from tbps.train import data as D
@@ -46,7 +45,7 @@ from tbps.train.loss import LOSSES, contrastive_loss
 
 DEFAULT_EPOCHS = 5
 # Options that may change between a run and its --resume: they do not shape the result.
-RESUME_FREE = {"resume", "workers", "log_every"}
+RESUME_FREE = {"out", "resume", "workers", "log_every"}
 
 
 @dataclass(kw_only=True)
@@ -312,6 +311,11 @@ def validate(loaded, val: ValSet, config: TrainConfig, device: torch.device) -> 
     return retrieval_metrics_from_embeddings(texts, images.embeddings[ok], val.query_pids, gallery_pids)
 
 
+def _plain(config: TrainConfig) -> dict[str, Any]:
+    """The config as JSON values (paths as strings): what the trainer state stores and resume compares."""
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
 def freeze_scale(model: torch.nn.Module) -> int:
     """Freeze WoRA's alpha and beta (``--fixed-scale``): W' = m * (beta*W0 + alpha*B*A) / norm with alpha, beta fixed.
 
@@ -383,16 +387,22 @@ def prepare(config: TrainConfig) -> Setup:
     if config.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
         raise UsageError("--batch-size must be divisible by the number of torchrun processes", field="--batch-size", value=config.batch_size)
     # After a kill at any instant: temps swept, an interrupted checkpoint put back, an unstarted run cleared.
-    found = ckpt.recover(run) if int(os.environ.get("RANK", "0")) == 0 else ("resumable" if ckpt.last_is_complete(run) else "empty")
+    place = distributed(config.device)
+    rank, world, device = place.rank, place.world, place.device
+    found = [ckpt.recover(run) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(found)  # every rank acts on rank 0's finding (it alone changes the directory)
+    found = found[0]
+    if found == "busy":
+        raise TbpsError("another tbps train is writing this run directory", path=run, hint="wait for it, or choose another --out")
     if not config.resume and found in ("foreign", "resumable"):
         raise TbpsError("the run directory is not empty", path=run, hint="pass --resume to continue the run there, or choose another --out")
     resume = config.resume and found != "restarted"  # a run killed before its first checkpoint starts afresh
     pairs, report, source = load_training_pairs(config)
     val = load_val_set(config) if config.val else None
-    saved = ckpt.read_resume_state(run, asdict(config), RESUME_FREE) if resume else None
+    saved = ckpt.read_resume_state(run, _plain(config), RESUME_FREE) if resume else None
     if saved:
-        base = load(config.model, seed=config.seed)
-        merge_adapters(base.model)  # a run directory as the base: as build_model does
+        base = load_base(config.model, seed=config.seed)
         check_base(run, json.loads((run / RUN_MARKER).read_text()), base)
         loaded = load_weights(base, saved[0])
     else:
@@ -401,8 +411,6 @@ def prepare(config: TrainConfig) -> Setup:
     if config.fixed_scale:
         freeze_scale(loaded.model)
     state = saved[1] if saved else {}
-    place = distributed(config.device)
-    rank, world, device = place.rank, place.world, place.device
     model = loaded.model.to(device).train()
     # Building DDP is a collective: no rank writes RUN before every rank has passed the checks above.
     forward = loaded.training_module()
@@ -556,7 +564,7 @@ def train(
             counters["saved_step"] = step
             if main:
                 trainer = {"step": step, "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-                           "rng": ckpt.rng_state(), "micro_batch": step * config.accum, "config": asdict(config), "best": best, **counters}
+                           "rng": ckpt.rng_state(), "micro_batch": step * config.accum, "config": _plain(config), "best": best, **counters}
                 ckpt.write_checkpoint(run, ckpt.LAST, model, trainer)
                 write_record("running" if step < s.total_steps else "complete")
         if progress and main:
