@@ -56,7 +56,7 @@ from tbps.eval.evaluate import evaluate
 from tbps.files import atomic_write, write_json, write_text
 from tbps.models import load as load_model
 from tbps.models.runs import export_run
-from tbps.provenance import record
+from tbps.provenance import git_commit, record
 from tbps.train.loop import TrainConfig, train
 
 MARKER = ".tbps-demo"  # marks a directory this command made (and may therefore replace)
@@ -434,7 +434,7 @@ def run_demo(config: DemoConfig, progress: Callable[[int, int], None] | None = N
     say = log or (lambda _msg: None)
     plan = plan_for(config.quick)
     tuning = None if config.tune else read_tuning() if not config.quick else quick_tuning()
-    started, load_start = time.perf_counter(), os.getloadavg()[0]
+    started, load_start, commit = time.perf_counter(), os.getloadavg()[0], git_commit()  # the code that runs, not the tree at the end
     out = prepare_out(config.out)
     demo = _Demo(config, plan, out, say)
     world = demo.prepare_data()
@@ -490,7 +490,7 @@ def run_demo(config: DemoConfig, progress: Callable[[int, int], None] | None = N
         "runs": [{"key": name.split("/", 1)[1], "seed": int(name.split("/")[0][4:]), "dir": str(Path(res["run"]).relative_to(out))}
                  for name, res in done.items() if name.startswith("seed") and not res.get("skipped")],
         "links": {"pool": done["score"]["pages"]["pool"], "selections": {k: v for k, v in done["score"]["pages"].items() if k != "pool"}},
-        "subset_rows": demo.subset_rows, "cpu_count": os.cpu_count(), "jobs": config.jobs,
+        "subset_rows": demo.subset_rows, "cpu_count": os.cpu_count(), "jobs": config.jobs, "git_commit_at_start": commit,
     }
     write_json(out / RESULTS_JSON, record(config, **results))
     write_text(out / RESULTS_MD, results_markdown(results))
