@@ -18,12 +18,15 @@ The experiment (full mode, per training seed):
   effective scale (``lora_alpha = 8 r``), and WoRA that also trains norms and embeddings.
 * **Scorer.** The filter scores the pool with the full pool's stage-B model of the first seed: the
   strongest model built from the data at hand (pool and train split), standing in for the
-  pretrained BLIP-2 the paper scores with. Its filter is fixed for every seed. A second scorer
+  pretrained BLIP-2 the paper scores with. Its filter is fixed for every seed. The fine-tuning
+  filter scores the benchmark's train split with the full pool's stage-A model instead, which has
+  never seen that split (the paper's BLIP-2 was zero-shot on it too). A second scorer
   (an ITM head or a hard-negative-trained model) is a second filter arm: one more pool subset
   name here (``POOL_SUBSETS``), its stage-A and stage-B ``Arm`` entries, and a second selection
   in ``tbps.demo.run.score_job``.
 * **Tuning.** Each training method's learning rate is chosen once, on val, from a small grid
-  (``tbps demo --tune``: stage-B runs from the full pool's stage-A model, "alone" from scratch);
+  (``tbps demo --tune``: stage-B runs from the full pool's stage-A model, "alone" from scratch),
+  grown by one step past an edge while the best rate lies at that edge (:func:`grid_extension`);
   ``--tune`` writes ``OUT/tuning.json``, which becomes the recorded choice when copied to
   ``demo/tuning.json`` (a later ``tbps demo`` reads it); the record is copied into ``results.json``.
 * **Gate.** Before any curation claim is judged, pretraining on the oracle pool then fine-tuning
@@ -74,6 +77,7 @@ class Method:
 
 FULL_GRID = (1e-4, 3e-4, 1e-3)
 ADAPTER_GRID = (1e-3, 3e-3, 1e-2)
+MAX_EXTENSIONS = 3  # rates a method's grid may grow by when its best rate lies at an edge (grid_extension)
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("alone", "full FT from scratch", "full", FULL_GRID),
     Method("full", "full FT", "full", FULL_GRID),
@@ -133,6 +137,7 @@ ARMS: tuple[Arm, ...] = (
 )
 ARM = {a.key: a for a in ARMS}
 SCORER_ARM = "full"  # the first seed's model of this arm scores the pool (see the module docstring)
+TRAIN_SCORER_ARM = "A-full"  # ... and this one the benchmark's train split, which it has never seen
 
 
 @dataclass(frozen=True)
@@ -255,6 +260,45 @@ def choose_lr(val_r1: dict[str, dict[float, float]]) -> dict[str, float]:
     return {m: min(scores, key=lambda lr: (-scores[lr], lr)) for m, scores in val_r1.items()}
 
 
+def next_rate(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` on the grids' ladder 1, 3, 10, 30, ... x 10^k (a factor of about 3).
+
+    Raises:
+        ValueError: ``lr`` is not on the ladder (not 1 or 3 times a power of ten).
+    """
+    exponent = int(np.floor(np.log10(lr) + 1e-9))
+    mantissa = round(lr / 10.0**exponent, 6)
+    if mantissa not in (1.0, 3.0):
+        raise ValueError(f"{lr:g} is not on the 1-3-10 ladder")
+    step = {(1.0, True): (3.0, 0), (3.0, True): (1.0, 1), (1.0, False): (3.0, -1), (3.0, False): (1.0, 0)}
+    m, e = step[(mantissa, up)]
+    return float(f"{m:g}e{exponent + e}")
+
+
+def grid_extension(scores: dict[float, float], tried_beyond: int) -> float | None:
+    """The next rate to try when the best of ``scores`` lies at an edge of the rates tried.
+
+    A choice at the edge of a grid says only that the best rate may lie beyond it, so the grid
+    grows by one ladder step on that side (:func:`next_rate`) until the choice is interior, at most
+    :data:`MAX_EXTENSIONS` times per method. Every method is tuned by this same rule.
+
+    Args:
+        scores: learning rate -> val R@1 of one method, every rate tried so far.
+        tried_beyond: how many rates this method has already had added.
+
+    Returns:
+        The rate to add, or None when the choice is interior or the extensions are spent.
+    """
+    if len(scores) < 2 or tried_beyond >= MAX_EXTENSIONS:
+        return None
+    best = choose_lr({"m": scores})["m"]
+    if best == min(scores):
+        return next_rate(best, up=False)
+    if best == max(scores):
+        return next_rate(best, up=True)
+    return None
+
+
 # ------------------------------------------------------------------------------------------
 # The training subsets: tables in, tables out.
 
@@ -307,7 +351,8 @@ def design_notes(plan: DemoPlan, config: DemoConfig, tuning: dict[str, Any]) -> 
         f"{plan.pretrain_epochs} epochs each (equal epochs); 'pool 100%, equal steps' trains as many steps as the filtered subset",
         f"stage B: {plan.finetune_epochs} epochs of the benchmark train split (equal steps), batch {plan.batch_size}, rank {plan.rank}; "
         f"each method's lr chosen once on val from its grid ({chosen})",
-        f"scorer: the first seed's '{ARM[SCORER_ARM].label}' model; its filter is fixed for every seed",
+        f"scorer: the first seed's '{ARM[SCORER_ARM].label}' model for the pool, its '{ARM[TRAIN_SCORER_ARM].label}' model for the "
+        "benchmark's train split (the paper-finetune filter; it never saw that split); the filters are fixed for every seed",
         f"gate: oracle -> FT must beat fine-tuning alone by {GATE_POINTS:g} val R@1 (mean over seeds) before curation claims are judged",
         "every checkpoint chosen on val R@1; the test split is used only for the table; "
         "intervals: 95% percentile bootstrap over test identities (and the seeds' mean)",

@@ -233,7 +233,8 @@ def tuning_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             text = fmt(_lr_value(val.get(m), lr), ".2f") if in_grid else ""
             pick = number(chosen.get(m))
             cells.append(Styled(text, "strong") if pick is not None and pick == lr else text)
-        rows.append([m, *cells, lr_cell(chosen.get(m))])
+        edge = m in (tuning.get("at_edge") or [])
+        rows.append([m, *cells, f"{lr_cell(chosen.get(m))} (at the grid's edge)" if edge else lr_cell(chosen.get(m))])
     return header, rows
 
 

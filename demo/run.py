@@ -38,10 +38,13 @@ from tbps.demo.plan import (
     METHODS,
     PRETRAIN,
     SCORER_ARM,
+    TRAIN_SCORER_ARM,
     DemoConfig,
     DemoPlan,
-    quick_tuning,
+    MAX_EXTENSIONS,
     choose_lr,
+    grid_extension,
+    quick_tuning,
     design_notes,
     ok_rows,
     oracle_rows,
@@ -153,8 +156,11 @@ def score_job(spec: dict[str, Any]) -> dict[str, Any]:
     run_score(ScoreConfig(data=spec["pool"], out=str(out / "scores"), **common))
     keep = run_select(SelectConfig(scores=(str(out / "scores"),), out=spec["filtered"], keep=spec["keep"], truth=spec["truth"]))
     rule = run_select(SelectConfig(scores=(str(out / "scores"),), out=spec["rule"], rule="paper-pretrain", truth=spec["truth"]))
-    # The train split as a table of absolute paths: they resolve inside the benchmark's image folder.
-    run_score(ScoreConfig(data=spec["bench_train"], image_root=spec["bench_images"], out=str(out / "scores-train"), **common))
+    # The train split as a table of absolute paths: they resolve inside the benchmark's image folder. Its
+    # scorer has never seen that split (the stage-A model), as the paper's zero-shot BLIP-2 had not: a
+    # model fine-tuned on the split would rank every one of its own captions first.
+    train_common = {**common, "model": spec["train_scorer"]}
+    run_score(ScoreConfig(data=spec["bench_train"], image_root=spec["bench_images"], out=str(out / "scores-train"), **train_common))
     ftf = run_select(SelectConfig(scores=(str(out / "scores-train"),), out=spec["ftfilter"], rule="paper-finetune", dedup="none"))
     pages = {}
     for name, table in (("pool", out / "scores"), ("filtered", keep.paths.manifest), ("rule", rule.paths.manifest)):
@@ -183,18 +189,31 @@ class Job:
     build: Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def _execute(jobs: list[Job], workers: int, done: dict[str, Any], on_done: Callable[[str, dict[str, Any]], None]) -> None:
+def _execute(jobs: list[Job], workers: int, done: dict[str, Any],
+             on_done: Callable[[str, dict[str, Any]], list[Job] | None]) -> None:
     """Run ``jobs`` in list order as their dependencies allow, ``workers`` at a time.
+
+    ``on_done(name, result)`` may return new jobs (a grid that grows): each is queued in front of
+    the jobs not yet started, and one named like a job not yet started replaces it (a barrier whose
+    dependencies grew).
 
     Raises:
         TbpsError: a job's dependency is never run (a mistake in the plan); a job's own error propagates.
     """
-    pending = list(jobs)
-    known = {j.name for j in jobs} | set(done)
-    for job in jobs:
-        missing = [d for d in job.deps if d not in known]
-        if missing:
-            raise TbpsError(f"demo job {job.name} depends on unknown jobs {missing}")
+    pending: list[Job] = []
+    known = set(done)
+
+    def add(new: list[Job], front: bool) -> None:
+        names = {j.name for j in new}
+        kept = [j for j in pending if j.name not in names]
+        pending[:] = (new + kept) if front else (kept + new)
+        known.update(names)
+        for job in new:
+            missing = [d for d in job.deps if d not in known]
+            if missing:
+                raise TbpsError(f"demo job {job.name} depends on unknown jobs {missing}")
+
+    add(list(jobs), front=False)
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch state
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         running: dict[Any, str] = {}
@@ -211,7 +230,7 @@ def _execute(jobs: list[Job], workers: int, done: dict[str, Any], on_done: Calla
             for future in finished:
                 name = running.pop(future)
                 done[name] = future.result()
-                on_done(name, done[name])
+                add(on_done(name, done[name]) or [], front=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -298,7 +317,7 @@ class _Demo:
             if arm.data == "benchmark-filtered":
                 deps.append("score")
             if self.config.tune:
-                deps.append("tuned")
+                deps.append(_Tuning.BARRIER)
 
         def build(done: dict[str, Any]) -> dict[str, Any]:
             rows = self.train_rows if arm.data == "benchmark" else _rows(self.manifest(arm.data, seed))
@@ -315,47 +334,80 @@ class _Demo:
         return Job(name, tuple(dict.fromkeys(deps)), train_job, build)
 
     def score_job(self) -> Job:
-        scorer = f"seed{self.config.seed}/{SCORER_ARM}"
+        scorer, train_scorer = f"seed{self.config.seed}/{SCORER_ARM}", f"seed{self.config.seed}/{TRAIN_SCORER_ARM}"
 
         def build(done: dict[str, Any]) -> dict[str, Any]:
-            return {"out": str(self.out), "scorer": done[scorer]["run"], "bank": str(self.out / "bank.txt"), "seed": self.config.seed,
+            return {"out": str(self.out), "scorer": done[scorer]["run"], "train_scorer": done[train_scorer]["export"],
+                    "bank": str(self.out / "bank.txt"), "seed": self.config.seed,
                     "device": self.config.device, "bank_size": self.plan.bank_size, "pool": str(self.pool), "truth": str(self.truth),
                     "keep": self.clean_share, "filtered": str(self.manifest("filtered", 0)), "rule": str(self.manifest("rule", 0)),
                     "bench_train": str(self.manifests / "benchmark-train.parquet"), "bench_images": str(self.bench.parent / "imgs"),
                     "ftfilter": str(self.manifest("benchmark-filtered", 0))}
 
-        return Job("score", (scorer,), score_job, build)
+        return Job("score", (scorer, train_scorer), score_job, build)
 
-    def tuning_jobs(self) -> list[Job]:
-        """Every method x learning rate of the grid, validated only (the test split is never touched)."""
-        seed, jobs = self.config.seed, []
-        for method in METHODS.values():
-            for lr in method.grid:
-                name = f"tune/{method.name}/{lr:g}"
-                init = None if method.name == "alone" else f"seed{seed}/A-full"
+    def tuning_job(self, method: str, lr: float) -> Job:
+        """One method at one learning rate, validated only (the test split is never touched)."""
+        seed, name = self.config.seed, f"tune/{method}/{lr:g}"
+        init = None if method == "alone" else f"seed{seed}/A-full"
 
-                def build(done: dict[str, Any], method=method, lr=lr, init=init, name=name) -> dict[str, Any]:
-                    return self.train_spec(name, seed, method=method.name, data="benchmark", init=done[init]["export"] if init else None,
-                                           lr=lr, epochs=self.plan.finetune_epochs, steps=None, rows=self.train_rows, export=False, test=False)
+        def build(done: dict[str, Any]) -> dict[str, Any]:
+            return self.train_spec(name, seed, method=method, data="benchmark", init=done[init]["export"] if init else None,
+                                   lr=lr, epochs=self.plan.finetune_epochs, steps=None, rows=self.train_rows, export=False, test=False)
 
-                jobs.append(Job(name, (init,) if init else (), train_job, build))
-        return jobs
+        return Job(name, (init,) if init else (), train_job, build)
 
 
-def _tuning_record(done: dict[str, Any]) -> dict[str, Any]:
-    val: dict[str, dict[float, float]] = {}
-    for name, res in done.items():
-        if name.startswith("tune/"):
-            _, method, lr = name.split("/")
-            val.setdefault(method, {})[float(lr)] = float(res["val_R1"])
-    chosen = choose_lr(val)
-    return {
-        "grid": {m.name: list(m.grid) for m in METHODS.values()},
-        "val_R1": {m: {f"{lr:g}": v for lr, v in sorted(scores.items())} for m, scores in val.items()},
-        "chosen": chosen,
-        "note": "each method's learning rate with the best val R@1 of a stage-B run (alone: from scratch; the others from the first seed's "
-                "'pool 100%' stage-A model), chosen once; the test split was not used",
-    }
+class _Tuning:
+    """The learning-rate search: every method's grid, grown past an edge choice (``grid_extension``)."""
+
+    BARRIER = "tuned"
+
+    def __init__(self, demo: _Demo) -> None:
+        self.demo = demo
+        self.val: dict[str, dict[float, float]] = {m: {} for m in METHODS}
+        self.waiting: dict[str, set[float]] = {m.name: set(m.grid) for m in METHODS.values()}
+        self.added: dict[str, list[float]] = {m: [] for m in METHODS}
+
+    def jobs(self) -> list[Job]:
+        """The first grid of every method, and the barrier that stage B waits on."""
+        grid = [self.demo.tuning_job(m.name, lr) for m in METHODS.values() for lr in m.grid]
+        return grid + [self._barrier()]
+
+    def _barrier(self) -> Job:
+        names = tuple(f"tune/{m}/{lr:g}" for m in METHODS for lr in sorted(set(self.val[m]) | self.waiting[m]))
+        return Job(self.BARRIER, names, _no_op, lambda done: {})
+
+    def finished(self, name: str, result: dict[str, Any]) -> list[Job]:
+        """Take one tuning run's val R@1; a method's grid grows when its best rate lies at an edge."""
+        _, method, lr_text = name.split("/")
+        lr = float(lr_text)
+        self.waiting[method].discard(lr)
+        self.val[method][lr] = float(result["val_R1"])
+        if self.waiting[method]:
+            return []
+        extra = grid_extension(self.val[method], len(self.added[method]))
+        if extra is None:
+            return []
+        self.added[method].append(extra)
+        self.waiting[method].add(extra)
+        return [self.demo.tuning_job(method, extra), self._barrier()]
+
+    def record(self) -> dict[str, Any]:
+        """The tuning record: every rate tried, its val R@1, the choice, and the grids' growth."""
+        chosen = choose_lr(self.val)
+        at_edge = [m for m, scores in self.val.items() if chosen[m] in (min(scores), max(scores))]
+        return {
+            "grid": {m: sorted(scores) for m, scores in self.val.items()},
+            "first_grid": {m.name: list(m.grid) for m in METHODS.values()},
+            "extended": {m: added for m, added in self.added.items() if added},
+            "at_edge": at_edge,
+            "val_R1": {m: {f"{lr:g}": v for lr, v in sorted(scores.items())} for m, scores in self.val.items()},
+            "chosen": chosen,
+            "note": "each method's learning rate with the best val R@1 of a stage-B run (alone: from scratch; the others from the first "
+                    "seed's 'pool 100%' stage-A model), chosen once; a grid grows by one step past an edge while its best rate lies at "
+                    f"that edge (at most {MAX_EXTENSIONS} steps); the test split was not used",
+        }
 
 
 def _summaries(demo: _Demo, done: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
@@ -391,7 +443,7 @@ def _summaries(demo: _Demo, done: dict[str, Any]) -> tuple[list[dict[str, Any]],
         return stats.paired_difference([v[metric] for v in values[a]], [v[metric] for v in values[b]], groups)
 
     comparisons = compare(paired, stats.verdict)
-    gate = judge_gate({k: [done[f"seed{s}/{k}"]["val_R1"] for s in demo.seeds] for k in ("oracle", "alone") if k in values})
+    gate = judge_gate({k: [done[f"seed{s}/{k}"]["val_R1"] for s in demo.seeds] for k in ("oracle", "alone") if k in values}, seeds=demo.seeds)
     return rows, comparisons, gate
 
 
@@ -445,22 +497,26 @@ def run_demo(config: DemoConfig, progress: Callable[[int, int], None] | None = N
     order = ("A-full", "alone", "full", "A-oracle", "A-random", "A-full-steps", "A-filtered", "A-rule", "oracle", "random", "full-steps",
              "filtered", "rule", "filtered-ftfilter", "filtered-wora", "filtered-wora-fixed", "filtered-dora", "filtered-lora", "filtered-wora-plus")
     jobs: list[Job] = [demo.arm_job("A-full", config.seed), demo.score_job()]
-    if config.tune:
-        jobs += demo.tuning_jobs()
-        jobs.append(Job("tuned", tuple(j.name for j in jobs if j.name.startswith("tune/")), _no_op, lambda done: {}))
+    tuner = _Tuning(demo) if config.tune else None
+    if tuner:
+        jobs += tuner.jobs()
     for seed in demo.seeds:
         jobs += [demo.arm_job(k, seed) for k in order if not (seed == config.seed and k == "A-full")]
     done: dict[str, Any] = {}
     finished = [0]
 
-    def on_done(name: str, res: dict[str, Any]) -> None:
+    def on_done(name: str, res: dict[str, Any]) -> list[Job]:
         finished[0] += 1
-        if name == "tuned":
-            record_ = _tuning_record(done)
+        more: list[Job] = []
+        if tuner and name.startswith("tune/"):
+            more = tuner.finished(name, res)
+            total[0] += len([j for j in more if j.name != _Tuning.BARRIER])
+        if name == _Tuning.BARRIER:
+            record_ = tuner.record()
             demo.lr = dict(record_["chosen"])
-            done["tuned"] = record_
+            done[name] = record_
             write_json(out / TUNING_JSON, record_)
-            say(f"tuning: chosen {record_['chosen']} (val R@1 {record_['val_R1']})")
+            say(f"tuning: chosen {record_['chosen']}" + (f"; still at a grid edge: {', '.join(record_['at_edge'])}" if record_["at_edge"] else ""))
         elif name == "score":
             say(f"scored: filtered {res['filtered']['rows']:,}, rule {res['rule']['rows']:,}, paper-finetune {res['ftfilter']['rows']:,} of {res['ftfilter']['of']:,}")
         elif res.get("skipped"):
@@ -470,16 +526,19 @@ def run_demo(config: DemoConfig, progress: Callable[[int, int], None] | None = N
             say(f"{name}: val R@1 {res['val_R1'] if res['val_R1'] is None else round(res['val_R1'], 2)}, test R@1 "
                 f"{test.get('R1', float('nan')):.2f}, {res['steps']} steps in {res['train_seconds']:.0f} s")
         if progress:
-            progress(finished[0], len(jobs))
+            progress(finished[0], total[0])
+        return more
 
+    total = [len(jobs)]
     _execute(jobs, config.jobs, done, on_done)
-    tuning = done.get("tuned") or tuning
+    tuning = done.get(_Tuning.BARRIER) or tuning
     rows, comparisons, gate = _summaries(demo, done)
     by_key = {r["key"]: r for r in rows}
     times = {k: r["train_seconds"]["mean"] for k, r in by_key.items()}
     shares = {k: 100.0 * r["trainable_non_embedding"] / r["non_embedding_total"] for k, r in by_key.items() if r["non_embedding_total"]}
     filt = _filter_record(done["score"])
-    claims = judge_claims(comparisons, times, shares, done["score"]["filtered"]["truth"], gate, judged=not config.quick)
+    steps = {k: float(r["steps"]) for k, r in by_key.items()}
+    claims = judge_claims(comparisons, times, shares, done["score"]["filtered"]["truth"], gate, steps=steps, judged=not config.quick)
     seconds = time.perf_counter() - started
     results = {
         "quick": config.quick, "seconds": seconds, "load": {"start_1min": load_start, "end_1min": os.getloadavg()[0]},

@@ -3,18 +3,20 @@
 A claim such as "filtered 40% beats the full pool on R@1" is judged on an interval, not on one
 number. The unit resampled is the *test identity*: the queries of one person are not
 independent of each other (they share the person's gallery images), so resampling queries would
-make the intervals too narrow. Training seeds are not resampled; every statistic averages over
-the seeds given, and each bootstrap draw uses the same identities for every seed (and for both
-arms of a paired difference).
+make the intervals too narrow. The training seeds are resampled too (a two-level bootstrap), so
+an interval holds the seed-to-seed variation as well as the test set's: each draw uses the same
+identities for every seed (and for both arms of a paired difference, whose seeds pair up).
 
 For the value ``v[s, q]`` of query ``q`` (of identity ``g(q)``) under seed ``s``, a draw picks identities
-``i_1 .. i_n`` (``n`` = number of test identities, with replacement) and its statistic is::
+``i_1 .. i_n`` (``n`` = number of test identities, with replacement), then seeds ``t_1 .. t_m`` (``m`` =
+number of seeds, with replacement), and its statistic is::
 
-    mean over s of  sum_j S[s, i_j] / sum_j N[i_j]
+    mean over k of  sum_j S[t_k, i_j] / sum_j N[i_j]
 
 with ``S[s, i]`` the sum of ``v[s, q]`` over the queries of identity ``i`` and ``N[i]`` their
 count: the mean over the drawn queries, an identity drawn twice counted twice. The interval is
-the percentile interval of the draws' statistics.
+the percentile interval of the draws' statistics. (With ``resample_seeds=False`` every draw takes
+each seed once: the interval of the test set's variation alone.)
 
 Everything here is numpy over arrays (no torch, no file I/O); :func:`query_values` turns the
 ``per_query`` outcome of ``tbps.eval.metrics.retrieval_metrics(per_query=True)`` (or of
@@ -86,8 +88,9 @@ def bootstrap_mean(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    resample_seeds: bool = True,
 ) -> dict[str, Any]:
-    """Mean of a per-query value over seeds, with a percentile bootstrap interval over identities.
+    """Mean of a per-query value over seeds, with a percentile bootstrap interval over identities and seeds.
 
     Args:
         values_by_seed: ``values_by_seed[s][q]``: the value of query ``q`` under training seed
@@ -97,6 +100,7 @@ def bootstrap_mean(
         n_boot: bootstrap draws.
         seed: seed of the draws; the same seed gives the same interval.
         level: coverage of the interval (0.95: the 2.5th to the 97.5th percentile).
+        resample_seeds: draw the seeds with replacement too (the default), or take each once.
 
     Returns:
         ``{"mean", "lo", "hi", "std"}``: the mean over seeds of the per-seed query means, the
@@ -129,7 +133,10 @@ def bootstrap_mean(
     # How often each identity was drawn, per draw: the statistic is linear in these multiplicities.
     times = np.bincount((np.arange(n_boot)[:, None] * n_ids + draws).ravel(), minlength=n_boot * n_ids)
     times = times.reshape(n_boot, n_ids).astype(np.float64)
-    stat = ((times @ sums.T) / (times @ counts)[:, None]).mean(axis=1)
+    per_draw = (times @ sums.T) / (times @ counts)[:, None]  # [draw, seed]: each seed's mean over the drawn queries
+    if resample_seeds and n_seeds > 1:
+        per_draw = np.take_along_axis(per_draw, rng.integers(0, n_seeds, size=(n_boot, n_seeds)), axis=1)
+    stat = per_draw.mean(axis=1)
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(stat, [tail, 1.0 - tail])
 
@@ -150,6 +157,7 @@ def paired_difference(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    resample_seeds: bool = True,
 ) -> dict[str, Any]:
     """``a - b`` query by query and seed by seed, with the interval of :func:`bootstrap_mean`.
 
@@ -161,6 +169,7 @@ def paired_difference(
         n_boot: bootstrap draws.
         seed: seed of the draws.
         level: coverage of the interval.
+        resample_seeds: as for :func:`bootstrap_mean` (the seed pairs are drawn together).
 
     Returns:
         ``{"mean", "lo", "hi", "std", "per_seed"}``: :func:`bootstrap_mean` of the differences,
@@ -174,7 +183,7 @@ def paired_difference(
     if a.shape != b.shape:
         raise ValueError(f"the arms are not paired: a has {a.shape} (seeds, queries), b has {b.shape}")
     diff = a - b
-    res = bootstrap_mean(list(diff), groups, n_boot=n_boot, seed=seed, level=level)
+    res = bootstrap_mean(list(diff), groups, n_boot=n_boot, seed=seed, level=level, resample_seeds=resample_seeds)
     res["per_seed"] = [float(m) for m in diff.mean(axis=1)]
     return res
 

@@ -21,15 +21,18 @@ from tbps.demo.plan import (
     METHODS,
     POOL_SUBSETS,
     PRETRAIN,
+    MAX_EXTENSIONS,
     DemoConfig,
     choose_lr,
+    grid_extension,
+    next_rate,
     ok_rows,
     oracle_rows,
     random_rows,
     read_tuning,
     steps_for,
 )
-from tbps.demo.run import MARKER, Job, _execute, _no_op, prepare_out
+from tbps.demo.run import MARKER, Job, _execute, _no_op, _Tuning, prepare_out
 from tbps.errors import TbpsError, UsageError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -99,6 +102,72 @@ def test_the_learning_rate_is_chosen_on_val_and_a_tie_takes_the_smaller():
 
 
 @pytest.mark.parametrize(
+    ("lr", "up", "expected"),
+    [(1e-3, True, 3e-3), (3e-3, True, 1e-2), (1e-3, False, 3e-4), (3e-4, False, 1e-4), (1e-2, True, 3e-2), (3e-5, False, 1e-5)],
+)
+def test_the_rate_ladder_steps_by_about_three(lr, up, expected):
+    assert next_rate(lr, up) == expected
+
+
+def test_a_rate_off_the_ladder_is_refused():
+    with pytest.raises(ValueError, match="ladder"):
+        next_rate(5e-4, up=True)
+
+
+@pytest.mark.parametrize(
+    ("scores", "added", "expected"),
+    [
+        ({1e-4: 10.0, 3e-4: 12.0, 1e-3: 11.0}, 0, None),  # interior: done
+        ({1e-4: 10.0, 3e-4: 11.0, 1e-3: 12.0}, 0, 3e-3),  # best at the top edge: one step up
+        ({1e-3: 56.0, 3e-3: 53.0, 1e-2: 44.0}, 0, 3e-4),  # best at the bottom edge: one step down
+        ({1e-4: 56.0, 3e-4: 56.0, 1e-3: 53.75}, 0, 3e-5),  # a tie takes the smaller rate, an edge
+        ({1e-4: 10.0, 3e-4: 11.0, 1e-3: 12.0}, MAX_EXTENSIONS, None),  # the extensions are spent
+    ],
+)
+def test_a_grid_grows_past_an_edge_choice_only(scores, added, expected):
+    assert grid_extension(scores, added) == expected
+
+
+class _FakeDemo:
+    """tuning_job() of a demo whose val R@1 is a known curve of the learning rate (a job returns its spec)."""
+
+    def __init__(self, curves):
+        self.curves = curves
+
+    def tuning_job(self, method, lr):
+        return Job(f"tune/{method}/{lr:g}", (), dict, lambda done: {"val_R1": self.curves[method](lr)})
+
+
+def test_tuning_grows_each_grid_until_its_choice_is_interior_and_stage_b_waits_for_all_of_it():
+    import math
+
+    def peak(at):
+        return lambda lr: 50.0 - abs(math.log10(lr) - math.log10(at))
+
+    curves = {name: peak(3e-4) if name in ("full", "alone") else peak(3e-3) for name in METHODS}
+    curves["alone"] = peak(3e-3)  # beyond its first grid's top (1e-3): two steps added, 3e-3 and 1e-2
+    curves["wora"] = lambda lr: 50.0 + math.log10(1.0 / lr)  # always better lower: the extensions run out
+    tuner = _Tuning(_FakeDemo(curves))
+    order: list[str] = []
+
+    def on_done(name, res):
+        order.append(name)
+        return tuner.finished(name, res) if name.startswith("tune/") else []
+
+    jobs = tuner.jobs() + [Job("stage-b", (_Tuning.BARRIER,), _no_op, lambda done: {})]
+    _execute(jobs, 2, {}, on_done)
+    record = tuner.record()
+    assert record["extended"] == {"alone": [3e-3, 1e-2], "wora": [3e-4, 1e-4, 3e-5]}
+    assert record["chosen"]["alone"] == 3e-3 and record["chosen"]["full"] == 3e-4 and record["chosen"]["wora"] == 3e-5
+    assert record["at_edge"] == ["wora"]
+    assert record["grid"]["alone"] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2] and record["first_grid"]["alone"] == list(METHODS["alone"].grid)
+    assert set(record["val_R1"]["wora"]) == {"3e-05", "0.0001", "0.0003", "0.001", "0.003", "0.01"}
+    tuned = [n for n in order if n.startswith("tune/")]
+    assert len(tuned) == 3 * len(METHODS) + 5
+    assert order.index(_Tuning.BARRIER) > max(order.index(n) for n in tuned) and order[-1] == "stage-b"
+
+
+@pytest.mark.parametrize(
     ("oracle", "alone", "passed"),
     [([30.0, 32.0], [20.0, 30.0], True), ([25.0, 26.0], [21.0, 21.0], False), ([25.0], [20.0], True)],
 )
@@ -108,6 +177,12 @@ def test_the_gate_compares_the_mean_of_the_per_seed_differences(oracle, alone, p
     assert gate["passed"] is passed and gate["threshold"] == GATE_POINTS
     assert gate["mean_difference"] == pytest.approx(sum(diffs) / len(diffs))
     assert [p["difference"] for p in gate["per_seed"]] == diffs
+    assert [p["seed"] for p in gate["per_seed"]] == list(range(len(diffs)))
+
+
+def test_the_gate_names_the_seeds_it_was_given():
+    gate = judge_gate({"oracle": [30.0, 31.0], "alone": [20.0, 20.0]}, seeds=[7, 8])
+    assert [p["seed"] for p in gate["per_seed"]] == [7, 8]
 
 
 def test_a_gate_without_measurements_does_not_pass():
@@ -139,7 +214,11 @@ def test_competitive_claims_are_judged_on_the_interval_against_the_margin(interv
     claims = {c["claim"]: c for c in judge_claims(comps, {"A-filtered": 60.0, "A-full": 100.0}, {"filtered-wora": 8.3}, None, PASSED)}
     assert claims["filtered data: competitive accuracy with less training time"]["verdict"] == expected
     assert claims["WoRA light fine-tuning is competitive with full fine-tuning"]["verdict"] == expected
-    assert "40.0% less" in claims["filtered data: competitive accuracy with less training time"]["measured"]
+    assert "40.0% fewer steps" in claims["filtered data: competitive accuracy with less training time"]["measured"]
+    # With step counts given, the saving is counted in steps and the wall time is reported beside it.
+    by_steps = judge_claims(comps, {"A-filtered": 90.0, "A-full": 100.0}, {}, None, PASSED, steps={"A-filtered": 300.0, "A-full": 500.0})
+    measured = next(c for c in by_steps if c["claim"].startswith("filtered data"))["measured"]
+    assert "40.0% fewer steps (10.0% less wall time)" in measured
     assert f"{interval[0]:+.2f}" in claims["WoRA light fine-tuning is competitive with full fine-tuning"]["measured"]
     assert MARGIN == 2.0
 
@@ -168,6 +247,9 @@ def test_a_failed_gate_makes_the_curation_claims_untestable_and_quick_mode_judge
     failed = judge_claims(comps, {"A-filtered": 1.0, "A-full": 2.0}, {}, {"relevance": {"auroc_bank_rank": 0.9}}, {"passed": False})
     assert {c["verdict"] for c in failed} == {NOT_TESTABLE}
     assert all(c["measured"] for c in failed)  # the numbers are reported all the same
+    rivals = _comparisons({("filtered-wora", "filtered-dora"): _interval(2, 1, 3), ("filtered-wora", "filtered-lora"): _interval(2, 0.5, 3)})
+    # WoRA vs its rivals needs no pretraining gain: it is judged whatever the gate says.
+    assert [c["verdict"] for c in judge_claims(rivals, {}, {}, None, {"passed": False})] == ["holds"]
     quick = judge_claims(comps, {"A-filtered": 1.0, "A-full": 2.0}, {}, None, PASSED, judged=False)
     assert {c["verdict"] for c in quick} == {NOT_JUDGED}
 
@@ -276,7 +358,11 @@ def test_a_missing_or_damaged_tuning_record_is_one_clear_error(tmp_path, text, m
 def test_the_recorded_tuning_names_every_method_and_its_choice_is_on_its_grid():
     record = read_tuning()
     for name, method in METHODS.items():
-        assert record["chosen"][name] in method.grid
+        grid = record["grid"][name]
+        assert set(method.grid) <= set(grid) and record["chosen"][name] in grid
         scores = record["val_R1"][name]
-        assert len(scores) == len(method.grid)
+        assert len(scores) == len(grid)
         assert scores[f"{record['chosen'][name]:g}"] == max(scores.values())
+        # Interior, or recorded as still at an edge after the grid grew as far as it may.
+        if record["chosen"][name] in (min(grid), max(grid)):
+            assert name in record.get("at_edge", []) and len(record["extended"][name]) == MAX_EXTENSIONS

@@ -21,14 +21,17 @@ SEED0 = np.array([100.0, 0.0, 100.0, 100.0, 0.0, 0.0, 100.0])
 SEED1 = np.array([100.0, 100.0, 0.0, 100.0, 0.0, 100.0, 100.0])
 
 
-def loop_bootstrap(values_by_seed, groups, n_boot, seed, level):
+def loop_bootstrap(values_by_seed, groups, n_boot, seed, level, resample_seeds=True):
     """The documented statistic, one draw, one seed and one drawn identity at a time."""
     ids = sorted(set(groups.tolist()))  # identity j of a draw is ids[j], as np.unique orders them
-    draws = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(ids), size=(n_boot, len(ids)))  # the identities first, then the seeds
+    n_seeds = len(values_by_seed)
+    seed_draws = rng.integers(0, n_seeds, size=(n_boot, n_seeds)) if resample_seeds and n_seeds > 1 else [range(n_seeds)] * n_boot
     stats = []
-    for draw in draws:
+    for draw, seeds in zip(draws, seed_draws):
         per_seed = []
-        for values in values_by_seed:
+        for values in (values_by_seed[t] for t in seeds):
             total = count = 0.0
             for j in draw:
                 mine = [v for v, g in zip(values, groups) if g == ids[j]]
@@ -48,6 +51,20 @@ def test_hand_example():
     lo, hi = loop_bootstrap([SEED0, SEED1], GROUPS, n_boot=200, seed=3, level=0.9)
     assert (res["lo"], res["hi"]) == (pytest.approx(lo, abs=1e-9), pytest.approx(hi, abs=1e-9))
     assert res["lo"] < res["mean"] < res["hi"]
+    fixed = bootstrap_mean([SEED0, SEED1], GROUPS, n_boot=200, seed=3, level=0.9, resample_seeds=False)
+    lo, hi = loop_bootstrap([SEED0, SEED1], GROUPS, n_boot=200, seed=3, level=0.9, resample_seeds=False)
+    assert (fixed["lo"], fixed["hi"]) == (pytest.approx(lo, abs=1e-9), pytest.approx(hi, abs=1e-9))
+    assert fixed["mean"] == res["mean"]
+
+
+def test_resampling_the_seeds_widens_the_interval_by_the_seeds_spread():
+    # Every identity the same: the test set adds no variation, so the interval is the seeds' alone.
+    groups = np.repeat(np.arange(20), 3)
+    seeds = [np.full(60, v) for v in (40.0, 50.0, 60.0)]
+    fixed = bootstrap_mean(seeds, groups, n_boot=400, resample_seeds=False)
+    both = bootstrap_mean(seeds, groups, n_boot=400)
+    assert fixed["lo"] == pytest.approx(50.0) and fixed["hi"] == pytest.approx(50.0)
+    assert both["lo"] < 50.0 < both["hi"] and 40.0 <= both["lo"] and both["hi"] <= 60.0
 
 
 def test_one_draw_by_hand():
