@@ -306,6 +306,63 @@ def near_duplicate_pairs(
     return i, j, stats
 
 
+# The nearest-neighbour summary of a near-duplicate step that removed most of its input.
+NN_QUERIES = 2_000
+NN_REFERENCE = 50_000
+NN_QUANTILES = {"p5": 0.05, "p25": 0.25, "median": 0.5, "p75": 0.75, "p95": 0.95}
+
+
+def nearest_similarity(xs: list[np.ndarray], *, queries: int = NN_QUERIES, reference: int = NN_REFERENCE, seed: int = 0) -> tuple[np.ndarray, int]:
+    """The highest cosine of each of a sample of rows to any other row (the nearest neighbour).
+
+    With several embeddings per row (image and caption), two rows are as similar as their
+    least similar embedding, as near de-duplication with ``--dedup pair`` judges them. Above
+    ``reference`` rows, the neighbours are looked for among a random ``reference`` of them, so
+    the cosines are then a lower bound.
+
+    Args:
+        xs: ``(n, d)`` embeddings, one array per modality (rows are re-normalised).
+        queries: rows whose nearest neighbour is measured (a random sample above this).
+        reference: rows searched for neighbours (a random sample above this).
+        seed: seeds both samples.
+
+    Returns:
+        ``(cosines, reference rows searched)``: one cosine per sampled row (``-1`` for a single row).
+    """
+    n = len(xs[0])
+    rng = np.random.default_rng(seed)
+    q = np.sort(rng.choice(n, size=min(n, queries), replace=False))
+    r = np.arange(n) if n <= reference else np.sort(rng.choice(n, size=reference, replace=False))
+    left = [as_unit_float32(x[q]) for x in xs]
+    best = np.full(len(q), -1.0, dtype=np.float32)
+    for c0 in range(0, len(r), COLUMN_BLOCK):
+        cols = r[c0 : c0 + COLUMN_BLOCK]
+        sims = None
+        for x, lq in zip(xs, left):
+            s = lq @ as_unit_float32(x[cols]).T
+            sims = s if sims is None else np.minimum(sims, s)
+        sims[q[:, None] == cols[None, :]] = -np.inf  # a row is not its own neighbour
+        best = np.maximum(best, sims.max(axis=1))
+    return best, len(r)
+
+
+def nearest_similarity_summary(xs: list[np.ndarray], threshold: float, **kwargs) -> dict:
+    """Quantiles of :func:`nearest_similarity` and the share of sampled rows at or above ``threshold``.
+
+    Returns:
+        ``{"queries", "reference", "p5", "p25", "median", "p75", "p95", "share_at_threshold"}``,
+        cosines rounded to 4 decimals (the summary goes into the manifest's metadata).
+    """
+    best, searched = nearest_similarity(xs, **kwargs)
+    values = np.quantile(best.astype(np.float64), list(NN_QUANTILES.values()))
+    return {
+        "queries": int(len(best)),
+        "reference": int(searched),
+        **{k: round(float(v), 4) for k, v in zip(NN_QUANTILES, values)},
+        "share_at_threshold": round(float((best >= threshold).mean()), 4),
+    }
+
+
 def greedy_keep(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Greedy near-duplicate resolution in best-first order.
 

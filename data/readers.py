@@ -10,19 +10,22 @@ into a Polars frame with exactly the columns of :data:`tbps.columns.PAIR_SCHEMA`
 Conventions (shared with the synthetic world generator):
 
 - ``source``: the format name for the named formats; the file (or folder) stem for generic
-  tables, image folders and caption files.
+  tables, image folders and caption files, and for each of several JSON files read as one
+  dataset (a folder of ``.json`` files or a pattern: :mod:`tbps.data.formats.pedes`).
 - ``split`` from the record/column when present, else null. ``person_id`` as a string
-  (``12`` -> ``"12"``), null when the dataset has none.
+  (``12`` -> ``"12"``), null when the dataset has none (APTM/MALS has none).
 - Large files: rows are gathered in plain lists and become one frame at the end; each
   distinct image path is resolved once; the garbage collector is paused while reading.
 
 Per-row problems are statuses, and every input caption gives exactly one row: a record that
-lacks a required field is ``bad-record`` naming the field, an image path that leaves the image
-root is ``path-outside-root`` (:mod:`tbps.data.paths`; the file is never opened), an empty or
-blank caption is ``empty-caption``. When several apply, the first in that order wins.
-Problems with the file as a whole (not found, empty, invalid JSON, wrong top-level type, a file
-that is none of the formats, a missing column) raise :class:`TbpsError` naming the path and
-the fields expected and found. Images are not opened here; whether they exist and decode is
+lacks a required field, holds a value of the wrong type or text that is not valid Unicode is
+``bad-record`` naming the record and field, an image path that leaves the image root is
+``path-outside-root`` (:mod:`tbps.data.paths`; the file is never opened), an empty or blank
+caption is ``empty-caption`` (in every format). When several apply, the first in that order
+wins. Problems with the file as a whole (not found, not a regular file, empty, invalid JSON,
+JSON nested deeper than the parser goes, wrong top-level type, a file that is none of the
+formats, a missing column or one of the wrong type) raise :class:`TbpsError` naming the path,
+where in it, and the fields expected and found (:mod:`tbps.data.formats.base`). Images are not opened here; whether they exist and decode is
 checked by :func:`tbps.data.images.open_image` when they are used.
 """
 
@@ -37,9 +40,9 @@ from typing import Any
 
 import polars as pl
 
-from tbps.columns import CAPTION, IMAGE_PATH, PAIR_ID, PERSON_ID, SPLIT, STATUS
+from tbps.columns import CAPTION, IMAGE_PATH, PAIR_ID, PERSON_ID, SOURCE, SPLIT, STATUS
 from tbps.data.formats import FORMATS
-from tbps.data.formats.base import COLUMN_OPTIONS, DIRECTORY, FILE, Format, Peek
+from tbps.data.formats.base import COLUMN_OPTIONS, DIRECTORY, FILE, NO_PERSON_IDS, Format, Peek, check_exists
 from tbps.data.options import ReaderOptions
 from tbps.errors import TbpsError, UsageError
 
@@ -49,7 +52,7 @@ class ReadConfig(ReaderOptions):
     """What to read and how: a dataset path and the reader options.
 
     Args:
-        data: the dataset file or folder.
+        data: the dataset file or folder, or a pattern of JSON files read as one dataset.
         format, image_root, image_col, caption_col, id_col: the reader options
             (:class:`tbps.data.options.ReaderOptions`).
     """
@@ -59,8 +62,7 @@ class ReadConfig(ReaderOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.data = Path(self.data)
-        if not self.data.exists():
-            raise TbpsError("no such file or directory", path=self.data, field="data")
+        check_exists(self.data)
         if self.image_root is not None:
             self.image_root = Path(self.image_root)
             if not self.image_root.is_dir():
@@ -110,8 +112,7 @@ def detect_format(path: Path | str) -> str:
 
 def _detect(path: Path, peek: Peek) -> Format:
     """The first registered format that recognises the path (JSON records parsed into ``peek``)."""
-    if not path.exists():
-        raise TbpsError("no such file or directory", path=path)
+    check_exists(path)
     for fmt in FORMATS.values():
         if fmt.detect(path, peek):
             return fmt
@@ -206,7 +207,7 @@ def read_dataset(
     """Read any supported dataset into a pair table with exactly ``PAIR_SCHEMA``.
 
     Args:
-        path: the dataset file or folder.
+        path: the dataset file or folder, or a pattern of JSON files (``"mals/*.json"``).
         format: one of :data:`tbps.data.formats.FORMATS`; detected when ``None``.
         image_root: where image paths resolve; the per-format default when ``None``.
         image_col: image path column of a table.
@@ -264,7 +265,11 @@ class DatasetSummary:
         statuses: rows per status.
         splits: rows per split (``None`` for no split).
         persons: distinct person ids.
+        persons_note: when there are none, why (the format's word: MALS has none, a table
+            names no id column, ...); ``None`` when there are some.
+        sources: rows per ``source`` (one per file when several files are read as one).
         images: distinct image paths (resolved ones).
+        image_sample: whether a sample of those files exists (:func:`sample_images`).
         caption_words: min / mean / median / max words per non-null caption.
         head: the first rows.
 
@@ -278,9 +283,65 @@ class DatasetSummary:
     statuses: dict[str, int]
     splits: dict[str | None, int]
     persons: int
+    persons_note: str | None
+    sources: dict[str, int]
     images: int
+    image_sample: ImageSample
     caption_words: dict[str, float]
     head: pl.DataFrame
+
+
+IMAGE_SAMPLE = 200  # image paths looked for by `tbps info` and before `tbps score` does any work
+
+
+@dataclass
+class ImageSample:
+    """Whether a dataset's image files exist, judged on an even sample of its distinct paths.
+
+    Attributes:
+        checked: paths looked for.
+        found: of them, the regular files that exist.
+        missing_example: one path that does not exist, or None.
+        found_elsewhere: a directory under the dataset's folder holding a file of that name
+            (where a wrong ``--image-root`` should point instead), or None.
+    """
+
+    checked: int
+    found: int
+    missing_example: str | None = None
+    found_elsewhere: str | None = None
+
+
+def sample_images(pairs: pl.DataFrame, data: Path, size: int = IMAGE_SAMPLE) -> ImageSample:
+    """Look for an even sample of the ok rows' image files (no decoding: a ``stat`` each).
+
+    Args:
+        pairs: a pair table as read.
+        data: the dataset's path (a missing file's name is searched for below its folder).
+        size: how many distinct paths to look for.
+    """
+    paths = pairs.filter(pl.col(STATUS) == STATUS_OK).get_column(IMAGE_PATH).drop_nulls().unique(maintain_order=True)
+    if paths.len() == 0 or paths.str.len_chars().max() == 0:
+        return ImageSample(0, 0)
+    sample = paths.gather_every(max(1, paths.len() // size)).head(size).to_list()
+    missing = [p for p in sample if not Path(p).is_file()]
+    result = ImageSample(len(sample), len(sample) - len(missing), missing[0] if missing else None)
+    if missing:
+        found = _find_file(data.parent if data.is_file() else data, Path(missing[0]).name)
+        result.found_elsewhere = str(found.parent) if found is not None else None
+    return result
+
+
+def _find_file(top: Path, name: str, limit: int = 50_000) -> Path | None:
+    """The first file named ``name`` below ``top``, looking at no more than ``limit`` entries."""
+    seen = 0
+    for dirpath, dirs, files in os.walk(top):
+        seen += len(files) + len(dirs)
+        if name in files:
+            return Path(dirpath) / name
+        if seen > limit:
+            return None
+    return None
 
 
 def summarize(dataset: Dataset, head: int = 5) -> DatasetSummary:
@@ -303,6 +364,8 @@ def summarize(dataset: Dataset, head: int = 5) -> DatasetSummary:
         "median": float(words.median() or 0),
         "max": float(words.max() or 0),
     }
+    persons = pairs.get_column(PERSON_ID).drop_nulls().n_unique()
+    fmt = FORMATS.get(dataset.format)
     return DatasetSummary(
         path=str(dataset.path),
         format=dataset.format,
@@ -310,8 +373,11 @@ def summarize(dataset: Dataset, head: int = 5) -> DatasetSummary:
         rows=pairs.height,
         statuses=statuses,
         splits=splits,
-        persons=pairs.get_column(PERSON_ID).drop_nulls().n_unique(),
+        persons=persons,
+        persons_note=None if persons else (fmt.no_person_ids if fmt is not None else NO_PERSON_IDS),
+        sources=dict(pairs.group_by(SOURCE).len().sort(SOURCE, nulls_last=True).iter_rows()),
         images=pairs.get_column(IMAGE_PATH).drop_nulls().n_unique(),
+        image_sample=sample_images(pairs, Path(dataset.path)),
         caption_words=caption_words,
         head=pairs.head(head).select(PAIR_ID, IMAGE_PATH, CAPTION, PERSON_ID, SPLIT, STATUS),
     )

@@ -152,15 +152,17 @@ def test_aptm_training_and_test_files(tmp_path):
     ])
     frame = read_dataset(train)
     _assert_schema(frame)
+    # MALS's image_id names an image, not a person: no person ids unless --id-col names the field
     assert frame.select(PAIR_ID, PERSON_ID, SPLIT, SOURCE, STATUS).rows() == [
-        ("0:0", "c_g_a_0_0", None, "aptm", STATUS_OK), ("1:0", "c_g_a_0_1", None, "aptm", STATUS_OK)]
+        ("0:0", None, None, "aptm", STATUS_OK), ("1:0", None, None, "aptm", STATUS_OK)]
+    assert read_dataset(train, id_col="image_id").get_column(PERSON_ID).to_list() == ["c_g_a_0_0", "c_g_a_0_1"]
     # root defaults to the json's folder; a missing image is not the reader's business
     assert frame.get_column(IMAGE_PATH).to_list() == [
         _real(tmp_path / "gene_crop/c_g_a_0/0.jpg"), _real(tmp_path / "gene_crop/c_g_a_0/1.jpg")]
     test = _json(tmp_path / "cuhk_test.json", [
         {"image": "gene_crop/c_g_a_0/0.jpg", "caption": ["first", "second"], "image_id": 3},
     ])
-    frame = read_dataset(test)
+    frame = read_dataset(test, id_col="image_id")  # APTM's CUHK test files number persons in image_id
     assert frame.select(PAIR_ID, CAPTION, PERSON_ID).rows() == [("0:0", "first", "3"), ("0:1", "second", "3")]
     # with an images/ folder beside the json (as tbps synth writes its pool), that is the root
     _img(tmp_path / "pool" / "images" / "g000" / "000000.jpg")
@@ -421,6 +423,73 @@ def test_image_folder_refuses_links_out_and_reads_no_caption_there(world):
     assert linked.select(IMAGE_PATH, CAPTION, STATUS).rows() == [(_real(root / "extra/e.jpg"), "extra caption", STATUS_OK)]
 
 
+# ----------------------------------------------------------------------------- several JSON files
+
+
+def _mals(tmp: Path) -> Path:
+    """A MALS-like release: several APTM json files in one folder, images beside them."""
+    folder = tmp / "gene_attrs"
+    for name, n in (("g_c_g_a_0_attrs", 2), ("g_4x_attrs", 3)):
+        for k in range(n):
+            _img(folder / "images" / name / f"{k}.jpg")
+        _json(folder / f"{name}.json", [{"image": f"{name}/{k}.jpg", "caption": f"caption {k} of {name}", "image_id": f"{name}_{k}",
+                                         "label": [1]} for k in range(n)])
+    return folder
+
+
+def test_a_folder_or_pattern_of_json_files_is_one_dataset(tmp_path):
+    folder = _mals(tmp_path)
+    frame = read_dataset(folder)
+    _assert_schema(frame)
+    # sorted file order, ids prefixed by the file's stem, one source per file
+    assert frame.select(PAIR_ID, SOURCE).rows() == [
+        ("g_4x_attrs:0:0", "g_4x_attrs"), ("g_4x_attrs:1:0", "g_4x_attrs"), ("g_4x_attrs:2:0", "g_4x_attrs"),
+        ("g_c_g_a_0_attrs:0:0", "g_c_g_a_0_attrs"), ("g_c_g_a_0_attrs:1:0", "g_c_g_a_0_attrs")]
+    assert set(frame.get_column(STATUS)) == {STATUS_OK} and frame.get_column(PERSON_ID).null_count() == 5
+    assert frame.get_column(IMAGE_PATH)[0] == _real(folder / "images/g_4x_attrs/0.jpg")  # images/ inside the folder
+    # a quoted pattern reads the same files the same way; a second read gives the same ids
+    assert read_dataset(str(folder / "*.json")).equals(frame) and read_dataset(folder).equals(frame)
+    assert detect_format(folder) == detect_format(folder / "*.json") == "aptm"
+    # one file alone keeps its ids and the format name as source (score directories stay resumable)
+    single = read_dataset(folder / "g_4x_attrs.json", image_root=folder / "images")
+    assert single.select(PAIR_ID, SOURCE).rows()[0] == ("0:0", "aptm")
+
+
+def test_several_files_whose_stems_repeat_are_named_by_their_path(tmp_path):
+    for part in ("a", "b"):
+        _json(tmp_path / part / "train.json", [{"split": "train", "captions": ["x"], "file_path": "1.jpg", "id": 1}])
+    frame = read_dataset(str(tmp_path / "*" / "train.json"), image_root=tmp_path)
+    assert frame.select(PAIR_ID, SOURCE).rows() == [("a/train:0:0", "a/train"), ("b/train:0:0", "b/train")]
+
+
+def test_several_json_files_refuse_a_file_of_another_format(tmp_path):
+    _json(tmp_path / "d" / "a.json", [{"image": "1.jpg", "caption": "x", "image_id": "1"}])
+    bad = _json(tmp_path / "d" / "b.json", [{"split": "train", "captions": ["x"], "file_path": "1.jpg", "id": 1}])
+    with pytest.raises(TbpsError, match="none of the first records has the fields aptm expects") as info:
+        read_dataset(tmp_path / "d")
+    assert str(bad) in str(info.value)
+    with pytest.raises(TbpsError, match="no file matches the pattern"):
+        read_dataset(str(tmp_path / "d" / "*.jsonx"))
+    # an image folder with a stray .json stays an image folder
+    _img(tmp_path / "photos" / "1.jpg")
+    (tmp_path / "photos" / "1.txt").write_text("a man\n", encoding="utf-8")
+    _json(tmp_path / "photos" / "meta.json", {"about": "these photos"})
+    assert detect_format(tmp_path / "photos") == "image-folder"
+
+
+def test_info_says_mals_has_no_person_ids_and_lists_the_files(tmp_path, cli):
+    result = cli("info", _mals(tmp_path), env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "person ids: none in this format" in out and "image_id names an image" in out
+    assert "sources (one per file)" in out and "g_4x_attrs │ 3" in out and "g_c_g_a_0_attrs │ 2" in out
+    with_ids = cli("info", _mals(tmp_path / "again"), "--id-col", "image_id", env={"COLUMNS": "300"})
+    assert with_ids.exit_code == 0 and "person ids: none" not in with_ids.stdout
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\na.jpg,x\n", encoding="utf-8")
+    assert "name one with --id-col" in " ".join(cli("info", table, env={"COLUMNS": "300"}).stdout.split())
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -502,9 +571,43 @@ def test_table_rows_with_missing_cells(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("image,caption\na.jpg,one\n,two\nb.jpg,\nc.jpg,\"  \"\n", encoding="utf-8")
     frame = read_dataset(path)
+    # An empty CSV caption is an empty caption, like a blank one (it used to be bad-record).
     assert frame.select(PAIR_ID, STATUS).rows() == [
-        ("0:0", STATUS_OK), ("1:0", STATUS_BAD_RECORD), ("2:0", STATUS_BAD_RECORD), ("3:0", STATUS_EMPTY_CAPTION)]
-    assert "'image'" in frame.get_column(ERROR)[1] and "'caption'" in frame.get_column(ERROR)[2]
+        ("0:0", STATUS_OK), ("1:0", STATUS_BAD_RECORD), ("2:0", STATUS_EMPTY_CAPTION), ("3:0", STATUS_EMPTY_CAPTION)]
+    assert "empty image path" in frame.get_column(ERROR)[1]
+    # A null cell (typed formats have them) is a missing value, named by its column.
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"image": "a.jpg", "caption": null}\n{"image": null, "caption": "two"}\n', encoding="utf-8")
+    errors = read_dataset(jsonl).select(STATUS, ERROR).rows()
+    assert [s for s, _ in errors] == [STATUS_BAD_RECORD] * 2
+    assert "missing value in column 'caption'" in errors[0][1] and "missing value in column 'image'" in errors[1][1]
+
+
+def _empty_caption_samples(tmp: Path) -> dict[str, Path]:
+    """One file per format whose only caption is empty ("") and, where a format has room, one blank ("  ")."""
+    _img(tmp / "imgs" / "a.jpg")
+    _img(tmp / "images" / "a.jpg")
+    (tmp / "t.csv").write_text("image,caption\nimgs/a.jpg,\nimgs/a.jpg,\"  \"\n", encoding="utf-8")
+    (tmp / "t.jsonl").write_text('{"image": "imgs/a.jpg", "caption": ""}\n{"image": "imgs/a.jpg", "caption": "  "}\n', encoding="utf-8")
+    pl.DataFrame({"image": ["imgs/a.jpg"] * 2, "caption": ["", "  "]}).write_parquet(tmp / "t.parquet")
+    (tmp / "photos").mkdir()
+    _img(tmp / "photos" / "a.jpg")
+    (tmp / "photos" / "a.txt").write_text("\n  \n", encoding="utf-8")
+    return {
+        "cuhk-pedes": _json(tmp / "reid_raw.json", [{"split": "train", "captions": ["", "  "], "file_path": "a.jpg", "id": 1}]),
+        "aptm": _json(tmp / "pool.json", [{"image": "a.jpg", "caption": "", "image_id": "x"}, {"image": "a.jpg", "caption": "  ", "image_id": "y"}]),
+        "csv": tmp / "t.csv",
+        "jsonl": tmp / "t.jsonl",
+        "parquet": tmp / "t.parquet",
+        "image-folder": tmp / "photos",
+    }
+
+
+@pytest.mark.parametrize("name", ["cuhk-pedes", "aptm", "csv", "jsonl", "parquet", "image-folder"])
+def test_an_empty_caption_is_empty_caption_in_every_format(tmp_path, name):
+    path = _empty_caption_samples(tmp_path)[name]
+    frame = read_dataset(path)
+    assert frame.height == 2 and set(frame.get_column(STATUS)) == {STATUS_EMPTY_CAPTION}, frame.select(STATUS, ERROR).rows()
 
 
 # ----------------------------------------------------------------------------- tbps info

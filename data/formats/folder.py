@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from tbps.columns import STATUS_BAD_RECORD, STATUS_EMPTY_CAPTION, STATUS_OK, STATUS_PATH_OUTSIDE_ROOT
-from tbps.data.formats.base import DIRECTORY, ColumnOptions, Format, Peek
+from tbps.data.formats.base import DIRECTORY, IMAGE_SUFFIXES, ColumnOptions, Format, Peek
 from tbps.data.formats.rows import Rows, finish, read_text, stem
 from tbps.data.paths import ImageResolver
 from tbps.errors import TbpsError, UsageError
@@ -26,7 +26,6 @@ from tbps.errors import TbpsError, UsageError
 IMAGE_FOLDER = "image-folder"
 # The --id-col value that takes an image folder's person id from each image's parent folder.
 FOLDER_ID = "folder"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def _read_image_folder(folder: Path, root: Path, person_from_folder: bool) -> pl.DataFrame:
@@ -125,4 +124,5 @@ FORMAT = Format(
     path_kind=DIRECTORY,
     columns=frozenset({"id_col"}),
     check_columns=_check_columns,
+    no_person_ids="none: --id-col folder takes them from the parent folder names",
 )

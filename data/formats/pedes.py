@@ -3,12 +3,24 @@
 Each file is a JSON list of records, one image per record with one or more captions; the
 formats differ in their field names (:data:`SPECS`). ``pair_id`` is ``"{record}:{caption}"``
 (caption index 0 for one-caption records), ``source`` is the format name, ``split`` comes from
-the record when present.
+the record when present. ``person_id`` comes from the record's ``id``; APTM/MALS records have
+none (their ``image_id`` names an image, not a person: 800 "persons" in a pool of 200
+identities), so it is null unless ``--id-col FIELD`` names the field that holds one.
+
+Several files read as one dataset (a directory of ``.json`` files, or a quoted pattern such
+as ``'mals/*.json'``; MALS ships several): the files are read in sorted order, each file's
+``pair_id`` is prefixed by its stem (``g_4x_attrs:0:0``) so ids are unique across the files and
+the same on every run, and ``source`` is the stem, so ``select --quota`` tells the files apart.
+Every file must hold records of the same format. A single file keeps the ids above.
 
 Detection: a ``.json`` file is parsed once, and the format whose required fields most of the
 first 1,000 records have wins (ties go to the earlier format); ICFG-PEDES has CUHK-PEDES's
 fields and is told apart by its file name or its ``train/``/``test/`` paths. A ``.json`` file
-whose records fit none of them is an error naming the fields each format expects.
+whose records fit none of them is an error naming the fields each format expects. For several
+files, the first one decides.
+
+Wrong types are per-row ``bad-record`` statuses naming the record and field: an image path or
+caption that is not a string, an id or split that is a list, an object, a boolean or NaN.
 """
 
 from __future__ import annotations
@@ -20,8 +32,8 @@ from typing import Any
 import polars as pl
 
 from tbps.columns import STATUS_BAD_RECORD, STATUS_EMPTY_CAPTION
-from tbps.data.formats.base import ColumnOptions, Format, Peek
-from tbps.data.formats.rows import Rows, as_id, as_split, finish
+from tbps.data.formats.base import FILE_OR_DIRECTORY, ColumnOptions, Format, Peek, file_prefixes, load_json, type_name
+from tbps.data.formats.rows import Rows, finish, id_text
 from tbps.data.paths import ImageResolver
 from tbps.errors import TbpsError
 
@@ -41,14 +53,14 @@ class JsonSpec:
     Attributes:
         path_key: the image path field.
         captions_key: the caption field (a list of captions, or one caption string).
-        id_key: the person id field.
+        id_key: the person id field; ``None`` for a format without person ids.
         fields: every field of a record, as the format documents it.
         images_dir: the image folder its releases ship next to the json.
     """
 
     path_key: str
     captions_key: str
-    id_key: str
+    id_key: str | None
     fields: tuple[str, ...]
     images_dir: str
 
@@ -65,7 +77,7 @@ SPECS = {
     CUHK_PEDES: JsonSpec("file_path", "captions", "id", _CUHK_FIELDS, "imgs"),
     ICFG_PEDES: JsonSpec("file_path", "captions", "id", _CUHK_FIELDS, "imgs"),
     RSTPREID: JsonSpec("img_path", "captions", "id", ("id", "img_path", "captions", "split"), "imgs"),
-    APTM: JsonSpec("image", "caption", "image_id", ("image", "caption", "image_id", "label"), "images"),
+    APTM: JsonSpec("image", "caption", None, ("image", "caption", "image_id", "label"), "images"),
 }
 
 
@@ -130,12 +142,19 @@ def _looks_like_icfg(sample: list[dict], path: Path) -> bool:
 # --------------------------------------------------------------------------- reading
 
 
-def _json_rows(records: list, spec: JsonSpec) -> Rows:
-    """One row per caption of each record; problems become per-row statuses."""
+def _json_rows(records: list, spec: JsonSpec, id_key: str | None, prefix: str) -> Rows:
+    """One row per caption of each record; problems become per-row statuses.
+
+    Args:
+        records: the parsed records.
+        spec: the format's fields.
+        id_key: the person id field (``None``: no person ids).
+        prefix: put before every ``pair_id`` (the file's stem and ``:`` for several files).
+    """
     rows = Rows()
     appends = tuple(col.append for col in (rows.pair_id, rows.rel, rows.caption, rows.person, rows.split, rows.status, rows.error))
     pid_a, rel_a, cap_a, per_a, spl_a, st_a, err_a = appends
-    path_key, caps_key, id_key = spec.path_key, spec.captions_key, spec.id_key
+    path_key, caps_key = spec.path_key, spec.captions_key
     for i, rec in enumerate(records):
         # Fast path for well-formed records (millions of them in MALS); anything unusual goes
         # to _record_rows, which names the field at fault.
@@ -144,14 +163,17 @@ def _json_rows(records: list, spec: JsonSpec) -> Rows:
             if type(caps) is str:
                 caps = (caps,)
             elif type(caps) is not list or not caps or not all(type(c) is str for c in caps):
-                _record_rows(rows, i, rec, spec)
+                _record_rows(rows, i, rec, spec, id_key, prefix)
                 continue
-            person = rec.get(id_key)
-            person = person if type(person) is str else as_id(person)
+            person = rec.get(id_key) if id_key is not None else None
             split = rec.get("split")
-            split = split if split is None or type(split) is str else str(split)
+            if (person is not None and type(person) is not str) or (split is not None and type(split) is not str):
+                (person, bad_person), (split, bad_split) = id_text(person), id_text(split)
+                if bad_person or bad_split:
+                    _record_rows(rows, i, rec, spec, id_key, prefix)
+                    continue
             for j, cap in enumerate(caps):
-                pid_a(f"{i}:{j}")
+                pid_a(f"{prefix}{i}:{j}")
                 rel_a(rel)
                 cap_a(cap)
                 per_a(person)
@@ -159,52 +181,58 @@ def _json_rows(records: list, spec: JsonSpec) -> Rows:
                 st_a(None)
                 err_a(None)
         else:
-            _record_rows(rows, i, rec, spec)
+            _record_rows(rows, i, rec, spec, id_key, prefix)
     return rows
 
 
-def _record_rows(rows: Rows, i: int, rec: Any, spec: JsonSpec) -> None:
+def _record_rows(rows: Rows, i: int, rec: Any, spec: JsonSpec, id_key: str | None, prefix: str) -> None:
     """The rows of one record that is not plainly well formed, each problem named."""
     add = rows.add
     path_key, caps_key = spec.path_key, spec.captions_key
     if not isinstance(rec, dict):
         # Keep the record as a row so that nothing in the input disappears silently.
-        add(f"{i}:0", None, None, None, None, STATUS_BAD_RECORD, f"record {i} is not an object (found {type(rec).__name__})")
+        add(f"{prefix}{i}:0", None, None, None, None, STATUS_BAD_RECORD, f"record {i} is not an object (found {type_name(rec)})")
         return
     rel = rec.get(path_key)
-    problem = None
+    problems = []
     if rel is None:
-        problem = f"record {i}: missing field {path_key!r}"
+        problems.append(f"record {i}: missing field {path_key!r}")
     elif not isinstance(rel, str):
-        problem = f"record {i}: field {path_key!r} is a {type(rel).__name__}, not a string"
+        problems.append(f"record {i}: field {path_key!r} is a {type_name(rel)}, not a string")
         rel = None
-    person, split = as_id(rec.get(spec.id_key)), as_split(rec.get("split"))
+    person, bad_person = id_text(rec.get(id_key) if id_key is not None else None)
+    split, bad_split = id_text(rec.get("split"))
+    if bad_person:
+        problems.append(f"record {i}: field {id_key!r} is {bad_person}")
+    if bad_split:
+        problems.append(f"record {i}: field 'split' is {bad_split}")
+    problem = "; ".join(problems) or None
     caps = rec.get(caps_key)
     if isinstance(caps, str):
         caps = [caps]  # training files of APTM (and some CUHK exports) hold one caption
     if caps is None or not isinstance(caps, list):
-        what = "missing field" if caps is None else f"field is a {type(caps).__name__}, not a list or string:"
+        what = "missing field" if caps is None else f"field is a {type_name(caps)}, not a list or string:"
         msg = f"record {i}: {what} {caps_key!r}"
-        add(f"{i}:0", rel, None, person, split, STATUS_BAD_RECORD, f"{problem}; {msg}" if problem else msg)
+        add(f"{prefix}{i}:0", rel, None, person, split, STATUS_BAD_RECORD, f"{problem}; {msg}" if problem else msg)
         return
     if not caps:
         status = STATUS_BAD_RECORD if problem else STATUS_EMPTY_CAPTION
-        add(f"{i}:0", rel, None, person, split, status, problem or f"record {i}: {caps_key!r} is an empty list")
+        add(f"{prefix}{i}:0", rel, None, person, split, status, problem or f"record {i}: {caps_key!r} is an empty list")
         return
     for j, cap in enumerate(caps):
         # Each caption is its own pair; a non-string caption spoils only its own row.
         if problem:
-            add(f"{i}:{j}", rel, cap if isinstance(cap, str) else None, person, split, STATUS_BAD_RECORD, problem)
+            add(f"{prefix}{i}:{j}", rel, cap if isinstance(cap, str) else None, person, split, STATUS_BAD_RECORD, problem)
         elif not isinstance(cap, str):
-            msg = f"record {i}: {caps_key!r}[{j}] is a {type(cap).__name__}, not a string"
-            add(f"{i}:{j}", rel, None, person, split, STATUS_BAD_RECORD, msg)
+            msg = f"record {i}: {caps_key!r}[{j}] is a {type_name(cap)}, not a string"
+            add(f"{prefix}{i}:{j}", rel, None, person, split, STATUS_BAD_RECORD, msg)
         else:
-            add(f"{i}:{j}", rel, cap, person, split)
+            add(f"{prefix}{i}:{j}", rel, cap, person, split)
 
 
-def _read_json(path: Path, name: str, root: Path, peek: Peek) -> pl.DataFrame:
-    """The pair table of a JSON file read as format ``name``."""
-    records = peek.take_json()
+def _file_pairs(path: Path, records: list, name: str, resolver: ImageResolver, id_key: str | None, id_given: bool,
+                prefix: str, source: str) -> pl.DataFrame:
+    """The pair table of one JSON file's records, read as format ``name``."""
     spec = SPECS[name]
     sample = [r for r in records[:_SAMPLE] if isinstance(r, dict)]
     if not any(all(k in r for k in spec.required) for r in sample):
@@ -215,28 +243,62 @@ def _read_json(path: Path, name: str, root: Path, peek: Peek) -> pl.DataFrame:
             field="format",
             hint="Leave --format out to detect the format, or pick the matching one",
         )
-    rows = _json_rows(records, spec)
+    if id_given and not any(id_key in r for r in sample):
+        raise TbpsError(
+            f"none of the first records has the field {id_key!r} (from --id-col); found keys {found_keys(records)[:30]}",
+            path=path,
+            field=id_key,
+        )
+    rows = _json_rows(records, spec, id_key, prefix)
     records.clear()  # our own parsed copy: free the records before the table is built
-    return finish(**vars(rows), source=name, resolver=ImageResolver(root))
+    return finish(**vars(rows), source=source, resolver=resolver)
 
 
-def _pedes_format(name: str, description: str, files: str) -> Format:
+def _read_json(path: Path, name: str, root: Path, peek: Peek, id_col: str | None) -> pl.DataFrame:
+    """The pair table of a JSON file, or of several read as one dataset, read as format ``name``."""
+    id_key = id_col if id_col is not None else SPECS[name].id_key
+    resolver = ImageResolver(root)
+    files = peek.files
+    if files is None:
+        if path.is_dir():
+            raise TbpsError(f"the directory holds no .json files for the {name} format", path=path, field="format")
+        return _file_pairs(path, peek.take_json(), name, resolver, id_key, id_col is not None, "", name)
+    frames = []
+    for k, (file, stem_) in enumerate(zip(files, file_prefixes(files))):
+        # One file's records at a time: MALS files hold over a million records each.
+        records = peek.take_json() if k == 0 else load_json(file)
+        frames.append(_file_pairs(file, records, name, resolver, id_key, id_col is not None, f"{stem_}:", stem_))
+    return pl.concat(frames)
+
+
+def _pedes_format(name: str, description: str, files: str, **extra: Any) -> Format:
     """The :class:`Format` of one JSON spec."""
     images_dir = SPECS[name].images_dir
 
     def detect(path: Path, peek: Peek) -> bool:
-        return peek.suffix == ".json" and not path.is_dir() and json_format(path, peek) == name
+        if peek.files is None:
+            return peek.suffix == ".json" and not path.is_dir() and json_format(path, peek) == name
+        try:
+            return json_format(peek.json_path, peek) == name
+        except TbpsError as exc:
+            if path.is_dir():
+                more = "to read the folder as images with .txt captions, pass --format image-folder"
+                exc.hint = f"{exc.hint}; {more}" if exc.hint else more
+            raise
 
     def read(path: Path, options: ColumnOptions, root: Path | None, captions_only: bool, peek: Peek) -> pl.DataFrame:
-        return _read_json(path, name, root, peek)
+        return _read_json(path, name, root, peek, options.id_col)
 
     def default_root(path: Path) -> Path:
-        # The release's image folder next to the json when it is there, else the json's folder.
-        folder = path.parent
+        # The release's image folder beside the json (inside a folder of several) when it is
+        # there, else the json's folder.
+        folder = path if path.is_dir() else path.parent
         return folder / images_dir if (folder / images_dir).is_dir() else folder
 
-    return Format(name, description, files, detect, read, default_root)
+    return Format(name, description, files, detect, read, default_root, path_kind=FILE_OR_DIRECTORY, **extra)
 
+
+_SEVERAL = "; a folder of `.json` files or a quoted pattern (`'dir/*.json'`) is one dataset"
 
 FORMATS = (
     _pedes_format(
@@ -257,7 +319,9 @@ FORMATS = (
     _pedes_format(
         APTM,
         "`{image, caption, image_id, label}`; train: one caption per record; test: caption lists; "
-        "`image_id` = person id; images in `images/`",
-        "APTM/MALS processed json",
+        "no person ids (`image_id` names an image; `--id-col image_id` reads it as the person id); images in `images/`",
+        f"APTM/MALS processed json{_SEVERAL}",
+        columns=frozenset({"id_col"}),
+        no_person_ids="none in this format: MALS's image_id names an image, not a person (--id-col image_id reads it as one)",
     ),
 )

@@ -39,4 +39,5 @@ FORMAT = Format(
     _detect,
     _read,
     default_root=None,
+    no_person_ids="none in this format",
 )
