@@ -32,7 +32,9 @@ from tbps.models.adapters import (
     adapter_state_dict,
     apply_adapters,
     load_adapters,
+    mark_base_model,
     merge_adapters,
+    read_adapter_config,
     save_adapters,
 )
 from tbps.models.openclip import create
@@ -320,6 +322,20 @@ def test_adapting_twice_and_loading_a_mismatch_are_errors(clip, tmp_path):
     (tmp_path / "a" / "adapter_model.safetensors").replace(tmp_path / "b" / "adapter_model.safetensors")
     with pytest.raises(TbpsError, match="wrong shape"):
         load_adapters(copy.deepcopy(base), tmp_path / "b")  # rank-8 tensors under a rank-4 config
+
+
+def test_the_saved_config_names_the_base_model(clip, tmp_path):
+    base, _ = clip
+    model = apply_adapters(copy.deepcopy(base), "lora")
+    save_adapters(model, tmp_path / "unnamed")
+    assert read_adapter_config(tmp_path / "unnamed")["base_model"] is None  # nothing recorded: said, not guessed
+    named = {"spec": "tbps-tiny", "seed": 0, "identity": {"spec": "tbps-tiny", "weights": "random(seed=0)"}}
+    model = apply_adapters(mark_base_model(copy.deepcopy(base), named), "lora")  # recorded before adapting, kept through it
+    save_adapters(model, tmp_path / "named")
+    assert read_adapter_config(tmp_path / "named")["base_model"] == named
+    save_adapters(model, tmp_path / "given", base_model={"spec": "ViT-B-16:openai"})
+    assert read_adapter_config(tmp_path / "given")["base_model"] == {"spec": "ViT-B-16:openai"}
+    assert load_adapters(copy.deepcopy(base), tmp_path / "named") is not None  # the new key loads as before
 
 
 def test_top_level_re_exports():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -171,3 +172,37 @@ def test_normalising_on_cuda_equals_normalising_on_the_cpu():
     loaded = models.load(openclip.TINY)
     uint8 = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (4, 3, 96, 32), dtype=np.uint8))
     assert torch.equal(loaded.preprocess.normalise(uint8.cuda()).cpu(), loaded.preprocess.normalise(uint8))
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_MARK = "<!-- tests/test_models.py runs this block (test_the_readme_loads_an_export_in_plain_open_clip) -->"
+
+
+def test_the_readme_loads_an_export_in_plain_open_clip(tmp_path):
+    """The README's plain-open_clip code, run on an exported checkpoint: tbps's embeddings and pixels."""
+    from PIL import Image
+
+    from tbps.models.encode import encode_images, encode_texts
+
+    text = README.read_text()
+    block = text[text.index(README_MARK):].split("```python\n", 1)[1].split("```", 1)[0]
+    loaded = models.load(openclip.TINY, seed=5)
+    checkpoint = loaded.save(tmp_path / "wora.pt")  # what `tbps export --merge` writes (export_run saves the same way)
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "person.jpg"
+    Image.fromarray(rng.integers(0, 256, (200, 90, 3), dtype=np.uint8)).save(photo, quality=95)  # not 3:1: a crop would differ
+    for name, value in (("runs/wora.pt", checkpoint), ("person.jpg", photo)):
+        assert f'"{name}"' in block
+        block = block.replace(f'"{name}"', repr(str(value)))
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README's own code
+
+    ours = namespace["preprocess"](Image.open(photo).convert("RGB"))
+    assert torch.equal(ours, loaded.preprocess(Image.open(photo)))  # squash = tbps's resize, bit for bit
+    default = open_clip.image_transform(loaded.image_size, is_train=False, mean=loaded.preprocess.stats[0], std=loaded.preprocess.stats[1])
+    assert not torch.equal(default(Image.open(photo).convert("RGB")), ours)  # open_clip's default crops: other pixels
+    images = encode_images(loaded, [str(photo)], batch_size=1).embeddings
+    texts = encode_texts(loaded, ["a woman in a red coat carrying a black backpack"])
+    normalise = torch.nn.functional.normalize
+    assert np.abs(normalise(namespace["image_features"], dim=-1).numpy() - images).max() <= 1e-5
+    assert np.abs(normalise(namespace["text_features"], dim=-1).numpy() - texts).max() <= 1e-5

@@ -57,6 +57,7 @@ _LAZY = {
     **dict.fromkeys(("AdaptedLinear", "AdaptedMultiheadAttention", "AdapterLayer"), "layers"),
     **dict.fromkeys(
         (
+            "BASE_MODEL_KEY",
             "CONFIG_FILE",
             "FORMAT",
             "WEIGHTS_FILE",
@@ -64,7 +65,9 @@ _LAZY = {
             "adapter_config",
             "adapter_state_dict",
             "apply_adapters",
+            "base_model_of",
             "load_adapters",
+            "mark_base_model",
             "merge_adapters",
             "read_adapter_config",
             "save_adapters",

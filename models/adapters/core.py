@@ -19,8 +19,11 @@ layer of open_clip's text tower (not ``visual.transformer.*``). For open_clip's 
 reaches ``attn`` (q/k/v), ``attn.out_proj``, ``mlp.c_fc`` and ``mlp.c_proj`` of both towers.
 
 Checkpoints: :func:`save_adapters` writes ``adapter_model.safetensors`` (the trained tensors
-only, never ``W0``) and ``adapter_config.json``; :func:`load_adapters` applies the same adapters
-to a fresh base model and loads them. :func:`merge_adapters` folds everything back into plain
+only, never ``W0``) and ``adapter_config.json``, which names the base model the adapters belong
+to (``base_model``: what :func:`mark_base_model` recorded on the model, e.g. ``{"spec":
+"ViT-B-16:openai", "seed": 0, "identity": ...}``; ``tbps.models.runs.load_base`` records it for
+every training run); :func:`load_adapters` applies the same adapters to a fresh base model and
+loads them. :func:`merge_adapters` folds everything back into plain
 ``nn.Linear`` / ``nn.MultiheadAttention`` modules whose state dict is a plain open_clip one.
 """
 
@@ -44,7 +47,9 @@ from tbps.models.adapters.layers import AdaptedLinear, AdaptedMultiheadAttention
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "tbps-adapters/1"
+BASE_MODEL_KEY = "base_model"  # adapter_config.json: the base model the adapters were trained on
 _MARK = "tbps_adapters"  # attribute on the root module holding adapter_config()
+_BASE = "tbps_base_model"  # attribute on the root module: the base model it was loaded as (mark_base_model)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -297,18 +302,42 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_adapters(model: nn.Module, directory: str | Path) -> Path:
+def mark_base_model(model: nn.Module, base: dict[str, Any]) -> nn.Module:
+    """Record which base model a module was loaded as; :func:`save_adapters` writes it into ``adapter_config.json``.
+
+    The record stays on the module through :func:`apply_adapters` and :func:`merge_adapters`.
+
+    Args:
+        model: the loaded base model (or a DDP wrapper of one).
+        base: JSON values naming it, e.g. ``{"spec": "ViT-B-16:openai", "seed": 0, "identity": {...}}``.
+
+    Returns:
+        The same model.
+    """
+    setattr(_unwrap(model), _BASE, json.loads(json.dumps(base, default=str)))
+    return model
+
+
+def base_model_of(model: nn.Module) -> dict[str, Any] | None:
+    """What :func:`mark_base_model` recorded on the model, or None."""
+    base = getattr(_unwrap(model), _BASE, None)
+    return json.loads(json.dumps(base)) if base is not None else None
+
+
+def save_adapters(model: nn.Module, directory: str | Path, base_model: dict[str, Any] | None = None) -> Path:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (each atomically).
 
     Args:
         model: an adapted model (or a DDP wrapper of one).
         directory: created if missing.
+        base_model: the base model to name in the config (``base_model``); default: what
+            :func:`mark_base_model` recorded on the model (None when nothing was).
 
     Returns:
         The directory.
     """
     directory = Path(directory)
-    config = adapter_config(model)
+    config = {**adapter_config(model), BASE_MODEL_KEY: base_model if base_model is not None else base_model_of(model)}
     tensors = {n: t.detach().cpu().contiguous() for n, t in adapter_state_dict(model).items()}
     write_bytes(directory / WEIGHTS_FILE, save(tensors, metadata={"format": "pt", "tbps": FORMAT}))
     write_json(directory / CONFIG_FILE, config)
