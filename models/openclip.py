@@ -7,6 +7,7 @@ Specs this family loads (``--model``):
 ``ViT-B-16:openai``                an open_clip name with a pretrained tag (from the local cache)
 ``ViT-B-16:/ckpt/epoch_5.pt``      an open_clip name with a local checkpoint file
 ``/path/model.pt``                 a checkpoint written by ``tbps export`` (it names its config)
+``hf-hub:org/name``                open_clip's Hugging Face Hub form (config and weights from the local cache)
 
 A pretrained tag whose weights are not in the local cache fails at once with a message saying
 how to get them (the ``tbps`` program runs offline unless ``TBPS_ALLOW_DOWNLOAD=1``).
@@ -31,6 +32,7 @@ from open_clip.transformer import text_global_pool
 
 from tbps.errors import TbpsError
 from tbps.files import atomic_write, file_hash
+from tbps.models.itm import HeadConfig, MatchingHead, hardest_negatives, itm_loss
 from tbps.models.preprocess import PedestrianTransform
 from tbps.models.tokens import fast_tokenizer
 
@@ -41,6 +43,7 @@ open_clip.add_model_config(_CONFIG_DIR / f"{TINY}.json")
 
 # A checkpoint written by ``tbps export`` carries this key with the model name and config.
 CHECKPOINT_KEY = "tbps_model"
+ITM_HEAD_KEY = "itm_head"  # ... and, when it has one, its matching head's config (in the meta) and weights
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
@@ -70,6 +73,80 @@ def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
     return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
 
 
+def image_token_features(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled image features, patch tokens) of open_clip's ``VisionTransformer`` in one pass."""
+    visual = model.visual
+    previous = visual.output_tokens
+    visual.output_tokens = True  # a plain switch of open_clip's ViT: return the tokens beside the pooled output
+    try:
+        pooled, tokens = visual(pixels)
+    finally:
+        visual.output_tokens = previous
+    return pooled, tokens
+
+
+def text_token_features(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pooled text features, per-token features after ``ln_final``, the caption-token mask).
+
+    The mask is True from the start token through the end-of-text token of each caption; the
+    batch is cut after its longest caption, as :func:`encode_text_trimmed` does.
+    """
+    if not _trimmable(model):
+        raise TbpsError("an image-text matching head needs open_clip's causal text tower (argmax pooling)", field="--model")
+    ends = tokens.argmax(dim=-1)
+    length = int(ends.max()) + 1
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    pooled = text_global_pool(x, tokens, model.text_pool_type)
+    pooled = model.text_projection(pooled) if isinstance(model.text_projection, torch.nn.Linear) else pooled @ model.text_projection
+    mask = torch.arange(length, device=tokens.device)[None, :] <= ends[:, None]
+    return pooled, x, mask
+
+
+def head_config_for(model: torch.nn.Module, **shape: int) -> HeadConfig:
+    """The matching head's config for an open_clip model: its text and image token widths."""
+    return HeadConfig(text_width=int(model.ln_final.normalized_shape[0]), image_width=int(model.visual.transformer.width), **shape)
+
+
+class _MatchingForward(torch.nn.Module):
+    """The contrastive forward plus the matching head's loss on in-batch hard negatives and perturbations.
+
+    ``forward(pixels, tokens, person_ids, negatives, negative_valid)`` returns (normalised image
+    embeddings, normalised text embeddings, logit scale, the ITM loss, the normalised embeddings
+    of the perturbed captions or None). The image and text towers run once for both losses.
+    """
+
+    def __init__(self, clip: torch.nn.Module, head: MatchingHead) -> None:
+        super().__init__()
+        self.clip, self.head = clip, head
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, person_ids: torch.Tensor | None = None,
+                negatives: torch.Tensor | None = None, negative_valid: torch.Tensor | None = None):
+        clip = self.clip
+        image_pooled, image_tokens = image_token_features(clip, pixels)
+        text_pooled, text_feats, text_mask = text_token_features(clip, tokens)
+        image = torch.nn.functional.normalize(image_pooled, dim=-1)
+        text = torch.nn.functional.normalize(text_pooled, dim=-1)
+        text_for_image, image_for_text = hardest_negatives(image @ text.T, person_ids)
+        positive = self.head(text_feats, text_mask, image_tokens)
+        kinds = []
+        rows = torch.nonzero(text_for_image >= 0).flatten()
+        t = text_for_image[rows]
+        kinds.append(self.head(text_feats[t], text_mask[t], image_tokens[rows]))
+        cols = torch.nonzero(image_for_text >= 0).flatten()
+        kinds.append(self.head(text_feats[cols], text_mask[cols], image_tokens[image_for_text[cols]]))
+        negative_text = None
+        if negatives is not None and len(negatives):
+            neg_pooled, neg_feats, neg_mask = text_token_features(clip, negatives)
+            negative_text = torch.nn.functional.normalize(neg_pooled, dim=-1)
+            valid = torch.ones(len(negatives), dtype=torch.bool, device=pixels.device) if negative_valid is None else negative_valid
+            rows = torch.nonzero(valid).flatten()  # a row's own caption, perturbed, against its image
+            kinds.append(self.head(neg_feats[rows], neg_mask[rows], image_tokens[rows]))
+        return image, text, clip.logit_scale.exp(), itm_loss(positive, kinds), negative_text
+
+
 class _ContrastiveForward(torch.nn.Module):
     """open_clip's ``CLIP.forward`` for training, with each text batch cut after its longest caption.
 
@@ -82,13 +159,20 @@ class _ContrastiveForward(torch.nn.Module):
         super().__init__()
         self.clip = clip
 
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, person_ids: torch.Tensor | None = None,
+                negatives: torch.Tensor | None = None, negative_valid: torch.Tensor | None = None):
         clip = self.clip
         if not _trimmable(clip):
-            return tuple(clip(image=pixels, text=tokens)[:3])
-        image = torch.nn.functional.normalize(clip.encode_image(pixels), dim=-1)
-        text = torch.nn.functional.normalize(encode_text_trimmed(clip, tokens), dim=-1)
-        return image, text, clip.logit_scale.exp()
+            out = tuple(clip(image=pixels, text=tokens)[:3])
+        else:
+            image = torch.nn.functional.normalize(clip.encode_image(pixels), dim=-1)
+            text = torch.nn.functional.normalize(encode_text_trimmed(clip, tokens), dim=-1)
+            out = (image, text, clip.logit_scale.exp())
+        if negatives is None:
+            return out
+        # --hard-negatives (NegCLIP): the perturbed captions' embeddings, for the contrastive loss.
+        negative_text = encode_text_trimmed(clip, negatives) if _trimmable(clip) else clip.encode_text(negatives)
+        return (*out, None, torch.nn.functional.normalize(negative_text, dim=-1))
 
 
 @dataclass
@@ -113,6 +197,7 @@ class OpenClipModel:
     context_length: int
     identity: dict[str, Any] = field(default_factory=dict)
     family: str = FAMILY_NAME
+    itm_head: MatchingHead | None = None  # an image-text matching head trained with ``tbps train --itm-head``
 
     @property
     def embed_dim(self) -> int:
@@ -121,7 +206,11 @@ class OpenClipModel:
 
     @property
     def has_pair_score(self) -> bool:
-        return False
+        return self.itm_head is not None
+
+    @property
+    def image_vectors(self) -> int:
+        return 1
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)
@@ -140,10 +229,45 @@ class OpenClipModel:
         return len(encode(caption)) + 2 > self.context_length  # + start and end tokens
 
     def training_module(self) -> torch.nn.Module:
+        if self.itm_head is not None:
+            return _MatchingForward(self.model, self.itm_head)
         return _ContrastiveForward(self.model)
 
-    def pair_score(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        raise TbpsError(f"the open_clip model {self.name} has no image-text matching head", field="--model", value=self.identity.get("spec"))
+    def attach_itm_head(self, config: HeadConfig | None = None, state: dict[str, torch.Tensor] | None = None) -> MatchingHead:
+        """Give the model a matching head: a new one (seeded by the caller's RNG) or one with saved weights.
+
+        Args:
+            config: the head's shape (default: :func:`head_config_for` the model).
+            state: the head's saved state dict.
+
+        Returns:
+            The head (also :attr:`itm_head`), on the model's device.
+        """
+        head = MatchingHead(config or head_config_for(self.model))
+        if state is not None:
+            head.load_state_dict(state)
+        device = next(self.model.parameters()).device
+        self.itm_head = head.to(device).train(self.model.training)
+        return self.itm_head
+
+    def pair_score(self, pixels: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The matching head's probability that caption ``j`` describes image ``image_index[j]``.
+
+        Args:
+            pixels: (B, 3, H, W) normalised images, each run through the image tower once.
+            tokens: (M, L) captions from :attr:`tokenizer`.
+            image_index: (M,) the image of each caption (default: row ``j`` pairs with image ``j``).
+
+        Returns:
+            (M,) probabilities, float32.
+        """
+        if self.itm_head is None:
+            raise TbpsError(f"the open_clip model {self.name} has no image-text matching head", field="--model",
+                            value=self.identity.get("spec"), hint="train one with tbps train --itm-head, or score with a blip / blip-2 model")
+        _, image_tokens = image_token_features(self.model, pixels)
+        _, text_feats, text_mask = text_token_features(self.model, tokens)
+        index = torch.arange(len(tokens), device=pixels.device) if image_index is None else image_index.to(pixels.device)
+        return torch.sigmoid(self.itm_head(text_feats, text_mask, image_tokens[index]).float())
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write a plain open_clip state dict that names its own config, for ``tbps.models.load``.
@@ -159,6 +283,9 @@ class OpenClipModel:
             CHECKPOINT_KEY: {"name": self.name, "config": open_clip.get_model_config(self.name), "identity": self.identity, **(extra or {})},
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
         }
+        if self.itm_head is not None:
+            payload[CHECKPOINT_KEY][ITM_HEAD_KEY] = self.itm_head.config.to_dict()
+            payload[ITM_HEAD_KEY] = {k: v.detach().cpu() for k, v in self.itm_head.state_dict().items()}
         with atomic_write(path) as fh:
             torch.save(payload, fh)
         return Path(path)
@@ -264,7 +391,10 @@ def _load_exported(path: Path) -> OpenClipModel:
     with _quiet_open_clip():
         model = open_clip.create_model(name, pretrained=None)
     model.load_state_dict(payload["state_dict"])
-    return _wrap(model, name, {"spec": str(path), "weights": str(path), "sha": file_hash(path)})
+    loaded = _wrap(model, name, {"spec": str(path), "weights": str(path), "sha": file_hash(path)})
+    if ITM_HEAD_KEY in payload:
+        loaded.attach_itm_head(HeadConfig(**meta[ITM_HEAD_KEY]), payload[ITM_HEAD_KEY]).eval()
+    return loaded
 
 
 def _create_from_config(path: Path, seed: int) -> OpenClipModel:
@@ -313,6 +443,31 @@ def _load_pretrained(spec: str, name: str, pretrained: str) -> OpenClipModel:
     return _wrap(model, name, identity)
 
 
+HF_HUB = "hf-hub:"
+
+
+def _load_hf_hub(spec: str) -> OpenClipModel:
+    """``hf-hub:ORG/NAME``: open_clip's Hub form, from the local Hugging Face cache (offline by default).
+
+    The config is registered under a local name (``hf-hub-ORG-NAME``) so an exported checkpoint
+    names a config that loads again without the Hub.
+    """
+    model_id = spec[len(HF_HUB):]
+    offline_hint = ("download it once with network access (TBPS_ALLOW_DOWNLOAD=1 tbps ...) into the Hugging Face cache, "
+                    "or pass a local file as NAME:/path/to/weights.pt")
+    if not model_id:
+        raise TbpsError("hf-hub: names no model", field="--model", value=spec, hint="hf-hub:org/name")
+    try:
+        config = open_clip.get_model_config(spec)
+        with _quiet_open_clip():
+            model = open_clip.create_model(spec, require_pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - offline hub misses surface as many exception types
+        raise TbpsError(f"{spec} is not available offline ({type(exc).__name__})", hint=offline_hint) from exc
+    name = "hf-hub-" + model_id.replace("/", "-")
+    _register_config(name, config, Path(model_id))
+    return _wrap(model, name, {"spec": spec, "weights": spec})
+
+
 def load(spec: str, seed: int = 0) -> OpenClipModel:
     """Load an open_clip model from a spec string (see the module docstring).
 
@@ -326,6 +481,8 @@ def load(spec: str, seed: int = 0) -> OpenClipModel:
     Raises:
         TbpsError: the spec names nothing loadable, or the weights are not available offline.
     """
+    if spec.startswith(HF_HUB):
+        return _load_hf_hub(spec)
     path = Path(spec)
     if path.suffix == ".json":
         return _create_from_config(path, seed)

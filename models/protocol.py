@@ -63,6 +63,10 @@ class Encoder(Protocol):
     def has_pair_score(self) -> bool:
         """Whether :meth:`pair_score` is available (a cross-encoder / ITM head)."""
 
+    @property
+    def image_vectors(self) -> int:
+        """Embeddings per image (BLIP-2: its query tokens; 1 otherwise): see :func:`similarity`."""
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image features (not normalised) of a normalised pixel batch (N, 3, H, W)."""
 
@@ -81,8 +85,9 @@ class Encoder(Protocol):
         (L2-normalised image embeddings, L2-normalised text embeddings, logit scale) for the
         contrastive loss. Training wraps it (DistributedDataParallel under torchrun) and calls it."""
 
-    def pair_score(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """A match score per (image, caption) row (ITM), for families that have one."""
+    def pair_score(self, pixels: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The match probability (ITM) of caption ``j`` with image ``image_index[j]`` (default: image ``j``),
+        for families that have a matching head; raises ``TbpsError`` otherwise. (M,) float32 in [0, 1]."""
 
     def save(self, path: Any, extra: dict[str, Any] | None = None) -> Any:
         """Write the weights as a checkpoint that ``tbps.models.load`` reads back."""
@@ -94,3 +99,26 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def similarity(image_emb: torch.Tensor, text_emb: torch.Tensor, image_vectors: int = 1) -> torch.Tensor:
+    """Every image against every caption: (n_images, n_captions) cosines of normalised embeddings.
+
+    Args:
+        image_emb: (n, image_vectors * D) image embeddings, each D-block L2-normalised.
+        text_emb: (m, D) L2-normalised caption embeddings.
+        image_vectors: embeddings per image (BLIP-2's query tokens): an image's score is the
+            largest of its vectors' cosines, as BLIP-2's ITC computes it; 1 for a plain dot product.
+    """
+    if image_vectors == 1:
+        return image_emb @ text_emb.T
+    per_vector = image_emb.view(image_emb.shape[0], image_vectors, -1) @ text_emb.T  # (n, Q, m)
+    return per_vector.amax(dim=1)
+
+
+def pair_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor, image_vectors: int = 1) -> torch.Tensor:
+    """Row ``i`` of the images against row ``i`` of the captions: (n,), as :func:`similarity`."""
+    if image_vectors == 1:
+        return (image_emb * text_emb).sum(dim=-1)
+    per_vector = (image_emb.view(image_emb.shape[0], image_vectors, -1) * text_emb[:, None, :]).sum(dim=-1)
+    return per_vector.amax(dim=1)

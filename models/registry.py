@@ -32,11 +32,13 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
+    Family("hf", "hf:DIR (a transformers save_pretrained directory) or hf:ORG/NAME (from the local Hugging Face cache): "
+                 "clip, siglip, blip, blip-2", lambda spec: spec.startswith("hf:"), "tbps.models.hf"),
     Family("run", "a run directory written by `tbps train`", lambda spec: Path(spec).is_dir(), "tbps.models.runs"),
     Family(
         "open_clip",
-        "tbps-tiny, NAME (random weights), NAME:TAG (cached pretrained), NAME:/file.pt, a model config .json, "
-        "a checkpoint written by `tbps export`",
+        "tbps-tiny, NAME (random weights), NAME:TAG (cached pretrained), NAME:/file.pt, hf-hub:ORG/NAME (cached), "
+        "a model config .json, a checkpoint written by `tbps export`",
         lambda spec: True,  # the catch-all: its errors name the forms it takes
         "tbps.models.openclip",
     ),
