@@ -18,6 +18,7 @@ import typer
 from rich.console import Console, RenderableType
 from typer.core import TyperGroup
 
+from tbps.config_files import apply_config, settle
 from tbps.curate import select_io
 from tbps.curate.inspect import InspectConfig, run_inspect
 from tbps.curate.layout import PAPER_BANK_SIZE, PAPER_RULES
@@ -29,6 +30,7 @@ from tbps.demo.plan import DemoConfig
 from tbps.models.adapters import adapter_help
 from tbps.models.registry import model_help
 from tbps.errors import TbpsError, UsageError
+from tbps.files import as_disk_full
 from tbps.terminal import (
     dataset_summary,
     demo_tables,
@@ -58,6 +60,12 @@ class _Group(TyperGroup):
             raise typer.BadParameter(str(exc), ctx=ctx) from None
         except TbpsError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            full = as_disk_full(exc)  # a full disk met outside tbps.files (a log append): one line too
+            if full is None:
+                raise
+            err.print(f"[bold red]error:[/] {full}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
 
@@ -102,13 +110,16 @@ def progress_bar(description: str, unit: str = "pairs", quiet: bool = False):
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task(description, total=None, rate="")
+    with contextlib.ExitStack() as stack:
+        shown: dict = {}
         start = time.perf_counter()
 
         def update(done: int, total: int) -> None:
+            if not shown:  # the bar appears at the first report: work that reports nothing (a cached index) shows no empty bar
+                shown["bar"] = stack.enter_context(Progress(*columns, console=err, transient=False))
+                shown["task"] = shown["bar"].add_task(description, total=total, rate="")
             rate = done / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} {unit}/s")
+            shown["bar"].update(shown["task"], completed=done, total=total, rate=f"{rate:,.0f} {unit}/s")
 
         yield update
 
@@ -147,6 +158,7 @@ def score(
     image_col: Optional[str] = ImageColOpt,
     caption_col: Optional[str] = CaptionColOpt,
     id_col: Optional[str] = IdColOpt,
+    split: Optional[str] = typer.Option(None, "--split", help="NAME[,NAME]: score only the rows of these splits (default: every row)."),
     bank_size: int = typer.Option(10_000, "--bank-size", help="Bank captions sampled with --seed."),
     bank_split: str = typer.Option("train", "--bank-split", help="Split of a bank dataset to draw captions from (all: every row)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bank sample (and of random model weights)."),
@@ -156,9 +168,10 @@ def score(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     chunk_size: int = typer.Option(16_384, "--chunk-size", help="Pairs per output part (the unit of resume)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/N: score shard i of N (SLURM arrays)."),
+    itm: bool = typer.Option(True, "--itm/--no-itm", help="With a model that has an image-text matching head (BLIP, BLIP-2, a run trained with --itm-head): also write each pair's itm_score."),
     quiet: bool = QuietOpt,
 ) -> None:
-    """Score every pair: image-caption cosine and rank against a reference caption bank.
+    """Score every pair: image-caption cosine and rank against a reference caption bank (and the ITM match probability, where the model has a head).
 
     Writes OUT/scores/part-*.parquet (one row per input pair), OUT/embeddings/ and OUT/score.json.
 
@@ -168,8 +181,8 @@ def score(
 
     cfg = ScoreConfig(
         data=data, model=model, bank=bank, out=out_dir, format=format, image_root=image_root, image_col=image_col,
-        caption_col=caption_col, id_col=id_col, bank_size=bank_size, bank_split=bank_split, seed=seed, batch_size=batch_size, workers=workers,
-        precision=precision, device=device, chunk_size=chunk_size, shard=shard,
+        caption_col=caption_col, id_col=id_col, split=split, bank_size=bank_size, bank_split=bank_split, seed=seed, batch_size=batch_size, workers=workers,
+        precision=precision, device=device, chunk_size=chunk_size, shard=shard, itm=itm,
     )
     with progress_bar("scoring", quiet=quiet) as update:
         summary = run_score(cfg, progress=update, log=log_line(quiet))
@@ -194,7 +207,13 @@ def info(
     head: int = typer.Option(5, "--head", help="How many first rows to show."),
 ) -> None:
     config = ReadConfig(data=data, format=format, image_root=image_root, image_col=image_col, caption_col=caption_col, id_col=id_col)
-    show(dataset_summary(describe(config, head=head)))
+    summary = describe(config, head=head)
+    show(dataset_summary(summary))
+    sample = summary.image_sample
+    if sample.found < sample.checked:
+        where = f"; a file of that name is in {sample.found_elsewhere}: check --image-root" if sample.found_elsewhere else "; check --image-root"
+        err.print(f"warning: {sample.checked - sample.found:,} of {sample.checked:,} sampled image files do not exist "
+                  f"(e.g. {sample.missing_example}){where}", highlight=False)
 
 
 # --- eval, inspect, search (tbps.eval) ---------------------------------------------------
@@ -217,9 +236,12 @@ def eval_(
     workers: int = typer.Option(2, "--workers", help="DataLoader processes decoding images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (reproducible), bf16 or auto."),
+    rerank: Optional[int] = typer.Option(None, "--rerank", help="Also re-rank each query's ITC top K images by the model's ITM match probability (needs a matching head) and report both."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Text-to-image retrieval (R@1/5/10, mAP, mINP): every test caption queries every test image.
+
+    With --rerank K the model's image-text matching head re-orders each query's top K images (APTM's protocol); both rankings are reported.
 
     Example: tbps eval --model runs/train --data runs/demo-world/benchmark/reid_raw.json --split test
     """
@@ -236,9 +258,13 @@ def eval_(
     if not data or len(data) != 1 or model is None:
         raise UsageError("give one DATA and --model, or --compare A.json B.json ...", field="DATA / --model")
     cfg = EvalConfig(data=data[0], model=model, split=split, out=out_file, format=format, image_root=image_root, image_col=image_col,
-                     caption_col=caption_col, id_col=id_col, batch_size=batch_size, workers=workers, device=device, precision=precision)
-    rec = run_eval(cfg, log=log_line(quiet))
+                     caption_col=caption_col, id_col=id_col, batch_size=batch_size, workers=workers, device=device, precision=precision,
+                     rerank=rerank)
+    with progress_bar("evaluating", unit="embeddings", quiet=quiet) as update:
+        rec = run_eval(cfg, log=log_line(quiet), progress=update)
     out.print(metrics_table([rec], METRIC_KEYS))
+    for line in rec["warnings"]:  # the model trained on the evaluated split: said even with --quiet
+        err.print(line, highlight=False, soft_wrap=True)
     err.print(f"wrote {rec['out']}", highlight=False)
 
 
@@ -248,12 +274,20 @@ def inspect(
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report (thumbnails, histograms)."),
     top: int = typer.Option(10, "--top", help="Pairs shown at each end by score, and per drop reason."),
     bins: int = typer.Option(20, "--bins", help="Bins of the score histogram."),
+    image_root: Optional[Path] = typer.Option(
+        None, "--image-root", help="The directory the table's images must lie in (HTML pictures); default: the root the score run recorded."
+    ),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Only dropped rows with this reason (duplicate-of: every duplicate)."),
+    step: Optional[str] = typer.Option(None, "--step", help="Only dropped rows of this selection step."),
 ) -> None:
-    """Summarise a score table or manifest: counts, quantiles, histograms, extreme pairs, sources, drops.
+    """Summarise a score table, manifest or drop table: counts, quantiles, histograms, extreme pairs, sources, drops.
+
+    A drop table (NAME.dropped.parquet) shows its rows joined back to their scores, captions and
+    images through the manifest's provenance, each duplicate beside its original.
 
     Example: tbps inspect runs/scores --html runs/scores/report.html --top 24
     """
-    report = run_inspect(InspectConfig(table=table, html=html, top=top, bins=bins))
+    report = run_inspect(InspectConfig(table=table, html=html, top=top, bins=bins, image_root=image_root, reason=reason, step=step))
     show(inspect_report(report))
     if html is not None:
         err.print(f"wrote {html}", highlight=False)
@@ -283,7 +317,8 @@ def search(
 
     cfg = SearchConfig(queries=query or [], gallery=gallery, model=model, queries_file=queries, top_k=top_k, html=html,
                        cache_dir=cache_dir, rebuild=rebuild, format=format, image_root=image_root, workers=workers, device=device)
-    result = run_search(cfg, log=log_line(quiet))
+    with progress_bar("embedding the gallery", unit="images", quiet=quiet) as update:
+        result = run_search(cfg, log=log_line(quiet), progress=update)
     show(search_results(result))
 
 
@@ -292,6 +327,7 @@ def search(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     run_dir: str = typer.Option(..., "--out", help="Run directory to write (or to continue with --resume)."),
     model: str = typer.Option(..., "--model", help=f"The base model. {MODEL_FORMS}"),
     manifest: Optional[str] = typer.Option(None, "--manifest", help="Manifest Parquet written by `tbps select`."),
@@ -330,24 +366,33 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from RUN/last (same options)."),
     max_missing: float = typer.Option(0.05, "--max-missing", help="Share of rows with missing images skipped; above: refuse."),
     allow_test: bool = typer.Option(False, "--allow-test", help="Allow --val-split test (the checkpoint is then chosen on the test split)."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Train although the training rows share images or persons with --val (refused otherwise; run.json records it)."),
+    itm_head: bool = typer.Option(False, "--itm-head", help="Also train an image-text matching head (caption tokens attend to image tokens) on in-batch hard negatives; the run then scores itm_score (open_clip models)."),
+    hard_negatives: bool = typer.Option(False, "--hard-negatives", help="Each caption with its colours swapped or replaced, or its garments swapped, is one more negative of its image (NegCLIP; and for --itm-head)."),
+    log_to: Optional[list[str]] = typer.Option(None, "--log-to", help="Also log to csv (RUN/log.csv) and/or tensorboard (RUN/tensorboard/), comma-separated; log.jsonl is always written."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON file of options (keys: option names), or a RUN/run.json to re-run; command-line options win.",
+                                          is_eager=True, callback=apply_config, exists=True),
     quiet: bool = QuietOpt,
 ) -> None:
     """Fine-tune a CLIP model with WoRA (or DoRA, LoRA, full) and write a run directory.
 
     RUN/run.json (config, data hash, parameters, training time, best step), RUN/log.jsonl, RUN/last/ and
     RUN/best/. Under torchrun: DDP over all processes. A run loads with --model RUN in score/eval/search.
+    --config runs/wora/run.json --out runs/wora-again re-runs a recorded run.
 
     Example: tbps train --manifest manifests/finetune.parquet --model ViT-B-16:openai --adapter wora --val data/reid_raw.json --out runs/wora
     """
-    options = {k: v for k, v in locals().items() if k not in ("run_dir", "quiet")}  # field names = option names
+    options = {k: v for k, v in locals().items() if k not in ("ctx", "run_dir", "quiet", "log_to", "config")}  # field names = option names
     import os
 
     from tbps.train.loop import TrainConfig, train as run_train
+    from tbps.train.sinks import LogSinks, parse_log_to
 
-    cfg = TrainConfig(out=run_dir, **options)
+    sinks = parse_log_to(log_to)  # first: a missing tensorboard package is an option error
+    cfg = TrainConfig(out=run_dir, **settle(ctx, options, run_dir))
     quiet = quiet or os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 reports
-    with progress_bar("training", unit="steps", quiet=quiet) as update:
-        result = run_train(cfg, progress=update, log=log_line(quiet))
+    with LogSinks(cfg.out, sinks) as mirror, progress_bar("training", unit="steps", quiet=quiet) as update:
+        result = run_train(cfg, progress=mirror.follow(update), log=log_line(quiet))
     if result.rank == 0:
         out.print(train_summary(result))
 
@@ -355,19 +400,25 @@ def train(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="A run directory written by `tbps train`."),
-    out_file: Path = typer.Option(..., "--out", help="With --merge: the checkpoint file (.pt); with --no-merge: a directory."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="With --merge: the checkpoint file (.pt); with --no-merge: a directory."),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="Fold the adapters into plain weights, or write the adapters alone (a small directory --model loads onto its base model)."),
+    peft: Optional[Path] = typer.Option(None, "--peft", help="Instead of --out: a directory of LoRA/DoRA adapters in PEFT's format (peft.PeftModel.from_pretrained(base, DIR))."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="best or last (default: the run's result)."),
 ) -> None:
-    """Write a run's weights: a plain open_clip checkpoint with the adapters folded in (--merge), or the adapters alone (--no-merge).
+    """Write a run's weights: a plain open_clip checkpoint with the adapters folded in (--merge), the adapters alone (--no-merge), or the adapters in PEFT's format (--peft DIR).
 
-    Either loads with --model OUT in score, eval, search and train.
+    --merge and --no-merge output loads with --model OUT in score, eval, search and train; --peft DIR loads with PEFT onto the base model.
 
     Example: tbps export runs/wora --merge --out runs/wora.pt
     """
-    from tbps.models.runs import export_adapters, export_run
+    from tbps.models.runs import export_adapters, export_peft, export_run
 
-    path, identity = (export_run if merge else export_adapters)(run, out_file, checkpoint)
+    if (out_file is None) == (peft is None):
+        raise UsageError("give one of --out and --peft", field="--out", value=(out_file, peft))
+    if peft is not None:
+        path, identity = export_peft(run, peft, checkpoint)
+    else:
+        path, identity = (export_run if merge else export_adapters)(run, out_file, checkpoint)
     out.print(f"wrote {path} (run {identity['run']}, {identity['checkpoint']} step {identity['step']}, weights {identity['sha']})", highlight=False)
 
 
@@ -433,16 +484,18 @@ def select_(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Manifest path (default manifests/NAME.parquet)."),
     name: Optional[str] = typer.Option(None, "--name", help="Manifest name when --out is not given (default: the first input's name)."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop rows with score below this."),
+    min_itm: Optional[float] = typer.Option(None, "--min-itm", help="Drop rows with itm_score (ITM match probability) below this; the table needs itm_score."),
     max_bank_rank: Optional[int] = typer.Option(None, "--max-bank-rank", help="Drop rows with bank_rank above this."),
     rule: Optional[str] = typer.Option(None, "--rule", help=f"{_RULE_HELP}, for a {PAPER_BANK_SIZE:,}-caption bank; scaled to other bank sizes."),
-    dedup: str = typer.Option("image,caption", "--dedup", help="Exact dedup keys: image, caption (comma-separated), pair (both at once), or none."),
+    dedup: str = typer.Option("auto", "--dedup", help="Exact dedup keys: auto (pair when most images carry several distinct captions, else image,caption), image, caption (comma-separated), pair (both at once), or none."),
     dedup_threshold: Optional[float] = typer.Option(None, "--dedup-threshold", help="Also drop near duplicates: embedding cosine >= this (needs a `tbps score` dir)."),
     keep: Optional[float] = typer.Option(None, "--keep", help="Keep the best FRACTION of the input rows (all rows read), in (0, 1]."),
     budget: Optional[int] = typer.Option(None, "--budget", help="Keep at most N rows."),
-    by: str = typer.Option("score", "--by", help="What 'best' means: score (high first) or bank_rank (low first)."),
+    by: str = typer.Option("score", "--by", help="What 'best' means: score (high first), bank_rank (low first) or itm_score (high first; the table needs it)."),
     max_per_person: Optional[int] = typer.Option(None, "--max-per-person", help="Keep at most N rows per person_id."),
     quota: Optional[list[str]] = typer.Option(None, "--quota", help="SOURCE=N: keep at most N rows of that source (repeatable)."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="A synthetic world's pool/truth.parquet: measure precision, recall and AUROC."),
+    split: Optional[str] = typer.Option(None, "--split", help="NAME[,NAME]: keep only the rows of these splits (the score table's split column); --keep then counts their rows."),
     explain: bool = typer.Option(False, "--explain", help="Also print why rows were dropped."),
     quiet: bool = QuietOpt,
 ) -> None:

@@ -6,34 +6,42 @@ pair table (readers)  -> score table (``tbps score``) -> manifest (``tbps select
 
 Pair table (what every reader returns)
     pair_id      str    unique within a dataset: "<record>:<caption>" for JSON formats
-                        (caption index 0 for one-caption records), "<row>:0" for tables,
+                        (caption index 0 for one-caption records; "<file stem>:<record>:<caption>"
+                        for several JSON files read as one), "<row>:0" for tables,
                         the relative path for image folders, unless an id column is given
     image_path   str    resolved absolute path; null when the row was refused
     caption      str
-    person_id    str    null when the dataset has none
+    person_id    str    null when the dataset has none (APTM/MALS: none)
     split        str    "train" / "val" / "test" or null
-    source       str    dataset name (file stem or format name)
+    source       str    dataset name (file stem or format name; each file's stem for several JSON files)
     status       str    "ok", or the kind of problem (see STATUS_*)
     error        str    human-readable reason, null when ok
 
-Score table (``tbps score``): pair table columns minus split, plus
+Score table (``tbps score``): pair table columns (``split`` null in tables written before it was
+carried; readers fill it in), plus
     image_hash   str    blake2b-128 hex of the image file's bytes (exact de-duplication)
     score        f32    cosine of the L2-normalised image and caption embeddings
     bank_rank    i32    bank captions scoring strictly higher against the image
     bank_percentile f32 bank_rank / bank size * 100 (0 = the own caption beats every bank caption)
     truncated    bool   the caption was longer than the model's context
+    itm_score    f32    only when the model has an image-text matching head (BLIP, BLIP-2, a tbps
+                        run trained with --itm-head): the head's match probability of the pair
+                        (bank_rank stays on the ITC cosine: a cross-encoder over a 10,000-caption
+                        bank would take 10,000 forward passes per image)
 
 Embeddings (next to the score table, ``embeddings/``)
     pair_id      str
-    image_emb    fixed_size_list<float16>[D], L2-normalised
+    image_emb    fixed_size_list<float16>[D], L2-normalised (BLIP-2: [Q * D], its Q query
+                        embeddings, each L2-normalised; the score is the largest of their cosines)
     text_emb     fixed_size_list<float16>[D], L2-normalised
 
-Manifest (``tbps select``): score table columns of the kept rows, in input order.
+Manifest (``tbps select``): score table columns of the kept rows (``split`` and ``person_id``
+among them, and any other column the score table has), in input order.
 
 Drop table (``tbps select``, ``<manifest stem>.dropped.parquet``): one row per dropped row, in input order
     pair_id, source, status, score, bank_rank
     step         str    the selection step that dropped the row (``tbps.curate.select.STEPS``)
-    reason       str    status / no-score / min-score / bank-rank / duplicate-of:<pair_id> /
+    reason       str    split / status / no-score / min-score / bank-rank / duplicate-of:<pair_id> /
                         per-person / quota / budget
 
 Truth sidecar (``tbps synth``): one row per pool pair
@@ -59,6 +67,7 @@ SCORE = "score"
 BANK_RANK = "bank_rank"
 BANK_PERCENTILE = "bank_percentile"
 TRUNCATED = "truncated"
+ITM_SCORE = "itm_score"
 
 IMAGE_EMB = "image_emb"
 TEXT_EMB = "text_emb"
@@ -118,6 +127,7 @@ SCORE_SCHEMA = pa.schema(
         (IMAGE_PATH, pa.string()),
         (CAPTION, pa.string()),
         (PERSON_ID, pa.string()),
+        (SPLIT, pa.string()),
         (SOURCE, pa.string()),
         (IMAGE_HASH, pa.string()),
         (SCORE, pa.float32()),
@@ -128,6 +138,13 @@ SCORE_SCHEMA = pa.schema(
         (ERROR, pa.string()),
     ]
 )
+
+def score_schema(itm: bool) -> pa.Schema:
+    """The score table's schema: :data:`SCORE_SCHEMA`, with ``itm_score`` before ``status`` when the model has an ITM head."""
+    if not itm:
+        return SCORE_SCHEMA
+    return SCORE_SCHEMA.insert(SCORE_SCHEMA.get_field_index(STATUS), pa.field(ITM_SCORE, pa.float32()))
+
 
 TRUTH_SCHEMA = pa.schema(
     [
@@ -152,17 +169,17 @@ DROP_SCHEMA = pa.schema(
 )
 
 
-def embedding_schema(dim: int) -> pa.Schema:
+def embedding_schema(dim: int, image_dim: int | None = None) -> pa.Schema:
     """The schema of the embeddings written next to a score table.
 
     Args:
         dim: the embedding width of the model.
+        image_dim: the image embedding's width when it differs (BLIP-2: its query vectors x ``dim``).
 
     Returns:
         A pyarrow schema with ``pair_id`` and two float16 fixed-size-list columns.
     """
-    vec = pa.list_(pa.float16(), dim)
-    return pa.schema([(PAIR_ID, pa.string()), (IMAGE_EMB, vec), (TEXT_EMB, vec)])
+    return pa.schema([(PAIR_ID, pa.string()), (IMAGE_EMB, pa.list_(pa.float16(), image_dim or dim)), (TEXT_EMB, pa.list_(pa.float16(), dim))])
 
 
 def polars_schema(schema: pa.Schema) -> dict:

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tbps import columns as C
-from tbps.curate.inspect import QUANTILES, Histogram, TableReport, Threshold, format_value
+from tbps.curate.inspect import ORIGINAL, ORIGINAL_COLUMNS, ORIGINAL_FATE, QUANTILES, DropReport, Histogram, TableReport, Threshold, format_value
 from tbps.curate.select import STEPS_BY_NAME
 from tbps.curate.select_io import SelectRun, drop_reasons
 from tbps.data.readers import DatasetSummary
@@ -34,6 +34,18 @@ if TYPE_CHECKING:  # annotations only: these modules load torch, which `tbps --h
 
 
 # --------------------------------------------------------------------------- tbps info, synth
+
+
+def _image_sample_text(sample) -> str:
+    """``found 200 of 200 sampled``, or what is missing and where such files are."""
+    if not sample.checked:
+        return "-"
+    text = f"found {sample.found:,} of {sample.checked:,} sampled"
+    if sample.missing_example:
+        text += f"; missing e.g. {sample.missing_example}"
+        if sample.found_elsewhere:
+            text += f" (a file of that name is in {sample.found_elsewhere}: check --image-root)"
+    return text
 
 
 def dataset_summary(summary: DatasetSummary) -> list[Table]:
@@ -51,8 +63,9 @@ def dataset_summary(summary: DatasetSummary) -> list[Table]:
         ("format", summary.format),
         ("image root", summary.image_root or "-"),
         ("rows", f"{summary.rows:,}"),
-        ("persons", f"{summary.persons:,}"),
+        ("persons", f"{summary.persons:,}" if summary.persons else f"person ids: {summary.persons_note}"),
         ("images", f"{summary.images:,}"),
+        ("image files", _image_sample_text(summary.image_sample)),
         ("caption words", f"min {words['min']:.0f} | mean {words['mean']:.1f} | median {words['median']:.0f} | max {words['max']:.0f}"),
     ):
         overview.add_row(key, str(value))
@@ -62,10 +75,13 @@ def dataset_summary(summary: DatasetSummary) -> list[Table]:
     splits = Table("split", "rows", title="splits")
     for key, value in summary.splits.items():
         splits.add_row("(none)" if key is None else key, f"{value:,}")
+    sources = Table("source", "rows", title="sources (one per file)")
+    for key, value in summary.sources.items():
+        sources.add_row("(none)" if key is None else key, f"{value:,}")
     head = Table(*summary.head.columns, title=f"first {summary.head.height} rows")
     for row in summary.head.iter_rows():
         head.add_row(*("" if v is None else str(v) for v in row))
-    return [overview, counts, splits, head]
+    return [overview, counts, splits, *([sources] if len(summary.sources) > 1 else []), head]
 
 
 def synth_summary(summary: SynthSummary) -> Table:
@@ -97,7 +113,8 @@ def score_summary(summary: ScoreSummary) -> Table:
     """
     s = summary
     table = Table(title=f"tbps score -> {s.out}", show_header=False)
-    for key, value in [("rows", f"{s.rows:,}"), ("parts", f"{s.parts_total} ({s.parts_done_here} scored here, {s.parts_skipped} resumed)"),
+    rows = f"{s.rows:,}" + (f" (split {','.join(s.splits)}; {s.rows_other_splits:,} rows of other splits not scored)" if s.splits else "")
+    for key, value in [("rows", rows), ("parts", f"{s.parts_total} ({s.parts_done_here} scored here, {s.parts_skipped} resumed)"),
                        ("bank captions", f"{s.bank_size:,}"), ("throughput", f"{s.pairs_per_second:,.1f} pairs/s"),
                        ("complete", str(s.complete))] + [(f"status {k}", f"{v:,}") for k, v in s.status_counts.items()]:
         table.add_row(key, value)
@@ -136,20 +153,23 @@ def select_summary(run: SelectRun, *, explain: bool = False, explain_rows: int =
     for s in sel.steps:
         steps.add_row(s.step, f"{s.rows_in:,}", f"{s.dropped:,}", f"{s.rows_out:,}", STEPS_BY_NAME[s.step].describe(sel.resolved, config))
     out: list[RenderableType] = [steps]
-    quant = Table(title="score quantiles", title_justify="left")
-    qs = sel.quantiles()
-    keys = [k for k in qs["kept"] if k.startswith("q")]
-    quant.add_column("rows")
-    quant.add_column("n", justify="right")
-    for k in keys:
-        quant.add_column({"q0": "min", "q1": "max", "q0.5": "median"}.get(k, f"p{float(k[1:]) * 100:g}"), justify="right")
-    for side in ("kept", "dropped"):
-        quant.add_row(side, f"{qs[side]['n']:,}", *[f"{qs[side][k]:.3f}" if qs[side][k] is not None else "-" for k in keys])
-    out.append(quant)
+    for column in (C.SCORE, *([C.ITM_SCORE] if config.uses_itm else [])):  # itm_score too when it ordered or cut the rows
+        quant = Table(title=f"{column} quantiles", title_justify="left")
+        qs = sel.quantiles(column=column)
+        keys = [k for k in qs["kept"] if k.startswith("q")]
+        quant.add_column("rows")
+        quant.add_column("n", justify="right")
+        for k in keys:
+            quant.add_column({"q0": "min", "q1": "max", "q0.5": "median"}.get(k, f"p{float(k[1:]) * 100:g}"), justify="right")
+        for side in ("kept", "dropped"):
+            quant.add_row(side, f"{qs[side]['n']:,}", *[f"{qs[side][k]:.3f}" if qs[side][k] is not None else "-" for k in keys])
+        out.append(quant)
     if sel.truth:
         out.append(_truth_table(sel.truth))
     if explain:
         out.extend(_explain(run, explain_rows))
+    for note in sel.notes:
+        out.append(f"note: {note}")
     for w in sel.warnings:
         out.append(f"[yellow]warning:[/] {w}")
     out.append(f"manifest {run.paths.manifest} ({sel.rows_kept:,} rows)")
@@ -188,10 +208,12 @@ def _explain(run: SelectRun, limit: int) -> list[Table]:
     for step, reason, n in drop_reasons(sel).iter_rows():
         counts.add_row(step, reason, f"{n:,}")
     rows = Table(title=f"dropped rows (the first {limit}; all {sel.rows_in - sel.rows_kept:,} in {run.paths.dropped})", title_justify="left")
-    for col in (C.PAIR_ID, C.STEP, C.REASON, C.SCORE, C.BANK_RANK):
+    shown = (C.PAIR_ID, C.STEP, C.REASON, C.SCORE, C.BANK_RANK, *([C.ITM_SCORE] if C.ITM_SCORE in sel.outcome.columns else []))
+    for col in shown:
         rows.add_column(col)
-    for pid, step, reason, score, rank in sel.dropped().head(limit).select(C.PAIR_ID, C.STEP, C.REASON, C.SCORE, C.BANK_RANK).iter_rows():
-        rows.add_row(str(pid), step, reason, _fixed(score), _fixed(rank))
+    dropped = sel.outcome.filter(pl.col(C.STEP).is_not_null()).head(limit).select(shown)
+    for pid, step, reason, *values in dropped.iter_rows():
+        rows.add_row(str(pid), step, reason, *(_fixed(v) for v in values))
     return [counts, rows]
 
 
@@ -247,15 +269,18 @@ def terminal_histogram(hist: Histogram, thresholds: Sequence[Threshold] = (), wi
     return "\n".join(lines)
 
 
-def inspect_report(report: TableReport) -> list[RenderableType]:
+def inspect_report(report: TableReport | DropReport) -> list[RenderableType]:
     """What ``tbps inspect`` prints: counts, quantiles, histograms, extreme pairs, sources, drops.
 
     Args:
-        report: the summary of :func:`tbps.curate.inspect.summarize`.
+        report: the summary of :func:`tbps.curate.inspect.summarize`, or of
+            :func:`tbps.curate.inspect.inspect_dropped` for a drop table.
 
     Returns:
         Rich tables and texts, in print order.
     """
+    if isinstance(report, DropReport):
+        return drop_report(report)
     parts: list[RenderableType] = []
     overview = Table(title=f"{report.kind}: {report.path}", show_header=False)
     overview.add_row("rows", f"{report.rows:,}")
@@ -287,6 +312,42 @@ def inspect_report(report: TableReport) -> list[RenderableType]:
             example = sample.get_column(C.CAPTION)[0] if sample.height else ""
             drops.add_row(reason, f"{count:,}", _short(example, 70))
         parts.append(drops)
+    return parts
+
+
+def drop_report(report: DropReport) -> list[RenderableType]:
+    """What ``tbps inspect X.dropped.parquet`` prints: rows per step and reason, then each group's rows.
+
+    A duplicate's row shows its original beside it: the original's id, caption and what became of it.
+
+    Args:
+        report: the summary of :func:`tbps.curate.inspect.inspect_dropped`.
+
+    Returns:
+        Rich tables, in print order.
+    """
+    overview = Table(title=f"drop table: {report.path}", show_header=False)
+    for key, value in (("dropped rows", f"{report.rows:,}"), ("shown", f"{report.shown_rows:,} ({report.filters or 'no filter'})"),
+                       ("manifest", report.manifest or "-"), ("rows joined", report.provenance)):
+        overview.add_row(key, value)
+    steps = Table("step", "reason", "rows", title="dropped by step and reason")
+    for row in report.by_step.iter_rows(named=True):
+        steps.add_row(str(row[C.STEP]), str(row[C.REASON]), f"{row['rows']:,}")
+    parts: list[RenderableType] = [overview, steps]
+    for name, (count, sample) in report.groups.items():
+        title = f"{name}: {count:,} rows (showing {sample.height}, highest scores first)"
+        if ORIGINAL in sample.columns:
+            table = Table("pair_id", "score", "caption", "original", "original caption", "original is", title=title)
+            for row in sample.iter_rows(named=True):
+                table.add_row(str(row[C.PAIR_ID]), format_value(row.get(C.SCORE)), _short(row.get(C.CAPTION), 40), str(row[ORIGINAL]),
+                              _short(row.get(ORIGINAL_COLUMNS[C.CAPTION]), 40), str(row[ORIGINAL_FATE]))
+        else:
+            table = Table("pair_id", "score", "bank_rank", "caption", "image", title=title)
+            for row in sample.iter_rows(named=True):
+                image = Path(str(row[C.IMAGE_PATH])).name if row.get(C.IMAGE_PATH) else "-"
+                table.add_row(str(row[C.PAIR_ID]), format_value(row.get(C.SCORE)), format_value(row.get(C.BANK_RANK)),
+                              _short(row.get(C.CAPTION), 60), _short(image, 30))
+        parts.append(table)
     return parts
 
 
@@ -326,9 +387,18 @@ def metrics_table(records: list[dict[str, Any]], keys: Sequence[str], names: lis
         names: a column label per record (default: the model spec).
 
     Returns:
-        A rich table; its caption warns when the runs evaluated different data.
+        A rich table; its caption warns when the runs evaluated different data. A record with
+        ``reranked`` (``tbps eval --rerank K``) has two columns: ITC, then ITC + ITM re-ranked.
     """
     names = names or [str(r.get("model", {}).get("spec", "?")) for r in records]
+    # A re-ranked record is two columns: its ITC metrics, then the same run re-ranked by ITM.
+    expanded = []
+    for name, r in zip(names, records):
+        if isinstance(r.get("reranked"), dict) and isinstance(r["reranked"].get("metrics"), dict):
+            expanded += [(f"{name} (ITC)", r), (f"{name} (ITM re-rank, top {r['reranked'].get('k', '?')})", {**r, "metrics": r["reranked"]["metrics"]})]
+        else:
+            expanded.append((name, r))
+    names, records = [n for n, _ in expanded], [r for _, r in expanded]
     same = len({r.get("data_hash") for r in records}) == 1
     table = Table(
         title="text-to-image retrieval (%)",

@@ -2,7 +2,8 @@
 
 Output directory::
 
-    OUT/params.json            the parameters that fix the result (checked on resume)
+    OUT/params.json            the parameters that fix the result (checked on resume), with the
+                               resolved image root the dataset was read with (``image_root``)
     OUT/bank.parquet           the sampled bank captions
     OUT/bank-embeddings.npy    their embeddings (float32, L2-normalised): computed once, read on resume
     OUT/scores/part-NNNNNN.parquet      columns.SCORE_SCHEMA, one row per input pair
@@ -18,9 +19,14 @@ sorts above index 1800 (``bank_rank <= 1799``, ``--rule paper-finetune``).
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tbps.data.formats import FORMATS
+from tbps.data.readers import detect_format
+from tbps.errors import TbpsError
 from tbps.files import is_temp
 
 PAPER_BANK_SIZE = 10_000
@@ -88,3 +94,34 @@ class ScoreDir:
     def is_complete(self) -> bool:
         """Whether every part was written (``score.json`` is written last)."""
         return self.record.is_file()
+
+    def image_root(self) -> str | None:
+        """The resolved image root the run read its dataset with; None when it cannot be known.
+
+        ``params.json`` names it (``image_root``); for a run written before it did, it is the
+        reader's absolute ``--image-root``, or the format's default root next to the dataset.
+        """
+        try:
+            params = json.loads(self.params.read_text())
+            if params.get("image_root"):
+                return os.path.realpath(params["image_root"])
+            reader, data = params.get("reader") or {}, Path(params["data"])
+            if reader.get("image_root"):
+                root = Path(reader["image_root"])
+                # A relative --image-root was relative to where score ran, which is not known here.
+                return os.path.realpath(root) if root.is_absolute() and root.is_dir() else None
+            fmt = FORMATS[reader.get("format") or detect_format(data)]
+            root = fmt.default_root(data) if fmt.default_root is not None else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, TbpsError):
+            return None
+        return os.path.realpath(root) if root is not None and Path(root).is_dir() else None
+
+
+def score_run_of(path: str | Path) -> ScoreDir | None:
+    """The score run a score table path belongs to (the run directory, its ``scores/``, or a part in it); None if none."""
+    path = Path(path)
+    for candidate in (path, path.parent, path.parent.parent):
+        run = ScoreDir(candidate)
+        if run.params.is_file() and (path == candidate or path.relative_to(candidate).parts[:1] == (SCORES_DIR,)):
+            return run
+    return None

@@ -20,6 +20,10 @@ The engine:
   other parameters into the same directory is refused.
 * ``torchrun`` ranks (or ``--shard i/N``) take parts ``k`` with ``k % N == i``; whichever process
   sees the last part written finalises ``score.json``.
+* ``--split`` scores the rows of some splits only (``split`` is a column of the score table, so
+  ``tbps select`` can also choose later); the rows of the other splits are counted, not scored.
+* Progress is reported per batch of images and of captions (``progress(done_pairs, total_pairs)``:
+  a part's pairs are credited evenly over its images and captions, and in full once it is written).
 
 The output directory's layout is :mod:`tbps.curate.layout`.
 """
@@ -27,9 +31,8 @@ The output directory's layout is :mod:`tbps.curate.layout`.
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -42,13 +45,15 @@ import torch
 from tbps import columns as C
 from tbps.curate.layout import PAPER_BANK_SIZE, ScoreDir, list_parts
 from tbps.data.options import ReaderOptions
-from tbps.data.readers import read_captions, read_dataset
+from tbps.data.readers import ReadConfig, read, read_captions, sample_images
+from tbps.data.splits import splits_of
 from tbps.errors import TbpsError, UsageError
 from tbps.files import atomic_write, content_hash, sweep_temps, write_json
 from tbps.models import load
 from tbps.models.device import autocast_dtype, barrier, check_precision, distributed
-from tbps.models.encode import TEXT_BATCH, embed_pixels, encode_texts, iter_image_batches
-from tbps.models.protocol import Encoder
+from tbps.models.encode import TEXT_BATCH, embed_pixels, encode_texts, iter_image_batches, pair_scores
+from tbps.models.encode import place as place_model
+from tbps.models.protocol import Encoder, pair_similarity, similarity
 from tbps.provenance import record
 
 # "Strictly higher" means higher by more than float32 noise: the own caption's cosine and the
@@ -79,12 +84,17 @@ class ScoreConfig(ReaderOptions):
         chunk_size: pairs per output part (the unit of resume).
         shard: ``i/N`` to score only shard i of N (schedulers without torchrun).
         max_pixels: a decompression-bomb limit below Pillow's default, if any.
+        split: ``NAME[,NAME...]``: score only the rows of these splits of ``data``; None scores
+            every row.
+        itm: when the model has an image-text matching head, also score every pair with it
+            (``itm_score``); False skips that pass.
     """
 
     data: str
     model: str
     bank: str
     out: str
+    split: str | None = None
     bank_size: int = PAPER_BANK_SIZE
     bank_split: str = "train"
     seed: int = 0
@@ -95,6 +105,7 @@ class ScoreConfig(ReaderOptions):
     chunk_size: int = 16_384
     shard: str | None = None
     max_pixels: int | None = None
+    itm: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,6 +117,14 @@ class ScoreConfig(ReaderOptions):
         check_precision(self.precision)
         if self.shard is not None:
             self.shard_index, self.shard_count = parse_shard(self.shard)
+        if self.split is not None and not self.splits():
+            raise UsageError("--split names one or more splits, e.g. train or train,val", field="--split", value=self.split)
+
+    def splits(self) -> list[str] | None:
+        """The split names of ``--split`` (sorted, distinct), or None for every row."""
+        if self.split is None:
+            return None
+        return sorted({name.strip() for name in self.split.split(",") if name.strip()})
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -133,20 +152,24 @@ class ScoreSummary:
     pairs_per_second: float = 0.0
     complete: bool = False
     bank_size: int = 0
+    splits: list[str] | None = None
+    rows_other_splits: int = 0
 
 
 # --------------------------------------------------------------------------------------------
 # Pure pieces: table -> table, arrays -> arrays.
 
 
-def bank_rank(image_emb: torch.Tensor, own: torch.Tensor, bank_emb: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def bank_rank(image_emb: torch.Tensor, own: torch.Tensor, bank_emb: torch.Tensor, chunk: int = 2048, image_vectors: int = 1) -> torch.Tensor:
     """How many bank captions score strictly higher against each image than its own caption.
 
     Args:
-        image_emb: (n, D) L2-normalised image embeddings.
-        own: (n,) the cosine of each image with its own caption.
+        image_emb: (n, D) L2-normalised image embeddings ((n, Q * D) with ``image_vectors`` Q).
+        own: (n,) the score of each image with its own caption.
         bank_emb: (K, D) L2-normalised bank caption embeddings.
         chunk: images per matrix product (bounds memory at chunk x K floats).
+        image_vectors: embeddings per image: the score is the largest cosine of an image's vectors
+            (BLIP-2's ITC, :func:`tbps.models.protocol.similarity`).
 
     Returns:
         (n,) int32 ranks in [0, K]. Compared in fp32 whatever the inputs' dtype (bf16 products
@@ -155,7 +178,8 @@ def bank_rank(image_emb: torch.Tensor, own: torch.Tensor, bank_emb: torch.Tensor
     bank_t = bank_emb.float().T.contiguous()
     ranks = torch.empty(len(own), dtype=torch.int32)
     for start in range(0, len(own), chunk):
-        sims = image_emb[start : start + chunk].float() @ bank_t
+        block = image_emb[start : start + chunk].float()
+        sims = block @ bank_t if image_vectors == 1 else similarity(block, bank_t.T, image_vectors)
         ranks[start : start + chunk] = (sims > own[start : start + chunk].float().unsqueeze(1) + TIE_EPS).sum(1, dtype=torch.int32)
     return ranks
 
@@ -171,6 +195,35 @@ def check_unique_ids(pairs: pl.DataFrame, path: str) -> None:
             field=C.PAIR_ID,
             value=shown,
         )
+
+
+def keep_splits(pairs: pl.DataFrame, names: list[str] | None, path: str) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The rows of the named splits, and how many rows each other split (or no split) holds.
+
+    Args:
+        pairs: the pair table as read.
+        names: the splits to keep; None keeps every row.
+        path: the dataset, for messages.
+
+    Returns:
+        (the kept rows in input order, ``{other split or "none": rows}``).
+
+    Raises:
+        TbpsError: the data has no splits, or a name is not one of its splits.
+    """
+    if names is None:
+        return pairs, {}
+    found = splits_of(pairs)
+    if not found:
+        raise TbpsError("the data has no splits, so --split selects no row", path=path, field="--split", value=",".join(names),
+                        hint="drop --split to score every row")
+    unknown = [n for n in names if n not in found]
+    if unknown:
+        raise TbpsError(f"split {', '.join(map(repr, unknown))} not found", path=path, field="--split", value=",".join(names),
+                        hint=f"splits in the file: {', '.join(found)}")
+    chosen = pl.col(C.SPLIT).is_in(names).fill_null(False)
+    others = pairs.filter(~chosen).group_by(pl.col(C.SPLIT).fill_null("none")).len().sort(C.SPLIT)
+    return pairs.filter(chosen), dict(others.iter_rows())
 
 
 def order_pairs(pairs: pl.DataFrame) -> pl.DataFrame:
@@ -226,6 +279,13 @@ def _check_params(out: ScoreDir, params: dict) -> None:
     path = out.params
     if path.exists():
         old = json.loads(path.read_text())
+        if "split" not in old:
+            # Its parts lack the split column: new parts beside them would make one table of two schemas.
+            raise TbpsError(
+                "the output directory holds a score run of an earlier tbps, whose table has no split column; it cannot be resumed or extended",
+                path=out.root,
+                hint="its table stays readable by tbps select and inspect; score into a new --out (or delete this one) for a table with splits",
+            )
         changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
         if changed:
             diffs = "; ".join(f"{k}: {old.get(k)!r} -> {params.get(k)!r}" for k in changed)
@@ -277,7 +337,6 @@ def _write_parquet(table: pa.Table, path: Path, metadata: dict[str, str]) -> Non
 
 
 NOT_OK_WARNING = 0.05  # a larger share of rows that are not ok is warned about
-_SAMPLE = 200  # image paths checked before any work
 
 
 def check_images_exist(pairs: pl.DataFrame, data: Path) -> None:
@@ -291,30 +350,14 @@ def check_images_exist(pairs: pl.DataFrame, data: Path) -> None:
         TbpsError: no sampled image exists; the hint names the directory where a file of the
             same name was found, when one is.
     """
-    paths = pairs.filter(pl.col(C.STATUS) == C.STATUS_OK).get_column(C.IMAGE_PATH).drop_nulls().unique(maintain_order=True)
-    if paths.len() == 0 or paths.str.len_chars().max() == 0:
+    sample = sample_images(pairs, data)
+    if not sample.checked or sample.found:
         return
-    sample = paths.gather_every(max(1, paths.len() // _SAMPLE)).head(_SAMPLE).to_list()
-    if any(Path(p).is_file() for p in sample):
-        return
-    example = Path(sample[0])
+    example = Path(sample.missing_example)
     hint = "check --image-root (or the paths in the dataset)"
-    found = _find_file(data.parent if data.is_file() else data, example.name)
-    if found is not None:
-        hint = f"a file named {example.name} is in {found.parent}: point --image-root at the folder the dataset's paths start from"
-    raise TbpsError(f"none of {len(sample)} sampled image files exists (e.g. {example})", path=data, field="--image-root", hint=hint)
-
-
-def _find_file(top: Path, name: str, limit: int = 50_000) -> Path | None:
-    """The first file named ``name`` below ``top``, looking at no more than ``limit`` entries."""
-    seen = 0
-    for dirpath, dirs, files in os.walk(top):
-        seen += len(files) + len(dirs)
-        if name in files:
-            return Path(dirpath) / name
-        if seen > limit:
-            return None
-    return None
+    if sample.found_elsewhere is not None:
+        hint = f"a file named {example.name} is in {sample.found_elsewhere}: point --image-root at the folder the dataset's paths start from"
+    raise TbpsError(f"none of {sample.checked} sampled image files exists (e.g. {example})", path=data, field="--image-root", hint=hint)
 
 
 def _part_is_done(out: ScoreDir, k: int, span: tuple[int, int], metadata: dict[str, str], log: Callable[[str], None]) -> bool:
@@ -358,10 +401,14 @@ def _part_tables(
     caption_of_row: np.ndarray,
     truncated: np.ndarray,
     bank_t: torch.Tensor,
+    image_vectors: int = 1,
+    itm: np.ndarray | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """The score table and embeddings of one part (no I/O).
 
-    ``image_of_row`` / ``caption_of_row`` index each row's distinct image / caption (-1: none).
+    ``image_of_row`` / ``caption_of_row`` index each row's distinct image / caption (-1: none);
+    ``image_vectors``: embeddings per image (BLIP-2); ``itm``: each row's ITM probability, or None
+    when the model has no matching head (the table then has no ``itm_score`` column).
     """
     n = rows.height
     status = rows[C.STATUS].to_list()
@@ -382,41 +429,43 @@ def _part_tables(
     trunc = np.zeros(n, dtype=bool)
     img = torch.from_numpy(image_emb[image_of_row[ok_rows]])
     txt = torch.from_numpy(text_emb[caption_of_row[ok_rows]])
-    own = (img * txt).sum(1)
+    own = pair_similarity(img, txt, image_vectors)
     score[ok_rows] = own.numpy()
-    rank[ok_rows] = bank_rank(img, own, bank_t).numpy()
+    rank[ok_rows] = bank_rank(img, own, bank_t, image_vectors=image_vectors).numpy()
     trunc[ok_rows] = truncated[caption_of_row[ok_rows]]
     bank_size = bank_t.shape[0]
+    itm_column = {} if itm is None else {C.ITM_SCORE: pa.array(np.where(ok, itm, np.nan), pa.float32(), mask=~ok | np.isnan(itm))}
     scores = pa.table(
         {
             C.PAIR_ID: rows[C.PAIR_ID].to_arrow(),
             C.IMAGE_PATH: rows[C.IMAGE_PATH].to_arrow(),
             C.CAPTION: rows[C.CAPTION].to_arrow(),
             C.PERSON_ID: rows[C.PERSON_ID].to_arrow(),
+            C.SPLIT: rows[C.SPLIT].to_arrow(),
             C.SOURCE: rows[C.SOURCE].to_arrow(),
             C.IMAGE_HASH: pa.array(hashes, pa.string()),
             C.SCORE: pa.array(score, pa.float32(), mask=~ok),
             C.BANK_RANK: pa.array(rank, pa.int32(), mask=~ok),
             C.BANK_PERCENTILE: pa.array(rank.astype(np.float32) * (100.0 / bank_size), pa.float32(), mask=~ok),
             C.TRUNCATED: pa.array(trunc, pa.bool_()),
+            **itm_column,
             C.STATUS: pa.array(status, pa.string()),
             C.ERROR: pa.array(error, pa.string()),
         },
-        schema=C.SCORE_SCHEMA,
+        schema=C.score_schema(itm is not None),
     )
-    dim = image_emb.shape[1]
-    vec = pa.list_(pa.float16(), dim)
+    dim, image_dim = text_emb.shape[1], image_emb.shape[1]
 
-    def as_list(a: np.ndarray) -> pa.Array:
-        return pa.FixedSizeListArray.from_arrays(pa.array(a.astype(np.float16).ravel(), pa.float16()), dim).cast(vec)
+    def as_list(a: np.ndarray, width: int) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.astype(np.float16).ravel(), pa.float16()), width).cast(pa.list_(pa.float16(), width))
 
     emb = pa.table(
         {
             C.PAIR_ID: rows[C.PAIR_ID].to_arrow().take(pa.array(ok_rows)),
-            C.IMAGE_EMB: as_list(img.numpy()),
-            C.TEXT_EMB: as_list(txt.numpy()),
+            C.IMAGE_EMB: as_list(img.numpy(), image_dim),
+            C.TEXT_EMB: as_list(txt.numpy(), dim),
         },
-        schema=C.embedding_schema(dim),
+        schema=C.embedding_schema(dim, image_dim),
     )
     return scores, emb
 
@@ -427,6 +476,14 @@ class _Part:
     rows: pl.DataFrame
     images: list[str]  # distinct image paths of ok rows, in order
     image_of_row: np.ndarray
+    captions: list[str]  # distinct captions of ok rows, sorted
+    caption_of_row: np.ndarray
+    itm: np.ndarray | None = None  # each row's ITM match probability (NaN: not scored), when the model has a head
+
+    @property
+    def work(self) -> int:
+        """Images and captions to embed: the units its progress is credited in."""
+        return len(self.images) + len(self.captions)
 
 
 def _prepare_part(k: int, rows: pl.DataFrame) -> _Part:
@@ -442,11 +499,67 @@ def _prepare_part(k: int, rows: pl.DataFrame) -> _Part:
             index[p] = len(images)
             images.append(p)
         image_of_row[r] = index[p]
-    return _Part(k, rows, images, image_of_row)
+    # Captions are embedded once per distinct caption of the part's usable rows.
+    usable = [c if s == C.STATUS_OK else None for c, s in zip(rows[C.CAPTION].to_list(), ok)]
+    distinct = sorted({c for c in usable if c is not None})
+    where = {c: i for i, c in enumerate(distinct)}
+    caption_of_row = np.array([where.get(c, -1) if c is not None else -1 for c in usable], dtype=np.int64)
+    return _Part(k, rows, images, image_of_row, distinct, caption_of_row)
 
 
-def _iter_part_images(parts: list[_Part], loaded: Encoder, config: ScoreConfig, device, dtype) -> Iterator[tuple[_Part, np.ndarray, list, list, list]]:
-    """Yield each part with its image embeddings, from one DataLoader over all parts' images."""
+class _PairProgress:
+    """``progress(done_pairs, total_pairs)`` per batch: a part's pairs are credited evenly over its
+    images and captions as they are embedded, and in full once the part is written."""
+
+    def __init__(self, parts: list[_Part], progress: Callable[[int, int], None] | None) -> None:
+        self.progress = progress
+        self.total = sum(p.rows.height for p in parts)
+        self.written = 0  # pairs of the parts written
+        self.credit = 0.0  # pairs credited to the part in work
+
+    def embedded(self, part: _Part, units: int) -> None:
+        """``units`` images or captions of ``part`` were embedded."""
+        self.credit += part.rows.height * units / max(1, part.work)
+        self._report(min(self.written + int(self.credit), self.written + part.rows.height))
+
+    def done(self, part: _Part) -> None:
+        """``part`` was written."""
+        self.written += part.rows.height
+        self.credit = 0.0
+        self._report(self.written)
+
+    def _report(self, done: int) -> None:
+        if self.progress:
+            self.progress(done, self.total)
+
+
+def _batch_itm(part: _Part, first: int, ok: np.ndarray, pixels: torch.Tensor, loaded: Encoder, config: ScoreConfig, device, dtype) -> None:
+    """The ITM probability of every usable row whose image is in this batch (images ``first ..`` of the part).
+
+    The batch's decoded pixels are at hand, so each image runs through the matching head's image
+    side once for all of its captions.
+    """
+    if part.itm is None:
+        part.itm = np.full(part.rows.height, np.nan, dtype=np.float32)
+    local = part.image_of_row - first
+    rows = np.flatnonzero((part.image_of_row >= 0) & (local >= 0) & (local < len(ok)))
+    rows = rows[ok[local[rows]]]
+    if not len(rows):
+        return
+    compact = np.cumsum(ok) - 1  # the batch's decoded pixels hold only its ok images
+    captions = [part.captions[c] for c in part.caption_of_row[rows]]
+    part.itm[rows] = pair_scores(loaded, pixels, captions, compact[local[rows]], device=device, dtype=dtype, batch_size=config.batch_size)
+
+
+def _iter_part_images(
+    parts: list[_Part], loaded: Encoder, config: ScoreConfig, device, dtype, on_batch: Callable[[_Part, int], None] | None = None,
+    itm: bool = False,
+) -> Iterator[tuple[_Part, np.ndarray, list, list, list]]:
+    """Yield each part with its image embeddings, from one DataLoader over all parts' images.
+
+    ``on_batch(part, images)`` is called after each batch is embedded (a batch never crosses parts).
+    With ``itm``, each part's rows also get their ITM match probability (``part.itm``).
+    """
     flat = [p for part in parts for p in part.images]
     # Batches never cross parts: a part's floats must not depend on which parts run beside it.
     batches = iter_image_batches(
@@ -454,6 +567,7 @@ def _iter_part_images(parts: list[_Part], loaded: Encoder, config: ScoreConfig, 
         groups=[len(part.images) for part in parts], pin_memory=device.type == "cuda", overlap=device.type != "cpu",
     )
     pending = iter(parts)
+    width = loaded.embed_dim * loaded.image_vectors
     buf_emb: list[np.ndarray] = []
     buf_meta: tuple[list, list, list] = ([], [], [])
     have = 0
@@ -462,7 +576,7 @@ def _iter_part_images(parts: list[_Part], loaded: Encoder, config: ScoreConfig, 
         nonlocal have, buf_emb, buf_meta
         while current[0] is not None and have >= len(current[0].images):
             need = len(current[0].images)
-            emb = np.concatenate(buf_emb) if buf_emb else np.zeros((0, loaded.embed_dim), np.float32)
+            emb = np.concatenate(buf_emb) if buf_emb else np.zeros((0, width), np.float32)
             yield current[0], emb[:need], buf_meta[0][:need], buf_meta[1][:need], buf_meta[2][:need]
             buf_emb = [emb[need:]]
             buf_meta = tuple(m[need:] for m in buf_meta)
@@ -472,13 +586,18 @@ def _iter_part_images(parts: list[_Part], loaded: Encoder, config: ScoreConfig, 
     current = [next(pending, None)]
     yield from flush_ready()
     for batch in batches:
-        emb = np.zeros((len(batch.status), loaded.embed_dim), np.float32)
+        emb = np.zeros((len(batch.status), width), np.float32)
         if batch.ok.any():
-            emb[batch.ok.numpy()] = embed_pixels(loaded, batch.decoded_pixels(), device=device, dtype=dtype)
+            pixels = batch.decoded_pixels()
+            emb[batch.ok.numpy()] = embed_pixels(loaded, pixels, device=device, dtype=dtype)
+            if itm:
+                _batch_itm(current[0], have, batch.ok.numpy(), pixels, loaded, config, device, dtype)
         buf_emb.append(emb)
         for m, v in zip(buf_meta, (batch.status, batch.error, batch.image_hash)):
             m.extend(v)
         have += len(batch.status)
+        if on_batch:
+            on_batch(current[0], len(batch.status))  # the first part not yet complete: batches never cross parts
         yield from flush_ready()
 
 
@@ -487,7 +606,8 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
 
     Args:
         config: the run's parameters.
-        progress: called as ``progress(done_pairs, total_pairs)`` after each part.
+        progress: called as ``progress(done_pairs, total_pairs)`` after each batch of images or
+            captions embedded and after each part written (see :class:`_PairProgress`).
         log: called with one-line messages (resume, skipped parts, finalisation).
 
     Returns:
@@ -502,17 +622,23 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
     shard_index, shard_count = (rank, world) if world > 1 else (getattr(config, "shard_index", 0), getattr(config, "shard_count", 1))
     out = ScoreDir(Path(config.out))
 
-    pairs = read_dataset(config.data, **config.reader_options())
+    dataset = read(ReadConfig(data=Path(config.data), **config.reader_options()))
+    pairs = dataset.pairs
     if pairs.height == 0:
         raise TbpsError("the dataset has no pairs", path=config.data)
     check_unique_ids(pairs, config.data)
+    pairs, other_splits = keep_splits(pairs, config.splits(), config.data)
+    if other_splits and rank == 0:
+        shown = ", ".join(f"{name} {n:,}" for name, n in other_splits.items())
+        log(f"scoring split {','.join(config.splits())}: {pairs.height:,} of {dataset.pairs.height:,} rows (not scored: {shown})")
     check_images_exist(pairs, Path(config.data))
     pairs = order_pairs(pairs)
     parts_plan = plan_parts(pairs[C.IMAGE_PATH].to_list(), config.chunk_size)
 
     dtype = autocast_dtype(config.precision, device)
     loaded = load(config.model, seed=config.seed)
-    loaded.model.to(device)
+    place_model(loaded, device)
+    itm = loaded.has_pair_score and config.itm
     bank = sample_bank(read_captions(config.bank, split=None if config.bank_split == "all" else config.bank_split), config.bank_size, config.seed)
     if rank == 0:
         log(f"bank: {len(bank):,} captions from {config.bank}" + (f" ({config.bank_split} split)" if config.bank_split != "all" else ""))
@@ -537,6 +663,10 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
         "embed_dim": loaded.embed_dim,
         "text_batch": TEXT_BATCH,  # caption embeddings depend (in the last bits) on how they were batched
         "reader": config.reader_options(),
+        "image_root": dataset.image_root,  # resolved: where manifest paths must lie (tbps train)
+        "split": config.splits(),
+        "itm": itm,  # the table has itm_score
+        "image_vectors": loaded.image_vectors,
     }
     if rank == 0:
         for directory in (out.root, out.scores, out.embeddings):
@@ -559,27 +689,21 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
 
     bank_emb = _bank_embeddings(out, loaded, bank, device, config.precision, rank, world)
     parts = [_prepare_part(k, pairs.slice(s, e - s)) for k in todo for s, e in [parts_plan[k]]]
-    total = sum(p.rows.height for p in parts)
-    done = 0
+    bar = _PairProgress(parts, progress)
     t_work = time.perf_counter()
-    for part, img_emb, img_status, img_error, img_hash in _iter_part_images(parts, loaded, config, device, dtype):
-        rows = part.rows
-        # Captions are embedded once per distinct caption of the part's usable rows.
-        usable = [c if s == C.STATUS_OK else None for c, s in zip(rows[C.CAPTION].to_list(), rows[C.STATUS].to_list())]
-        distinct = sorted({c for c in usable if c is not None})
-        where = {c: i for i, c in enumerate(distinct)}
-        caption_of_row = np.array([where.get(c, -1) if c is not None else -1 for c in usable], dtype=np.int64)
-        txt, truncated = encode_texts(loaded, distinct, device=device, precision=config.precision, return_truncated=True)
+    for part, img_emb, img_status, img_error, img_hash in _iter_part_images(parts, loaded, config, device, dtype, on_batch=bar.embedded, itm=itm):
+        txt, truncated = encode_texts(loaded, part.captions, device=device, precision=config.precision, return_truncated=True,
+                                      on_batch=lambda n, part=part: bar.embedded(part, n))
         scores, emb = _part_tables(
-            rows, img_emb, img_status, img_error, img_hash, part.image_of_row, txt, caption_of_row,
-            truncated, bank_emb,
+            part.rows, img_emb, img_status, img_error, img_hash, part.image_of_row, txt, part.caption_of_row,
+            truncated, bank_emb, loaded.image_vectors,
+            (part.itm if part.itm is not None else np.full(part.rows.height, np.nan, np.float32)) if itm else None,
         )
         # Embeddings first: a score part on disk means its embeddings are there too.
         _write_parquet(emb, out.embedding_part(part.k), metadata)
         _write_parquet(scores, out.score_part(part.k), metadata)
-        done += rows.height
-        if progress:
-            progress(done, total)
+        bar.done(part)
+    done = bar.written
     elapsed = time.perf_counter() - t_work
 
     barrier(world)
@@ -592,6 +716,8 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
         seconds=time.perf_counter() - t0,
         pairs_per_second=done / elapsed if elapsed > 0 and done else 0.0,
         bank_size=len(bank),
+        splits=config.splits(),
+        rows_other_splits=sum(other_splits.values()),
     )
     present = [k for k in range(len(parts_plan)) if out.score_part(k).exists()]
     summary.complete = len(present) == len(parts_plan)
@@ -606,6 +732,11 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
         if rank == 0:
             _finalise(out, config, params, summary)
             log(f"finalised {out.record}")
+        if not summary.status_counts.get(C.STATUS_OK):
+            # Every row is accounted for in the table, but nothing can be selected from it.
+            example = pl.scan_parquet(list_parts(out.scores)).select(C.ERROR).head(1).collect().item()
+            raise TbpsError(f"no row scored ok: every one of the {pairs.height:,} rows failed (e.g. {example})", path=out.root,
+                            hint="the statuses are in the score table; check --image-root and the images")
     if place.owns_group:
         torch.distributed.destroy_process_group()
     return summary
@@ -629,12 +760,22 @@ def _finalise(out: ScoreDir, config: ScoreConfig, params: dict, summary: ScoreSu
 
 
 def read_score_table(path: str | Path) -> pl.LazyFrame:
-    """The score table of a score run directory, a parts directory or a single file, lazily."""
+    """The score table of a score run directory, a parts directory or a single file, lazily.
+
+    A table written before the score table carried ``split`` gets a null ``split`` column (after
+    ``person_id``, as in ``columns.SCORE_SCHEMA``).
+    """
     path = Path(path)
     if ScoreDir(path).scores.is_dir():
         path = ScoreDir(path).scores
     if path.is_dir():
-        return pl.scan_parquet(list_parts(path))
-    if path.is_file():
-        return pl.scan_parquet(path)
-    raise TbpsError("no score table here", path=path)
+        table = pl.scan_parquet(list_parts(path))
+    elif path.is_file():
+        table = pl.scan_parquet(path)
+    else:
+        raise TbpsError("no score table here", path=path)
+    names = table.collect_schema().names()
+    if C.SPLIT in names:
+        return table
+    at = names.index(C.PERSON_ID) + 1 if C.PERSON_ID in names else len(names)
+    return table.with_columns(pl.lit(None, dtype=pl.String).alias(C.SPLIT)).select([*names[:at], C.SPLIT, *names[at:]])

@@ -13,12 +13,13 @@ when complete); the two Parquet files only when both were written, the sidecar l
 presence means the set is complete:
 
 * ``OUT`` (default ``manifests/<name>.parquet``): the kept rows, ``columns.SCORE_SCHEMA``,
-  sorted by ``pair_id``; no time inside, so the same inputs and parameters give the same bytes;
+  in input order; no time inside, so the same inputs and parameters give the same bytes;
 * ``<OUT stem>.dropped.parquet``: ``columns.DROP_SCHEMA``, every dropped row with its reason;
 * ``<OUT stem>.json``: provenance (``tbps.provenance.record``): the config, the inputs and
   outputs with content hashes (``hash``, and its algorithm in ``hash_algo``: ``tbps.files.HASH_ALGO``),
-  what each rule resolved to, rows after each step, score quantiles, truth metrics, versions,
-  git commit, time.
+  what each rule resolved to (``resolved.scores_used``: the score that ordered the rows and the
+  column each threshold applied to), rows after each step, score quantiles (and ``itm_quantiles``
+  when the selection used ``itm_score``), truth metrics, versions, git commit, time.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import pyarrow.parquet as pq
 
 from tbps import columns as C
 from tbps.curate.layout import RECORD_FILE, SCORES_DIR, ScoreDir, list_parts
-from tbps.curate.select import SelectConfig, Selection, check_columns, select
+from tbps.curate.select import ITM_HINT, SPLIT_STEP, SelectConfig, Selection, check_columns, itm_options, select
 from tbps.curate.truth import truth_metrics
 from tbps.errors import TbpsError
 from tbps.files import HASH_ALGO, atomic_write, file_hash, sweep_temps, write_json
@@ -57,6 +58,10 @@ class ScoreInputs:
         bank_size: the bank size shared by the inputs (None when unknown or mixed).
         tables: one record per input: path, kind, files with sizes and content hashes, rows, model.
         warnings: mixed models or bank sizes.
+        without_split: the inputs whose tables have no ``split`` column (written before
+            ``tbps score`` carried it); ``--split`` refuses them.
+        without_itm: the inputs whose tables have no ``itm_score`` column (their model had no
+            matching head); ``--by itm_score`` and ``--min-itm`` refuse them.
     """
 
     scores: pl.LazyFrame
@@ -64,6 +69,8 @@ class ScoreInputs:
     bank_size: int | None
     tables: list[dict]
     warnings: list[str] = field(default_factory=list)
+    without_split: list[str] = field(default_factory=list)
+    without_itm: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -151,7 +158,7 @@ def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False, h
     """
     if not paths:
         raise TbpsError("no score tables given")
-    scans, emb_scans, tables, warnings = [], [], [], []
+    scans, emb_scans, tables, warnings, without_split, without_itm = [], [], [], [], [], []
     bank_sizes, models, dims = set(), set(), set()
     for raw in paths:
         path = Path(raw)
@@ -161,6 +168,10 @@ def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False, h
         for f in files:
             schema, n, kv = _file_meta(f)
             check_columns(schema, where=f)
+            if C.SPLIT not in schema and str(path) not in without_split:
+                without_split.append(str(path))
+            if C.ITM_SCORE not in schema and str(path) not in without_itm:
+                without_itm.append(str(path))
             rows += n
             model = model or kv.get("tbps.model")
             bank = bank or kv.get("tbps.bank_size")
@@ -209,7 +220,8 @@ def read_inputs(paths: Sequence[str | Path], *, need_embeddings: bool = False, h
         warnings.append(f"the inputs were ranked against banks of different sizes ({', '.join(str(b) for b in sorted(known))})")
     scores = pl.concat(scans, how="diagonal_relaxed") if len(scans) > 1 else scans[0]
     embeddings = (pl.concat(emb_scans) if len(emb_scans) > 1 else emb_scans[0]) if need_embeddings else None
-    return ScoreInputs(scores=scores, embeddings=embeddings, bank_size=bank_size, tables=tables, warnings=warnings)
+    return ScoreInputs(scores=scores, embeddings=embeddings, bank_size=bank_size, tables=tables, warnings=warnings,
+                       without_split=without_split, without_itm=without_itm)
 
 
 def hash_inputs(tables: list[dict]) -> threading.Thread:
@@ -309,6 +321,20 @@ def run_select(config: SelectConfig, *, log: Callable[[str], None] | None = None
             field="bank_rank",
             hint="select each table separately, or use --min-score and --by score",
         )
+    if config.splits and inputs.without_split:
+        raise TbpsError(
+            "--split: the score table has no split column (it was written by a tbps score that did not carry splits)",
+            path=inputs.without_split[0],
+            field="split",
+            hint="Score the dataset again to select by split, or drop --split",
+        )
+    if config.uses_itm and inputs.without_itm:
+        raise TbpsError(
+            f"{itm_options(config)}: this score table has no {C.ITM_SCORE} column (its model has no image-text matching head)",
+            path=inputs.without_itm[0],
+            field=C.ITM_SCORE,
+            hint=ITM_HINT,
+        )
     truth = read_truth(config.truth) if config.truth else None
     paths = output_paths(config)
     _check_writable(paths)
@@ -317,7 +343,9 @@ def run_select(config: SelectConfig, *, log: Callable[[str], None] | None = None
     selection.warnings[:0] = inputs.warnings
     t_select = time.perf_counter()
     if truth is not None:
-        selection.truth = truth_metrics(selection.outcome, truth)
+        # Rows of other splits were never candidates: the filter is judged on the splits selected.
+        in_scope = selection.outcome.filter(pl.col(C.STEP).is_null() | (pl.col(C.STEP) != SPLIT_STEP))
+        selection.truth = truth_metrics(in_scope, truth)
     sweep_temps(paths.manifest.parent)  # what a killed run left
     say(f"writing {paths.manifest} and {paths.dropped.name}")
     meta = {"tbps.select": json.dumps({"config": _config_dict(config), "resolved": selection.resolved}, sort_keys=True, default=str)}
@@ -360,8 +388,10 @@ def _record(config: SelectConfig, selection: Selection, inputs: ScoreInputs, pat
         steps=[{"step": s.step, "rows_in": s.rows_in, "dropped": s.dropped, "rows_out": s.rows_out} for s in selection.steps],
         resolved=selection.resolved,
         quantiles=selection.quantiles(),
+        **({"itm_quantiles": selection.quantiles(column=C.ITM_SCORE)} if config.uses_itm else {}),
         truth=selection.truth,
         warnings=selection.warnings,
+        notes=selection.notes,
         timings=timings,
     )
 

@@ -16,6 +16,23 @@ Rows are accounted for, never silently lost:
 * queries whose person has no image left in the gallery are skipped by the metrics and
   counted (``queries_without_match``).
 
+With ``rerank=K`` (``tbps eval --rerank K``) the model's image-text matching head re-ranks each
+query's top K gallery images by ITC similarity, as APTM's and the paper's released evaluation
+do: the K images are ordered by the head's match probability of (caption, image), the images
+below K keep their ITC order, and the metrics of both rankings are reported (``metrics``: ITC;
+``reranked.metrics``: ITC + ITM). A model without a head is refused before any work. Cost:
+queries with the same caption share one top K, so the head runs on ``distinct captions x K``
+pairs, in batches of ``batch_size`` pairs grouped by image; the images that appear in some top
+K are decoded a second time, each once, in gallery order (memory: one batch of images, never
+the whole gallery's pixels), and each batch of pairs runs the image tower only on its few
+distinct images.
+
+When the model is a tbps run (a run directory, an adapter export, or a merged checkpoint whose
+run is still there), the training data its run recorded is compared with the evaluated split
+(:mod:`tbps.eval.leakage`): shared images or persons are a warning (``warnings`` in the record,
+printed on stderr), what could not be checked a note (logged), and both are stored under
+``training_overlap``.
+
 The JSON record of a run holds the metrics, the model identity, a content hash of the
 evaluated data (captions, person ids and the image files' bytes), the counts and the config;
 ``tbps eval --compare`` reads several (:func:`load_records`) and prints them side by side
@@ -38,11 +55,18 @@ from tbps.data.options import ReaderOptions
 from tbps.data.readers import read_dataset
 from tbps.data.splits import select_split
 from tbps.errors import TbpsError, UsageError
-from tbps.eval.metrics import METRIC_KEYS, retrieval_metrics_from_embeddings
+from tbps.eval.leakage import training_overlap
+from tbps.eval.metrics import (
+    METRIC_KEYS,
+    rerank_order,
+    reranked_metrics_from_embeddings,
+    retrieval_metrics_from_embeddings,
+    top_k_from_embeddings,
+)
 from tbps.files import hasher, write_json
 from tbps.models import load
-from tbps.models.device import check_precision, resolve_device
-from tbps.models.encode import encode_images, encode_texts
+from tbps.models.device import autocast_dtype, check_precision, resolve_device
+from tbps.models.encode import encode_images, encode_texts, iter_image_batches, pair_scores, place
 from tbps.provenance import record
 
 
@@ -66,6 +90,9 @@ class EvalConfig(ReaderOptions):
         precision: ``fp32`` (default: reproducible metrics), ``bf16`` or ``auto``.
         chunk_size: query rows per block of the similarity; ``None`` = automatic.
         seed: the seed of random weights (a bare config name such as ``tbps-tiny``).
+        rerank: re-rank each query's ITC top ``rerank`` images by the model's ITM match
+            probability and report both rankings' metrics; ``None``: ITC only. The model needs
+            an image-text matching head.
     """
 
     data: Path
@@ -78,6 +105,7 @@ class EvalConfig(ReaderOptions):
     precision: str = "fp32"
     chunk_size: int | None = None
     seed: int = 0
+    rerank: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,6 +120,8 @@ class EvalConfig(ReaderOptions):
             raise UsageError("--workers must be >= 0", field="workers", value=self.workers)
         if self.chunk_size is not None and self.chunk_size < 1:
             raise UsageError("--chunk-size must be >= 1", field="chunk_size", value=self.chunk_size)
+        if self.rerank is not None and self.rerank < 1:
+            raise UsageError("--rerank K re-ranks each query's top K images: K must be >= 1", field="rerank", value=self.rerank)
         check_precision(self.precision)
 
 
@@ -161,6 +191,26 @@ def build_protocol(pairs: pl.DataFrame) -> EvalProtocol:
     )
 
 
+def check_rerank(loaded: Any, rerank: int | None, spec: str | None = None) -> None:
+    """Refuse ``--rerank`` for a model without an image-text matching head (before any work).
+
+    Raises:
+        UsageError: ``rerank`` below 1.
+        TbpsError: the model has no matching head.
+    """
+    if rerank is None:
+        return
+    if rerank < 1:
+        raise UsageError("--rerank K re-ranks each query's top K images: K must be >= 1", field="rerank", value=rerank)
+    if not loaded.has_pair_score:
+        raise TbpsError(
+            f"--rerank {rerank}: the {loaded.family} model {loaded.name} has no image-text matching head to re-rank with",
+            field="--rerank",
+            value=spec or loaded.identity.get("spec"),
+            hint="use a model with one (hf: BLIP / BLIP-2, or a run trained with tbps train --itm-head), or drop --rerank",
+        )
+
+
 def evaluate(
     loaded: Any,
     pairs: pl.DataFrame,
@@ -171,7 +221,9 @@ def evaluate(
     precision: str = "fp32",
     chunk_size: int | None = None,
     per_query: bool = False,
+    rerank: int | None = None,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Text-to-image retrieval of a model on the rows of one split.
 
@@ -182,53 +234,77 @@ def evaluate(
     Args:
         loaded: the model (:class:`tbps.models.protocol.Encoder`).
         pairs: the rows to evaluate (one split of a pair table, ``PAIR_SCHEMA``).
-        batch_size: images / captions per forward pass.
+        batch_size: images / captions (and, re-ranking, pairs) per forward pass.
         workers: DataLoader worker processes decoding images.
         device: ``auto``, ``cpu`` or a CUDA device.
         precision: ``fp32``, ``bf16`` or ``auto`` (autocast of the forward passes).
         chunk_size: query rows per block of the similarity; ``None`` = automatic.
         per_query: also return each query's outcome (``per_query`` below).
+        rerank: re-rank each query's ITC top ``rerank`` images by the model's ITM match
+            probability (the model needs a matching head: ``loaded.has_pair_score``).
         log: receives one line per stage (for stderr), or ``None``.
+        progress: called as ``progress(done, total)`` after each batch of gallery images, of
+            distinct captions and (re-ranking) of pairs scored (``total`` = gallery images +
+            distinct captions + distinct captions x K).
 
     Returns:
         ``{"metrics": {R1, R5, R10, mAP, mINP, queries, queries_without_match, gallery},
-        "counts": {...}, "data_hash": str, "seconds": {...}}``. With ``per_query=True`` also
-        ``"per_query"``: the arrays of :func:`tbps.eval.metrics.retrieval_metrics` (``first_rank``,
-        ``ap``, ``inp``, ``evaluated``) plus ``pair_id``, ``person_id`` and ``caption`` (lists of
-        str), one entry per query in query order; ``metrics`` itself stays as without it.
+        "counts": {...}, "data_hash": str, "seconds": {...}}``; ``metrics`` is the ITC ranking.
+        With ``rerank``, also ``"reranked": {"k", "metrics" (same keys, the re-ranked ranking),
+        "pairs_scored", "images_decoded"}`` and ``seconds["rerank"]``. With ``per_query=True``
+        also ``"per_query"``: the arrays of :func:`tbps.eval.metrics.retrieval_metrics`
+        (``first_rank``, ``ap``, ``inp``, ``evaluated``) plus ``pair_id``, ``person_id`` and
+        ``caption`` (lists of str), one entry per query in query order; re-ranking adds
+        ``reranked`` (the same four arrays for the re-ranked ranking), ``gallery_paths`` (the
+        decoded gallery), ``top_k`` (queries x K indices into it, ITC order), ``top_k_itm`` (their
+        match probabilities) and ``top_k_reranked`` (the same indices in the re-ranked order);
+        ``metrics`` itself stays as without it.
 
     Raises:
-        TbpsError: no person ids, no usable rows, or no image could be decoded.
+        TbpsError: no person ids, no usable rows, no image could be decoded, or ``rerank`` for a
+            model without a matching head.
     """
+    check_rerank(loaded, rerank)
     say = log or (lambda _msg: None)
     proto = build_protocol(pairs)
     dev = resolve_device(device)
+    captions = proto.queries.get_column(C.CAPTION)
+    distinct = captions.unique(maintain_order=True)
+    pairs_total = len(distinct) * min(rerank, len(proto.gallery_paths)) if rerank else 0
+    total, done = len(proto.gallery_paths) + len(distinct) + pairs_total, 0
+
+    def embedded(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
     t0 = time.perf_counter()
     say(f"encoding {len(proto.gallery_paths):,} gallery images on {dev}")
-    enc = encode_images(loaded, proto.gallery_paths, batch_size=batch_size, workers=workers, device=dev, precision=precision)
+    enc = encode_images(loaded, proto.gallery_paths, batch_size=batch_size, workers=workers, device=dev, precision=precision,
+                        on_batch=embedded)
     ok = enc.ok
     if not ok.any():
         raise TbpsError(
             f"none of the {len(ok)} gallery images could be decoded", path=proto.gallery_paths[0], value=enc.error[0]
         )
+    if rerank:
+        total -= pairs_total - len(distinct) * min(rerank, int(ok.sum()))  # the top K of the images that decoded
     t1 = time.perf_counter()
-    captions = proto.queries.get_column(C.CAPTION)
-    distinct = captions.unique(maintain_order=True)
     say(f"encoding {len(distinct):,} distinct captions of {len(captions):,} queries")
-    text_distinct = encode_texts(loaded, distinct.to_list(), batch_size=batch_size, device=dev, precision=precision)
+    text_distinct = encode_texts(loaded, distinct.to_list(), batch_size=batch_size, device=dev, precision=precision, on_batch=embedded)
     # Each query row points at its caption's embedding: a repeated caption is encoded once.
     where = pl.DataFrame({"c": distinct, "i": np.arange(len(distinct))})
     index = proto.queries.select(pl.col(C.CAPTION).alias("c")).join(where, on="c", how="left", maintain_order="left")
-    text_emb = text_distinct[index.get_column("i").to_numpy()]
+    caption_of = index.get_column("i").to_numpy()
+    text_emb = text_distinct[caption_of]
     t2 = time.perf_counter()
     g_pids = np.asarray(proto.gallery_pids, dtype=object)[ok]
+    q_pids = proto.queries.get_column(C.PERSON_ID).to_numpy()
+    vectors = loaded.image_vectors
+    gallery_emb = enc.embeddings[ok]
     metrics = retrieval_metrics_from_embeddings(
-        text_emb,
-        enc.embeddings[ok],
-        proto.queries.get_column(C.PERSON_ID).to_numpy(),
-        g_pids,
-        chunk_size=chunk_size,
-        per_query=per_query,
+        text_emb, gallery_emb, q_pids, g_pids, chunk_size=chunk_size, per_query=per_query, image_vectors=vectors,
     )
     t3 = time.perf_counter()
     failed = {}
@@ -241,6 +317,22 @@ def evaluate(
         "data_hash": _data_hash(proto, enc.image_hash),
         "seconds": {"images": t1 - t0, "captions": t2 - t1, "metrics": t3 - t2},
     }
+    reranked_per_query = None
+    if rerank:
+        gallery = [p for p, good in zip(proto.gallery_paths, ok) if good]
+        # Queries with one caption have one embedding, so one top K: the head scores each (caption, image) once.
+        top_c = top_k_from_embeddings(text_distinct, gallery_emb, rerank, chunk_size=chunk_size, image_vectors=vectors)
+        say(f"re-ranking the top {top_c.shape[1]:,} of {len(distinct):,} distinct captions with the matching head "
+            f"({top_c.size:,} pairs)")
+        itm_c, decoded = top_k_pair_scores(loaded, top_c, distinct.to_list(), gallery, batch_size=batch_size, workers=workers,
+                                           device=dev, precision=precision, on_batch=embedded)
+        top, itm = top_c[caption_of], itm_c[caption_of]
+        reranked = reranked_metrics_from_embeddings(
+            text_emb, gallery_emb, q_pids, g_pids, top, itm, chunk_size=chunk_size, per_query=per_query, image_vectors=vectors,
+        )
+        reranked_per_query = reranked.pop("per_query", None)
+        result["reranked"] = {"k": int(top_c.shape[1]), "metrics": reranked, "pairs_scored": int(top_c.size), "images_decoded": decoded}
+        result["seconds"]["rerank"] = time.perf_counter() - t3
     if per_query:
         result["per_query"] = {
             **metrics.pop("per_query"),
@@ -248,7 +340,71 @@ def evaluate(
             "person_id": proto.queries.get_column(C.PERSON_ID).to_list(),
             "caption": captions.to_list(),
         }
+        if rerank:
+            result["per_query"].update(reranked=reranked_per_query, gallery_paths=gallery, top_k=top, top_k_itm=itm,
+                                       top_k_reranked=rerank_order(top, itm))
     return result
+
+
+def top_k_pair_scores(
+    loaded: Any,
+    top: np.ndarray,
+    captions: list[str],
+    gallery: list[str],
+    *,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: Any = "cpu",
+    precision: str = "fp32",
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, int]:
+    """The matching head's probability for every caption with each of its top-K gallery images.
+
+    The pairs are grouped by image: the images that appear in some row of ``top`` are decoded
+    once each, in gallery order, a batch at a time, and each batch's pairs are scored in batches
+    of ``batch_size`` (each running the image tower on its few distinct images).
+
+    Args:
+        loaded: a model with a matching head (``loaded.has_pair_score``).
+        top: (captions, K) gallery indices of each caption's top K.
+        captions: the captions, one per row of ``top``.
+        gallery: the gallery image paths ``top`` indexes.
+        batch_size: images decoded, and pairs scored, per batch.
+        workers: DataLoader worker processes decoding images.
+        device: where to run.
+        precision: ``fp32``, ``bf16`` or ``auto``.
+        on_batch: called with the number of pairs of each batch scored (progress).
+
+    Returns:
+        ((captions, K) float32 probabilities aligned with ``top``, images decoded).
+
+    Raises:
+        TbpsError: an image that decoded for the gallery does not decode now (the file changed).
+    """
+    dev = place(loaded, device)  # the model and its matching head
+    dtype = autocast_dtype(precision, dev)
+    flat = top.reshape(-1)
+    caption_row = np.repeat(np.arange(top.shape[0]), top.shape[1])
+    by_image = np.argsort(flat, kind="stable")  # pairs grouped by image, in gallery order
+    image_sorted = flat[by_image]
+    needed = np.unique(flat)
+    out = np.zeros(flat.shape[0], dtype=np.float32)
+    for batch in iter_image_batches(loaded, [gallery[i] for i in needed], batch_size=batch_size, workers=workers,
+                                    pin_memory=dev.type == "cuda", overlap=dev.type != "cpu"):
+        images = needed[batch.index.numpy()]
+        bad = np.flatnonzero(~batch.ok.numpy())
+        if len(bad):
+            j = int(bad[0])
+            raise TbpsError(f"the image decoded for the gallery but not for re-ranking ({batch.status[j]}: {batch.error[j]}); "
+                            "did the file change during the run?", path=gallery[int(images[j])])
+        lo, hi = np.searchsorted(image_sorted, images[0], "left"), np.searchsorted(image_sorted, images[-1], "right")
+        pairs = by_image[lo:hi]
+        local = np.searchsorted(images, flat[pairs])  # each pair's image within this batch
+        out[pairs] = pair_scores(loaded, batch.pixels, [captions[r] for r in caption_row[pairs]], local, device=dev, dtype=dtype,
+                                 batch_size=batch_size)
+        if on_batch:
+            on_batch(len(pairs))
+    return out.reshape(top.shape), int(len(needed))
 
 
 def _data_hash(proto: EvalProtocol, image_hashes: list[str | None]) -> str:
@@ -261,23 +417,34 @@ def _data_hash(proto: EvalProtocol, image_hashes: list[str | None]) -> str:
     return h.hexdigest()
 
 
-def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_eval(
+    config: EvalConfig, log: Callable[[str], None] | None = None, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
     """Load the model and the data, evaluate one split and write the JSON record.
 
     Args:
         config: the resolved :class:`EvalConfig`.
         log: receives progress lines (for stderr), or ``None``.
+        progress: ``progress(done, total)`` per batch embedded (see :func:`evaluate`).
 
     Returns:
         The record written to ``config.out``: provenance, ``model``, ``data``, ``split``,
-        ``metrics``, ``counts``, ``data_hash`` and ``seconds``.
+        ``metrics``, ``counts``, ``data_hash``, ``seconds``, ``training_overlap`` (what the
+        model's training data shares with the split) and ``warnings`` (lines for stderr); with
+        ``config.rerank``, ``reranked`` (see :func:`evaluate`).
 
     Raises:
-        TbpsError: unreadable data or model, a missing split, or data without person ids.
+        TbpsError: unreadable data or model, a missing split, data without person ids, or
+            ``--rerank`` with a model without a matching head (before the data is read).
     """
+    loaded = load(config.model, seed=config.seed)
+    check_rerank(loaded, config.rerank, config.model)  # before the data is read: a model without a head cannot re-rank
     pairs = read_dataset(config.data, **config.reader_options())
     rows, split = select_split(pairs, config.split)
-    loaded = load(config.model, seed=config.seed)
+    overlap, warnings, notes = training_overlap(config.model, rows, f"{'split ' + split if split else 'the rows'} of {config.data}")
+    for line in notes:
+        if log:
+            log(line)
     result = evaluate(
         loaded,
         rows,
@@ -286,7 +453,9 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
         device=config.device,
         precision=config.precision,
         chunk_size=config.chunk_size,
+        rerank=config.rerank,
         log=log,
+        progress=progress,
     )
     result["counts"]["rows_other_splits"] = pairs.height - rows.height
     rec = record(
@@ -294,6 +463,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
         model={"name": loaded.name, **loaded.identity},
         data={"path": str(config.data), "split": split, "rows": pairs.height},
         **result,
+        training_overlap=overlap,
+        warnings=warnings,
     )
     path = config.out if config.out is not None else default_out(config, split)
     if config.out is not None and Path(path).exists() and log:

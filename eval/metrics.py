@@ -30,7 +30,17 @@ The computation never builds a ranking: per block of queries it sorts the scores
 (values only) and finds the rank of every matching item by binary search, so its memory is one
 block of rows and its cost about one sort of the similarity matrix.
 :func:`retrieval_metrics_from_embeddings` also computes the similarity block by block, so a
-100,000 x 100,000 evaluation never holds the dense matrix.
+100,000 x 100,000 evaluation never holds the dense matrix. A model with several vectors per
+image (BLIP-2's query tokens: ``image_vectors``) scores an image by the largest of its vectors'
+cosines (:func:`tbps.models.protocol.similarity`); with one vector the similarity is the plain
+dot product, computed as it always was.
+
+Re-ranking (``tbps eval --rerank K``, as APTM's and the paper's released evaluation do): each
+query's top K gallery items by that similarity (:func:`top_k_from_embeddings`, ties by gallery
+index as in the metrics) are put in the order of a second score, the image-text matching
+head's probability, and the items below K keep their order
+(:func:`reranked_metrics_from_embeddings`). The K items ranked first stay the same set, so R@K
+does not change; R@1, R@5, mAP and mINP can.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import numpy as np
 import torch
 
 from tbps.errors import TbpsError
+from tbps.models.protocol import similarity
 
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 _CMC_KS = (1, 5, 10)
@@ -229,8 +240,20 @@ def retrieval_metrics(
     return acc.result(per_query)
 
 
-def _similarity_blocks(text_emb: Any, image_emb: Any, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, text_emb[rows] @ image_emb.T) blocks, on the tensors' device when torch."""
+def _similarity_blocks(text_emb: Any, image_emb: Any, rows: int, image_vectors: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, text_emb[rows] @ image_emb.T) blocks, on the tensors' device when torch.
+
+    With ``image_vectors > 1`` each block is :func:`tbps.models.protocol.similarity` transposed
+    (an image's score is the largest of its vectors' cosines), on the tensors' device.
+    """
+    if image_vectors > 1:
+        t = text_emb.detach().float() if isinstance(text_emb, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(_to_numpy(text_emb, "text_emb"), dtype=np.float32))
+        g = image_emb.detach().float() if isinstance(image_emb, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(_to_numpy(image_emb, "image_emb"), dtype=np.float32))
+        g = g.to(t.device)
+        for start in range(0, t.shape[0], rows):
+            # (gallery, block) maxima over each image's vectors, as BLIP-2's ITC takes them.
+            yield start, np.ascontiguousarray(similarity(g, t[start : start + rows], image_vectors).T.cpu().numpy())
+        return
     is_torch = type(text_emb).__module__.startswith("torch") and type(image_emb).__module__.startswith("torch")
     if is_torch:
         t, g = text_emb.detach().float(), image_emb.detach().float().to(text_emb.device)
@@ -246,6 +269,26 @@ def _similarity_blocks(text_emb: Any, image_emb: Any, rows: int) -> Iterator[tup
         yield start, t[start : start + rows] @ gt
 
 
+def _check_embeddings(text_emb: Any, image_emb: Any, image_vectors: int) -> None:
+    """Refuse empty or mismatched embeddings: an image row is ``image_vectors`` caption-wide blocks."""
+    for name, emb in (("text_emb", text_emb), ("image_emb", image_emb)):
+        if len(getattr(emb, "shape", ())) != 2 or emb.shape[0] == 0:
+            raise TbpsError("embeddings must be a non-empty [n x dim] matrix", field=name, value=tuple(getattr(emb, "shape", ())))
+    if not isinstance(image_vectors, (int, np.integer)) or image_vectors < 1:
+        raise TbpsError("image_vectors must be a positive integer", field="image_vectors", value=image_vectors)
+    if text_emb.shape[1] * image_vectors != image_emb.shape[1]:
+        per = f" ({image_vectors} vectors of {text_emb.shape[1]} per image)" if image_vectors > 1 else ""
+        raise TbpsError(
+            f"text and image embeddings differ in width ({text_emb.shape[1]} vs {image_emb.shape[1]}{per})",
+            field="image_emb",
+        )
+
+
+def _rows_per_block(chunk_size: int | None, n_gallery: int, image_vectors: int) -> int:
+    # Several vectors per image: the per-vector products are image_vectors times the block.
+    return _block_rows(chunk_size, n_gallery * image_vectors)
+
+
 def retrieval_metrics_from_embeddings(
     text_emb: Any,
     image_emb: Any,
@@ -253,6 +296,7 @@ def retrieval_metrics_from_embeddings(
     gallery_pids: Any,
     chunk_size: int | None = None,
     per_query: bool = False,
+    image_vectors: int = 1,
 ) -> dict[str, Any]:
     """The metrics of :func:`retrieval_metrics` for ``text_emb @ image_emb.T``, block by block.
 
@@ -261,11 +305,13 @@ def retrieval_metrics_from_embeddings(
 
     Args:
         text_emb: [queries x dim] query (caption) embeddings, numpy or torch.
-        image_emb: [gallery x dim] gallery (image) embeddings, numpy or torch.
+        image_emb: [gallery x image_vectors * dim] gallery (image) embeddings, numpy or torch.
         query_pids: the person id of each query.
         gallery_pids: the person id of each gallery item.
         chunk_size: query rows per block; default about 2**26 similarity values per block.
         per_query: also return each query's outcome, as :func:`retrieval_metrics` does.
+        image_vectors: embeddings per image (the model's ``image_vectors``; BLIP-2: its query
+            tokens): an image scores the largest of its vectors' cosines.
 
     Returns:
         The same dict as :func:`retrieval_metrics`.
@@ -273,16 +319,131 @@ def retrieval_metrics_from_embeddings(
     Raises:
         TbpsError: the shapes disagree or are empty, or no query has a match.
     """
-    for name, emb in (("text_emb", text_emb), ("image_emb", image_emb)):
-        if len(getattr(emb, "shape", ())) != 2 or emb.shape[0] == 0:
-            raise TbpsError("embeddings must be a non-empty [n x dim] matrix", field=name, value=tuple(getattr(emb, "shape", ())))
-    if text_emb.shape[1] != image_emb.shape[1]:
-        raise TbpsError(
-            f"text and image embeddings differ in width ({text_emb.shape[1]} vs {image_emb.shape[1]})",
-            field="image_emb",
-        )
+    _check_embeddings(text_emb, image_emb, image_vectors)
     q_codes, g_codes = _pid_codes(query_pids, gallery_pids, text_emb.shape[0], image_emb.shape[0])
     acc = _Accumulator(q_codes, g_codes)
-    for start, block in _similarity_blocks(text_emb, image_emb, _block_rows(chunk_size, image_emb.shape[0])):
+    rows = _rows_per_block(chunk_size, image_emb.shape[0], image_vectors)
+    for start, block in _similarity_blocks(text_emb, image_emb, rows, image_vectors):
         acc.add(start, block)
+    return acc.result(per_query)
+
+
+def _top_k_block(sim: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` highest columns, best first; equal values: the lower column first (the metrics' order)."""
+    n = sim.shape[1]
+    if k >= n:
+        return np.argsort(-sim, axis=1, kind="stable")
+    part = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    values = np.take_along_axis(sim, part, axis=1)
+    top = np.take_along_axis(part, np.lexsort((part, -values), axis=-1), axis=1)
+    # argpartition picks any of the items tied with the k-th value: rows where some tied item was
+    # left out are ordered in full, so the lower gallery index wins as in the ranking.
+    kth = np.take_along_axis(sim, top[:, -1:], axis=1)
+    inside = (np.take_along_axis(sim, top, axis=1) == kth).sum(axis=1)
+    for r in np.flatnonzero((sim == kth).sum(axis=1) > inside):
+        top[r] = np.argsort(-sim[r], kind="stable")[:k]
+    return top
+
+
+def top_k_from_embeddings(text_emb: Any, image_emb: Any, k: int, *, chunk_size: int | None = None, image_vectors: int = 1) -> np.ndarray:
+    """Each query's ``k`` most similar gallery items, in ranking order, block by block.
+
+    Args:
+        text_emb: [queries x dim] query embeddings, numpy or torch.
+        image_emb: [gallery x image_vectors * dim] gallery embeddings.
+        k: items per query (all of them when the gallery is smaller).
+        chunk_size: query rows per block, as for :func:`retrieval_metrics_from_embeddings`.
+        image_vectors: embeddings per image.
+
+    Returns:
+        (queries, min(k, gallery)) int64 gallery indices, best first, ties by lower index
+        (the order :func:`retrieval_metrics` ranks by).
+
+    Raises:
+        TbpsError: bad shapes, ``k < 1``, or a similarity that is not finite.
+    """
+    _check_embeddings(text_emb, image_emb, image_vectors)
+    if k < 1:
+        raise TbpsError("k must be 1 or more", field="k", value=k)
+    k = min(int(k), image_emb.shape[0])
+    top = np.zeros((text_emb.shape[0], k), dtype=np.int64)
+    for start, block in _similarity_blocks(text_emb, image_emb, _rows_per_block(chunk_size, image_emb.shape[0], image_vectors), image_vectors):
+        if not np.isfinite(block).all():
+            bad = int(np.argwhere(~np.isfinite(block))[0, 0]) + start
+            raise TbpsError("similarity contains NaN or infinite values", record=f"query {bad}")
+        top[start : start + len(block)] = _top_k_block(block, k)
+    return top
+
+
+def rerank_order(top: np.ndarray, top_scores: np.ndarray) -> np.ndarray:
+    """``top`` (each row's items, best first) reordered by ``top_scores``, higher first; equal scores keep their order.
+
+    Args:
+        top: (queries, k) item indices, in their first ranking's order.
+        top_scores: (queries, k) the second score of each of them.
+
+    Returns:
+        (queries, k) the same items per row, in the new order.
+    """
+    top = np.asarray(top)
+    scores = np.asarray(top_scores, dtype=np.float64)
+    if top.shape != scores.shape:
+        raise TbpsError(f"top-k items {top.shape} and their scores {scores.shape} differ in shape", field="top_scores")
+    if not np.isfinite(scores).all():
+        bad = int(np.argwhere(~np.isfinite(scores))[0, 0])
+        raise TbpsError("re-ranking scores contain NaN or infinite values", record=f"query {bad}")
+    position = np.broadcast_to(np.arange(top.shape[1]), top.shape)
+    return np.take_along_axis(top, np.lexsort((position, -scores), axis=-1), axis=1)
+
+
+def _reranked_block(sim: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``sim`` with each row's ``order`` items above every other item, in that order (the others keep their values)."""
+    out = sim.copy()
+    k = order.shape[1]
+    # Above the block's largest similarity, a step apart that float32 keeps distinct (cosines: a step of 1).
+    top = float(out.max())
+    step = max(1.0, abs(top) * 2.0**-16)
+    lifted = (top + step * np.arange(k, 0, -1, dtype=np.float64)).astype(out.dtype)
+    np.put_along_axis(out, order, np.broadcast_to(lifted, order.shape), axis=1)
+    return out
+
+
+def reranked_metrics_from_embeddings(
+    text_emb: Any,
+    image_emb: Any,
+    query_pids: Any,
+    gallery_pids: Any,
+    top: np.ndarray,
+    top_scores: np.ndarray,
+    *,
+    chunk_size: int | None = None,
+    per_query: bool = False,
+    image_vectors: int = 1,
+) -> dict[str, Any]:
+    """The metrics when each query's top items are re-ranked by a second score (ITM), the rest kept in similarity order.
+
+    Args:
+        text_emb, image_emb, query_pids, gallery_pids, chunk_size, image_vectors: as for
+            :func:`retrieval_metrics_from_embeddings`.
+        top: (queries, k) each query's top items by similarity (:func:`top_k_from_embeddings`).
+        top_scores: (queries, k) the second score of each of those (query, item) pairs.
+        per_query: also return each query's outcome.
+
+    Returns:
+        The dict of :func:`retrieval_metrics` for the ranking where each query's ``top`` items
+        come first, in :func:`rerank_order`, and every other item after them in similarity order.
+
+    Raises:
+        TbpsError: bad shapes, ``top`` with another row count than the queries, or no query has a match.
+    """
+    _check_embeddings(text_emb, image_emb, image_vectors)
+    top = np.asarray(top)
+    if top.ndim != 2 or top.shape[0] != text_emb.shape[0] or top.shape[1] < 1 or top.shape[1] > image_emb.shape[0]:
+        raise TbpsError(f"top must be (queries={text_emb.shape[0]}, k <= {image_emb.shape[0]})", field="top", value=tuple(top.shape))
+    order = rerank_order(top, top_scores)
+    q_codes, g_codes = _pid_codes(query_pids, gallery_pids, text_emb.shape[0], image_emb.shape[0])
+    acc = _Accumulator(q_codes, g_codes)
+    rows = _rows_per_block(chunk_size, image_emb.shape[0], image_vectors)
+    for start, block in _similarity_blocks(text_emb, image_emb, rows, image_vectors):
+        acc.add(start, _reranked_block(block, order[start : start + len(block)]))
     return acc.result(per_query)

@@ -6,6 +6,12 @@ L2-normalised embeddings go into a FAISS ``IndexFlatIP``, whose inner product is
 cosine similarity. A flat index is exact and, at gallery scale (up to a few million images of
 dimension 512, about 2 GB in float32), fast enough: a query is one matrix-vector product.
 
+A model with several vectors per image (BLIP-2's query tokens, ``Encoder.image_vectors`` = Q)
+scores an image by the largest of its vectors' cosines (:func:`tbps.models.protocol.similarity`).
+The index then holds each image's Q vectors as Q rows; a query asks for its ``top_k x Q``
+nearest rows and keeps each image's best row. That is exact: the rows scoring above the k-th
+best image's best row belong to the k - 1 images above it, at most ``(k - 1) x Q`` rows.
+
 Cache: the index lives in ``CACHE/<key>/`` (default cache: ``$TBPS_CACHE_DIR`` or
 ``$XDG_CACHE_HOME/tbps``/``~/.cache/tbps``, then ``search/``). The key is a hash of
 
@@ -123,6 +129,7 @@ class GalleryIndex:
         failed: ``{path: "status: reason"}`` for gallery images that could not be embedded.
         key: the cache key; ``directory``: the cache entry.
         built: whether this call built it (``False``: loaded from the cache).
+        image_vectors: index rows per image (row ``r`` is image ``r // image_vectors``).
     """
 
     index: Any
@@ -131,6 +138,7 @@ class GalleryIndex:
     key: str
     directory: Path
     built: bool
+    image_vectors: int = 1
 
 
 def gallery_paths(pairs: pl.DataFrame) -> list[str]:
@@ -171,12 +179,13 @@ def cache_key(paths: list[str], identity: dict[str, Any], extra: dict[str, Any])
     return h.hexdigest()
 
 
-def build_index(embeddings: np.ndarray):
-    """An ``IndexFlatIP`` holding the (L2-normalised) embeddings."""
+def build_index(embeddings: np.ndarray, image_vectors: int = 1):
+    """An ``IndexFlatIP`` holding the (L2-normalised) embeddings: ``image_vectors`` rows per image."""
     import faiss  # heavy (about 0.5 s): imported by the commands that index, not by every importer
 
-    index = faiss.IndexFlatIP(embeddings.shape[1])
-    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    rows = embeddings.reshape(embeddings.shape[0] * image_vectors, -1)  # each image's vectors, one row each
+    index = faiss.IndexFlatIP(rows.shape[1])
+    index.add(np.ascontiguousarray(rows, dtype=np.float32))
     return index
 
 
@@ -191,6 +200,7 @@ def gallery_index(
     device: str = "auto",
     rebuild: bool = False,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> GalleryIndex:
     """Load the cached index of a gallery, or embed the images and build (and cache) it.
 
@@ -201,6 +211,8 @@ def gallery_index(
         precision, batch_size, workers, device: encoding options.
         rebuild: ignore a cached entry.
         log: receives progress lines, or ``None``.
+        progress: ``progress(done, total)`` after each batch of gallery images embedded (not
+            called when the cached index is loaded).
 
     Returns:
         The :class:`GalleryIndex`.
@@ -212,39 +224,51 @@ def gallery_index(
 
     say = log or (lambda _msg: None)
     identity = {"name": loaded.name, **loaded.identity}
-    key = cache_key(paths, identity, {"image_size": list(loaded.image_size), "precision": precision, "index": INDEX_KIND})
+    vectors = loaded.image_vectors
+    extra = {"image_size": list(loaded.image_size), "precision": precision, "index": INDEX_KIND}
+    if vectors > 1:  # in the key only when several, so the keys of existing one-vector caches stay as they were
+        extra["image_vectors"] = vectors
+    key = cache_key(paths, identity, extra)
     entry = Path(cache_dir) / "search" / key
     if not rebuild and (entry / META_FILE).is_file():
         try:
             meta = json.loads((entry / META_FILE).read_text())
             index = faiss.read_index(str(entry / INDEX_FILE))
             cached = pl.read_parquet(entry / GALLERY_FILE).get_column(C.IMAGE_PATH).to_list()
-            if index.ntotal != len(cached):
+            if index.ntotal != len(cached) * vectors:
                 raise ValueError(f"{index.ntotal} vectors for {len(cached)} paths")
         except Exception as exc:  # noqa: BLE001 - a damaged entry of any kind is rebuilt
             say(f"the cached index in {entry} is unreadable ({exc}); rebuilding it")
         else:
-            say(f"loaded the cached index of {index.ntotal:,} images from {entry}")
-            return GalleryIndex(index, cached, meta.get("failed", {}), key, entry, built=False)
+            say(f"loaded the cached index of {len(cached):,} images from {entry}")
+            return GalleryIndex(index, cached, meta.get("failed", {}), key, entry, built=False, image_vectors=vectors)
 
     dev = resolve_device(device)
     say(f"embedding {len(paths):,} gallery images on {dev} (index cache {entry})")
     t0 = time.perf_counter()
-    enc = encode_images(loaded, paths, batch_size=batch_size, workers=workers, device=dev, precision=precision)
+    done = 0
+
+    def embedded(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, len(paths))
+
+    enc = encode_images(loaded, paths, batch_size=batch_size, workers=workers, device=dev, precision=precision, on_batch=embedded)
     ok = enc.ok
     failed = {p: f"{s}: {e}" for p, s, e, good in zip(paths, enc.status, enc.error, ok) if not good}
     if not ok.any():
         raise TbpsError(f"none of the {len(paths)} gallery images could be decoded", path=paths[0], value=enc.error[0])
     kept = [p for p, good in zip(paths, ok) if good]
-    index = build_index(enc.embeddings[ok])
+    index = build_index(enc.embeddings[ok], vectors)
     # Written beside the final place, then renamed: readers never see a partial entry.
     meta = {"key": key, "model": identity, "images": len(paths), "indexed": len(kept), "failed": failed,
-            "index": INDEX_KIND, "dim": int(index.d), "seconds": time.perf_counter() - t0, "precision": precision}
+            "index": INDEX_KIND, "dim": int(index.d), "image_vectors": vectors, "seconds": time.perf_counter() - t0, "precision": precision}
     with atomic_dir(entry) as tmp:  # --rebuild replaces an existing entry
         faiss.write_index(index, str(tmp / INDEX_FILE))
         pl.DataFrame({C.IMAGE_PATH: kept}, schema={C.IMAGE_PATH: pl.String}).write_parquet(tmp / GALLERY_FILE)
         write_json(tmp / META_FILE, meta)
-    return GalleryIndex(index, kept, failed, key, entry, built=True)
+    return GalleryIndex(index, kept, failed, key, entry, built=True, image_vectors=vectors)
 
 
 @dataclass
@@ -276,9 +300,17 @@ def search(loaded: Any, gindex: GalleryIndex, queries: list[str], top_k: int = 1
         A :class:`SearchResult`.
     """
     text = encode_texts(loaded, queries, device=resolve_device(device), precision=precision)
-    k = min(top_k, gindex.index.ntotal)
-    scores, rows = gindex.index.search(np.ascontiguousarray(text, dtype=np.float32), k)
-    matches = [[(gindex.paths[j], float(s)) for s, j in zip(srow, jrow) if j >= 0] for srow, jrow in zip(scores, rows)]
+    vectors = gindex.image_vectors
+    k = min(top_k, len(gindex.paths))
+    scores, rows = gindex.index.search(np.ascontiguousarray(text, dtype=np.float32), min(k * vectors, gindex.index.ntotal))
+    matches = []
+    for srow, jrow in zip(scores, rows):
+        found: dict[int, float] = {}
+        for s, j in zip(srow, jrow):
+            # Rows come best first: an image's first row is its best vector (the max over them).
+            if j >= 0 and int(j) // vectors not in found:
+                found[int(j) // vectors] = float(s)
+        matches.append([(gindex.paths[i], s) for i, s in list(found.items())[:k]])
     return SearchResult(queries, matches, gindex)
 
 
@@ -288,16 +320,19 @@ def render_search_html(result: SearchResult, gallery: str, model: str) -> str:
     for query, found in zip(result.queries, result.matches):
         rows = [{C.IMAGE_PATH: p, C.PAIR_ID: Path(p).name, "score": s, "rank": r} for r, (p, s) in enumerate(found, 1)]
         body.append(f"<h2>“{esc(query)}”</h2>" + contact_sheet(rows, fields=("rank", "score")))
-    sub = f"gallery {gallery} · {result.index.index.ntotal:,} images indexed · model {model} · index {result.index.key[:12]}"
+    sub = f"gallery {gallery} · {len(result.index.paths):,} images indexed · model {model} · index {result.index.key[:12]}"
     return page("tbps search", sub, "".join(body))
 
 
-def run_search(config: SearchConfig, log: Callable[[str], None] | None = None) -> SearchResult:
+def run_search(
+    config: SearchConfig, log: Callable[[str], None] | None = None, progress: Callable[[int, int], None] | None = None
+) -> SearchResult:
     """Read the gallery, load or build its index, search every query (and write the page).
 
     Args:
         config: the resolved :class:`SearchConfig`.
         log: receives progress lines (for stderr), or ``None``.
+        progress: ``progress(done, total)`` per batch of gallery images embedded (see :func:`gallery_index`).
 
     Returns:
         The :class:`SearchResult`.
@@ -310,7 +345,7 @@ def run_search(config: SearchConfig, log: Callable[[str], None] | None = None) -
     loaded = load(config.model, seed=config.seed)
     gindex = gallery_index(
         loaded, paths, config.cache_dir, precision=config.precision, batch_size=config.batch_size,
-        workers=config.workers, device=config.device, rebuild=config.rebuild, log=log,
+        workers=config.workers, device=config.device, rebuild=config.rebuild, log=log, progress=progress,
     )
     if gindex.failed and log:
         log(f"{len(gindex.failed):,} gallery images could not be decoded and are not searched")

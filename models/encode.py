@@ -3,12 +3,18 @@
 Images are decoded in DataLoader worker processes (``tbps.data.images.open_image``: a bad file
 becomes a status, never an exception) while the main process runs the model. Embeddings come
 back as float32 numpy arrays, L2-normalised; rows of images that could not be decoded are zero.
+
+The encoders take ``on_batch(n)``, called with the size of each batch once it is embedded, so a
+command's progress bar moves per batch (the core renders nothing). An error raised inside a
+DataLoader worker reaches the caller as one :class:`tbps.errors.TbpsError` line
+(:func:`worker_errors`), not as the worker's traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,8 +22,42 @@ from torch.utils.data import DataLoader, Dataset
 
 from tbps.columns import STATUS_OK
 from tbps.data.images import open_image
+from tbps.errors import TbpsError
 from tbps.models.device import autocast_dtype
 from tbps.models.protocol import Encoder
+
+
+_WORKER_PREFIX = "Caught "  # torch re-raises a worker's exception as "Caught X in DataLoader worker process N. Original Traceback ..."
+
+
+@contextlib.contextmanager
+def worker_errors(what: str) -> Iterator[None]:
+    """Turn an exception raised inside a DataLoader worker into one :class:`TbpsError` line.
+
+    torch re-raises a worker's exception in the main process with the worker's whole traceback
+    as its message; the last line of that traceback (the exception itself) is what a user needs.
+    A worker that died (killed for memory, a crash in a decoder) is said the same way.
+
+    Args:
+        what: what the workers were doing, for the message (``decoding training images``).
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - only what came from a worker is rewritten; the rest is re-raised as is
+        text = str(exc)
+        from_worker = text.startswith(_WORKER_PREFIX) and "DataLoader worker" in text.split("\n", 1)[0]
+        died = isinstance(exc, RuntimeError) and text.startswith("DataLoader worker")
+        if not (from_worker or died):
+            raise
+        last = _last_line(text) if from_worker else text
+        if isinstance(exc, TbpsError):  # a tbps error already says what is wrong, and where
+            raise TbpsError(last.removeprefix(f"{TbpsError.__module__}.{TbpsError.__name__}: ")) from None
+        raise TbpsError(f"{what}: {last}", hint="run again with --workers 0 to see the failing file") from None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else text
 
 
 def place(loaded: Encoder, device: torch.device | str | None) -> torch.device:
@@ -26,6 +66,9 @@ def place(loaded: Encoder, device: torch.device | str | None) -> torch.device:
         return next(loaded.model.parameters()).device
     device = torch.device(device)
     loaded.model.to(device)  # a no-op when it is there already
+    head = getattr(loaded, "itm_head", None)  # a matching head beside the model (open_clip runs trained with --itm-head)
+    if head is not None:
+        head.to(device)
     return device
 
 
@@ -130,7 +173,8 @@ def iter_image_batches(
         start += size
 
     if overlap or workers == 0:
-        yield from DataLoader(ds, batch_sampler=batches, **_loader_options(workers, pin_memory))
+        with worker_errors("decoding images"):
+            yield from DataLoader(ds, batch_sampler=batches, **_loader_options(workers, pin_memory))
         return
     # One set of workers for all windows: each pass over the loader reads the sampler's window.
     windows = _Window()
@@ -138,7 +182,9 @@ def iter_image_batches(
     size = PREFETCH_FACTOR * workers
     for first in range(0, len(batches), size):
         windows.batches = batches[first : first + size]
-        yield from list(loader)  # decoded while the caller waits; the workers then sit idle
+        with worker_errors("decoding images"):
+            window = list(loader)  # decoded while the caller waits; the workers then sit idle
+        yield from window
 
 
 class _Window:
@@ -171,8 +217,49 @@ def embed_pixels(loaded: Encoder, pixels: torch.Tensor, *, device: torch.device,
         pixels = loaded.preprocess.normalise(pixels)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         feats = loaded.encode_image(pixels)
-    feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-    return feats.cpu().numpy()
+    return normalise_image_embeddings(feats.float(), loaded.image_vectors).cpu().numpy()
+
+
+def normalise_image_embeddings(feats: torch.Tensor, image_vectors: int = 1) -> torch.Tensor:
+    """L2-normalise image embeddings: each of an image's ``image_vectors`` D-blocks on its own (BLIP-2)."""
+    if image_vectors == 1:
+        return torch.nn.functional.normalize(feats, dim=-1)
+    n = feats.shape[0]
+    return torch.nn.functional.normalize(feats.view(n, image_vectors, -1), dim=-1).view(n, -1)
+
+
+@torch.no_grad()
+def pair_scores(loaded: Encoder, pixels: torch.Tensor, captions: Sequence[str], image_index: np.ndarray, *, device: torch.device,
+                dtype: torch.dtype | None, batch_size: int = 256) -> np.ndarray:
+    """The ITM head's match probability of each caption with its image, in batches of captions.
+
+    Args:
+        loaded: a model with a matching head (``loaded.has_pair_score``).
+        pixels: (B, 3, H, W) decoded images (uint8 or normalised).
+        captions: the M captions.
+        image_index: (M,) the row of ``pixels`` each caption pairs with.
+        device, dtype: where and in which autocast precision to run.
+        batch_size: captions per forward pass.
+
+    Returns:
+        (M,) float32 probabilities.
+    """
+    out = np.zeros(len(captions), dtype=np.float32)
+    if not len(captions):
+        return out
+    pixels = pixels.to(device, non_blocking=True)
+    if pixels.dtype == torch.uint8:
+        pixels = loaded.preprocess.normalise(pixels)
+    index = torch.as_tensor(np.asarray(image_index), dtype=torch.long)
+    for start in range(0, len(captions), batch_size):
+        stop = min(start + batch_size, len(captions))
+        rows = index[start:stop].to(device)
+        used, local = torch.unique(rows, return_inverse=True)  # each image of the batch through the image tower once
+        tokens = loaded.tokenizer(list(captions[start:stop])).to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            probs = loaded.pair_score(pixels[used], tokens, local)
+        out[start:stop] = probs.float().cpu().numpy()
+    return out
 
 
 def caption_truncated(loaded: Encoder, captions: Sequence[str], tokens: torch.Tensor | None = None) -> np.ndarray:
@@ -211,6 +298,7 @@ def encode_texts(
     device: torch.device | str | None = None,
     precision: str = "fp32",
     return_truncated: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Caption embeddings, float32 and L2-normalised; captions longer than the context are truncated.
 
@@ -224,6 +312,7 @@ def encode_texts(
         device: where to run: the model is moved there; None runs it where it is.
         precision: ``auto``, ``fp32`` or ``bf16`` (autocast).
         return_truncated: also return :func:`caption_truncated`'s flags (from the same tokens).
+        on_batch: called with the number of captions of each batch once it is embedded (progress).
 
     Returns:
         An array of shape (len(captions), embed_dim), in the order of ``captions``; with
@@ -244,6 +333,8 @@ def encode_texts(
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             feats = loaded.encode_text(batch)
         out[idx.numpy()] = torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+        if on_batch:
+            on_batch(len(idx))
     return (out, caption_truncated(loaded, captions, tokens)) if return_truncated else out
 
 
@@ -270,6 +361,7 @@ def encode_images(
     device: torch.device | str | None = None,
     precision: str = "fp32",
     max_pixels: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> ImageEncoding:
     """Embed every image of a list (for galleries: eval, search, validation).
 
@@ -281,6 +373,7 @@ def encode_images(
         device: where to run: the model is moved there; None runs it where it is.
         precision: ``auto``, ``fp32`` or ``bf16`` (autocast).
         max_pixels: a decompression-bomb limit below Pillow's default, if any.
+        on_batch: called with the number of images of each batch once it is embedded (progress).
 
     Returns:
         An :class:`ImageEncoding` in the order of ``paths``.
@@ -288,7 +381,7 @@ def encode_images(
     device = place(loaded, device)
     dtype = autocast_dtype(precision, device)
     n = len(paths)
-    emb = np.zeros((n, loaded.embed_dim), dtype=np.float32)
+    emb = np.zeros((n, loaded.embed_dim * loaded.image_vectors), dtype=np.float32)  # BLIP-2: its query vectors side by side
     status: list[str] = [STATUS_OK] * n
     error: list[str | None] = [None] * n
     hashes: list[str | None] = [None] * n
@@ -303,4 +396,6 @@ def encode_images(
             emb[idx[ok]] = embed_pixels(loaded, batch.decoded_pixels(), device=device, dtype=dtype)
         for j, i in enumerate(idx):
             status[i], error[i], hashes[i] = batch.status[j], batch.error[j], batch.image_hash[j]
+        if on_batch:
+            on_batch(len(idx))
     return ImageEncoding(emb, status, error, hashes)

@@ -6,6 +6,8 @@ Run directory (written by :mod:`tbps.train.checkpoint`)::
                         config, data path + content hash, parameters, timings, best step and its
                         val metrics, versions, git commit. Its presence marks a run directory.
     RUN/log.jsonl       one JSON line per log interval (``kind: train``) and per validation (``kind: val``)
+    RUN/log.csv         with ``--log-to csv``: the same lines as a table (:mod:`tbps.train.sinks`)
+    RUN/tensorboard/    with ``--log-to tensorboard``: the same numbers as TensorBoard scalars
     RUN/last/           the latest state, for ``--resume``:
         adapter_config.json, adapter_model.safetensors   the trained tensors (save_adapters)
         trainer.pt      optimizer, scheduler, step, micro-batch, RNG states, the config
@@ -13,6 +15,15 @@ Run directory (written by :mod:`tbps.train.checkpoint`)::
 
 Loading a run rebuilds its base model (any family, through the registry),
 applies the adapters and loads the trained tensors.
+
+Exports (``tbps export``): :func:`export_run` folds the adapters into the family's plain
+checkpoint, :func:`export_adapters` writes the adapters alone in tbps's format, and
+:func:`export_peft` writes them in PEFT's format (:mod:`tbps.models.peft_format`)::
+
+    DIR/adapter_config.json        a PEFT LoraConfig (base_model_name_or_path: the base model spec)
+    DIR/adapter_model.safetensors  the tensors under PEFT's names
+    DIR/tbps_export.json           the run, checkpoint, step and weights hash; the base model
+                                   (spec, seed, identity); the trained logit_scale
 """
 
 from __future__ import annotations
@@ -23,30 +34,61 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save as safetensors_bytes
 
 from tbps.errors import TbpsError, UsageError
-from tbps.files import atomic_dir, content_hash, file_hash, sweep_temps, write_json
-from tbps.models.adapters import CONFIG_FILE, WEIGHTS_FILE, load_adapters, merge_adapters
+from tbps.files import atomic_dir, content_hash, file_hash, sweep_temps, write_bytes, write_json
+from tbps.models import peft_format
+from tbps.models.itm import HeadConfig, MatchingHead
+from tbps.models.adapters import CONFIG_FILE, WEIGHTS_FILE, adapter_config, adapter_state_dict, load_adapters, mark_base_model, merge_adapters
 from tbps.models.protocol import Encoder
 from tbps.models.registry import load as load_model
 
 RUN_MARKER = "run.json"
 LOG_FILE = "log.jsonl"
+CSV_LOG_FILE = "log.csv"  # --log-to csv
+TENSORBOARD_DIR = "tensorboard"  # --log-to tensorboard
 LAST = "last"
 BEST = "best"
 TRAINER_FILE = "trainer.pt"
+PEFT_EXPORT_FILE = "tbps_export.json"  # beside PEFT's two files: what tbps exported, from where
+PEFT_EXPORT_FORMAT = "tbps-peft-export/1"
 
 CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what a loadable checkpoint directory holds
+# ... and, from a run trained with --itm-head, its matching head (config and weights).
+HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE = "itm_head.json", "itm_head.safetensors"
+
+
+def save_head(head: MatchingHead, directory: Path) -> None:
+    """Write a matching head beside a checkpoint's adapters (each file atomically)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    write_bytes(directory / HEAD_WEIGHTS_FILE, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    write_json(directory / HEAD_CONFIG_FILE, head.config.to_dict())
+
+
+def _load_head(loaded: Encoder, directory: Path) -> None:
+    """Attach the checkpoint's matching head, when it has one."""
+    if not (directory / HEAD_CONFIG_FILE).is_file():
+        return
+    try:
+        config = HeadConfig(**json.loads((directory / HEAD_CONFIG_FILE).read_text()))
+        state = load_safetensors(str(directory / HEAD_WEIGHTS_FILE))
+    except (OSError, ValueError, TypeError) as exc:
+        raise TbpsError(f"cannot read the run's matching head ({exc})", path=directory / HEAD_WEIGHTS_FILE) from exc
+    loaded.attach_itm_head(config, state)
 
 
 def load_base(spec: str, seed: int = 0) -> Encoder:
     """A base model for training or for a run's weights, unadapted.
 
     A run directory as the base (a run trained on another run) loads with its adapters (or full
-    fine-tuning) folded in: the weights that run ended with.
+    fine-tuning) folded in: the weights that run ended with. The model records which base it is
+    (spec, seed, identity): every adapter config saved from it names that base.
     """
     loaded = load_model(spec, seed)
     merge_adapters(loaded.model)
+    mark_base_model(loaded.model, {"spec": spec, "seed": seed, "identity": loaded.identity})
     return loaded
 
 
@@ -86,6 +128,7 @@ def load_weights(loaded: Encoder, directory: Path) -> Encoder:
     # load_adapters initialises lora_A before loading: keep the caller's RNG stream untouched.
     with torch.random.fork_rng(devices=[]):
         load_adapters(loaded.model, directory)
+    _load_head(loaded, directory)
     return loaded
 
 
@@ -202,9 +245,9 @@ def export_adapters(run: str | Path, out: str | Path, checkpoint: str | None = N
     return Path(out), identity
 
 
-def _record_or_empty(directory: Path) -> dict[str, Any]:
+def _record_or_empty(directory: Path, name: str = RUN_MARKER) -> dict[str, Any]:
     try:
-        record = json.loads((directory / RUN_MARKER).read_text())
+        record = json.loads((directory / name).read_text())
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
@@ -225,3 +268,48 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None) 
     merge_adapters(loaded.model)
     path = loaded.save(out, extra={"exported_from": loaded.identity})
     return path, loaded.identity
+
+
+def export_peft(run: str | Path, out: str | Path, checkpoint: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write a run's LoRA or DoRA adapters in PEFT's format: ``peft.PeftModel.from_pretrained(base, OUT)`` loads them.
+
+    ``base`` is the run's base model as tbps loads it (``tbps.models.load(spec, seed).model``,
+    e.g. ``open_clip.create_model("ViT-B-16", pretrained="openai")``); the embeddings equal the
+    run's. See :mod:`tbps.models.peft_format` for the mapping and what is refused.
+
+    Args:
+        run: the run directory.
+        out: the directory to write (replaced whole when it is a previous PEFT export).
+        checkpoint: ``best`` or ``last``; default: the run's result.
+
+    Returns:
+        The written directory and the identity of the exported weights.
+
+    Raises:
+        TbpsError: a method or layer PEFT cannot represent (WoRA, full, DoRA on attention, ...),
+            or an ``out`` that is not empty and not a previous PEFT export.
+    """
+    run, out = Path(run), Path(out)
+    record = read_record(run)
+    peft_format.check_method((record.get("adapter") or {}).get("method") or record["config"].get("adapter"), run)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _record_or_empty(out, PEFT_EXPORT_FILE).get("format") != PEFT_EXPORT_FORMAT)):
+        raise TbpsError("--peft exists and is not a previous PEFT export", path=out, hint="choose a new or empty directory")
+    loaded = load_run(run, checkpoint)
+    tensors = adapter_state_dict(loaded.model)
+    config, peft_tensors = peft_format.to_peft(loaded.model, adapter_config(loaded.model), record["config"]["model"], tensors, run)
+    identity = {k: loaded.identity[k] for k in ("run", "checkpoint", "step", "sha")}
+    base = record.get("base_model") or {"spec": record["config"]["model"], "seed": record["config"].get("seed")}
+    scale = tensors.get(peft_format.TEMPERATURE)
+    sweep_temps(out.parent)  # an export killed between its two renames is put back
+    with atomic_dir(out) as tmp:
+        write_json(tmp / CONFIG_FILE, config)
+        write_bytes(tmp / WEIGHTS_FILE, safetensors_bytes(peft_tensors, metadata={"format": "pt"}))
+        write_json(tmp / PEFT_EXPORT_FILE, {
+            "format": PEFT_EXPORT_FORMAT,
+            "exported_from": {"path": str(run.resolve()), **identity},
+            "base_model": base,
+            "method": "dora" if config["use_dora"] else "lora",
+            "logit_scale": float(scale.reshape(-1)[0]) if scale is not None else None,
+            "note": "logit_scale (the trained temperature) changes no embedding; PEFT's files cannot hold it",
+        })
+    return out, identity

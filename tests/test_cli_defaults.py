@@ -49,7 +49,8 @@ COMMANDS = {
     # QUERY... are the queries and --queries is the file of more: the names cross.
     "search": Command(SearchConfig, {"query": "queries", "queries": "queries_file"},
                       not_options=frozenset({"batch_size", "caption_col", "id_col", "image_col", "precision", "seed"})),
-    "train": Command(TrainConfig, {"run_dir": "out"}),
+    # --log-to picks the log mirrors (tbps.train.sinks) and --config reads the options from a file: neither is the run's config.
+    "train": Command(TrainConfig, {"run_dir": "out"}, frozenset({"quiet", "log_to", "config"})),
     "synth": Command(SynthConfig, {"out_dir": "out"}),
     "select": Command(SelectConfig, {"out_path": "out"}, frozenset({"quiet", "explain"})),
     "demo": Command(DemoConfig, {"out_dir": "out"}),

@@ -174,3 +174,19 @@ def test_default_record_names_differ_per_model_file_and_never_overwrite(tmp_path
     run_dir.write_text("{}")
     again = default_out(EvalConfig(model="runs/x", data=data), "test")
     assert again != run_dir and not again.exists() and again.name.endswith("-2.json")
+
+
+def test_progress_moves_per_batch_with_the_total_known(world, tiny_clip, cli, tmp_path):
+    rows, _ = select_split(read_dataset(world), None)
+    calls: list[tuple[int, int]] = []
+    evaluate(tiny_clip, rows, batch_size=4, workers=0, device="cpu", progress=lambda d, t: calls.append((d, t)))
+    images, captions = rows[C.IMAGE_PATH].n_unique(), rows[C.CAPTION].n_unique()
+    assert len(calls) == -(-images // 4) + -(-captions // 4)  # one call per batch of images, then of captions
+    assert {t for _, t in calls} == {images + captions} and calls[-1][0] == images + captions
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    # The command shows the bar on stderr; --quiet silences it.
+    args = ("eval", world, "--model", "tbps-tiny", "--workers", "0", "--device", "cpu", "--batch-size", "4")
+    res = cli(*args, "--out", tmp_path / "a.json")
+    assert res.exit_code == 0 and "evaluating" in res.stderr and f"{images + captions}/{images + captions}" in res.stderr, res.output
+    res = cli(*args, "--out", tmp_path / "b.json", "--quiet")
+    assert res.exit_code == 0 and "evaluating" not in res.stderr, res.output

@@ -8,7 +8,14 @@ import torch
 
 import tbps
 from tbps.errors import TbpsError
-from tbps.eval.metrics import retrieval_metrics, retrieval_metrics_from_embeddings
+from tbps.eval.metrics import (
+    rerank_order,
+    reranked_metrics_from_embeddings,
+    retrieval_metrics,
+    retrieval_metrics_from_embeddings,
+    top_k_from_embeddings,
+)
+from tbps.models.protocol import similarity
 
 
 def brute_force(sim: np.ndarray, qp, gp) -> dict:
@@ -230,3 +237,106 @@ def test_per_query_hand_case():
 def test_bad_input(call, message):
     with pytest.raises(TbpsError, match=message):
         call()
+
+
+# --- several vectors per image (BLIP-2), top K and re-ranking (issue 14) ---------------------
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_one_image_vector_is_todays_plain_dot_product():
+    rng = np.random.default_rng(7)
+    text, image = _unit(rng.standard_normal((40, 16))), _unit(rng.standard_normal((25, 16)))
+    qp, gp = rng.integers(0, 8, 40), rng.integers(0, 8, 25)
+    # One block: the product the metrics always took (text @ a contiguous image.T), bit for bit.
+    today = retrieval_metrics(text @ np.ascontiguousarray(image.T), qp, gp, per_query=True)
+    got = retrieval_metrics_from_embeddings(text, image, qp, gp, image_vectors=1, per_query=True)
+    assert {k: v for k, v in got.items() if k != "per_query"} == {k: v for k, v in today.items() if k != "per_query"}
+    assert all(np.array_equal(got["per_query"][k], today["per_query"][k]) for k in today["per_query"])
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_several_image_vectors_score_an_image_by_its_best_vector(chunk, as_torch):
+    rng = np.random.default_rng(8)
+    q, d = 3, 8
+    text = _unit(rng.standard_normal((30, d)))
+    image = _unit(rng.standard_normal((20, q, d))).reshape(20, q * d)  # each D-block normalised, as encode writes them
+    qp, gp = rng.integers(0, 6, 30), rng.integers(0, 6, 20)
+    best = np.einsum("td,gqd->tgq", text, image.reshape(20, q, d)).max(axis=2)  # BLIP-2's ITC: max over the query vectors
+    want = retrieval_metrics(best, qp, gp)
+    assert want == retrieval_metrics(similarity(torch.from_numpy(image), torch.from_numpy(text), q).T.numpy(), qp, gp)
+    args = (torch.from_numpy(text), torch.from_numpy(image)) if as_torch else (text, image)
+    got = retrieval_metrics_from_embeddings(*args, qp, gp, chunk_size=chunk, image_vectors=q)
+    assert close(got, want)
+    # Taken as one wide vector, the same embeddings would not even fit the captions.
+    with pytest.raises(TbpsError, match="width"):
+        retrieval_metrics_from_embeddings(text, image, qp, gp)
+    with pytest.raises(TbpsError, match=r"width \(8 vs 24 \(2 vectors of 8 per image\)\)"):
+        retrieval_metrics_from_embeddings(text, image, qp, gp, image_vectors=2)
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_top_k_is_the_metrics_ranking_ties_included(as_torch):
+    rng = np.random.default_rng(9)
+    # Small integers: exact dot products with many ties, at the k-th place too.
+    text = rng.integers(-1, 2, size=(40, 4)).astype(np.float32)
+    image = rng.integers(-1, 2, size=(15, 4)).astype(np.float32)
+    ranking = np.argsort(-(text @ image.T), axis=1, kind="stable")  # the order retrieval_metrics ranks by
+    args = (torch.from_numpy(text), torch.from_numpy(image)) if as_torch else (text, image)
+    for k in (1, 2, 5, 14, 15, 40):
+        for chunk in (None, 3):
+            assert np.array_equal(top_k_from_embeddings(*args, k, chunk_size=chunk), ranking[:, : min(k, 15)]), (k, chunk)
+    with pytest.raises(TbpsError, match="k must be 1 or more"):
+        top_k_from_embeddings(text, image, 0)
+
+
+def test_rerank_order_sorts_by_the_second_score_and_keeps_ties_in_the_first_order():
+    top = np.array([[4, 1, 7], [0, 2, 3]])
+    scores = np.array([[0.1, 0.9, 0.5], [0.5, 0.5, 0.5]])
+    assert rerank_order(top, scores).tolist() == [[1, 7, 4], [0, 2, 3]]
+    with pytest.raises(TbpsError, match="NaN"):
+        rerank_order(top, np.array([[0.1, np.nan, 0.5], [0.5, 0.5, 0.5]]))
+
+
+def test_reranked_metrics_hand_case():
+    # One query, person 1; gallery persons [2, 1, 1, 2]. ITC ranks 0, 1, 3, 2. Its top 2 (0, 1) re-ranked by ITM puts 1 first.
+    text = np.array([[1.0, 0.0]], dtype=np.float32)
+    image = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.5, 0.5]], dtype=np.float32)
+    gp, qp = [2, 1, 1, 2], [1]
+    itc = retrieval_metrics_from_embeddings(text, image, qp, gp)
+    assert itc["R1"] == 0.0 and itc["mAP"] == pytest.approx(100 * (1 / 2 + 2 / 4) / 2)
+    top = top_k_from_embeddings(text, image, 2)
+    assert top.tolist() == [[0, 1]]
+    res = reranked_metrics_from_embeddings(text, image, qp, gp, top, np.array([[0.2, 0.7]]))
+    # New ranking 1, 0, 3, 2: matches at ranks 1 and 4.
+    assert res["R1"] == 100.0 and res["mAP"] == pytest.approx(100 * (1 / 1 + 2 / 4) / 2) and res["mINP"] == pytest.approx(100 * 2 / 4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reranked_metrics_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    text = rng.integers(-1, 2, size=(30, 4)).astype(np.float32)
+    image = rng.integers(-1, 2, size=(20, 4)).astype(np.float32)
+    qp, gp = rng.integers(0, 8, 30), rng.integers(0, 6, 20)
+    sim = text @ image.T
+    for k in (1, 4, 20):
+        top = top_k_from_embeddings(text, image, k)
+        scores = rng.integers(0, 3, size=top.shape) / 2  # ties among the second scores too
+        order = rerank_order(top, scores)
+        ranked = np.zeros_like(sim)
+        for q in range(len(sim)):
+            rest = [j for j in np.argsort(-sim[q], kind="stable") if j not in set(order[q].tolist())]
+            ranked[q, [*order[q].tolist(), *rest]] = np.arange(sim.shape[1], 0, -1)
+        want = brute_force(ranked, qp, gp)
+        for chunk in (None, 4):
+            got = reranked_metrics_from_embeddings(text, image, qp, gp, top, scores, chunk_size=chunk)
+            assert close(got, want), (k, chunk)
+        if k == 1:  # one item re-ranked among itself: the ITC ranking
+            assert reranked_metrics_from_embeddings(text, image, qp, gp, top, scores) == retrieval_metrics_from_embeddings(text, image, qp, gp)
+    same = reranked_metrics_from_embeddings(text, image, qp, gp, top, np.zeros(top.shape))  # equal ITM everywhere: ITC order
+    assert same == retrieval_metrics_from_embeddings(text, image, qp, gp)
+    with pytest.raises(TbpsError, match="top must be"):
+        reranked_metrics_from_embeddings(text, image, qp, gp, top[:5], scores[:5])

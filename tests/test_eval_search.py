@@ -8,8 +8,9 @@ import re
 import numpy as np
 import pytest
 
+from tbps.data.readers import read_dataset
 from tbps.errors import TbpsError, UsageError
-from tbps.eval.search import SearchConfig, cache_key, gallery_paths, run_search
+from tbps.eval.search import SearchConfig, cache_key, gallery_index, gallery_paths, run_search
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,60 @@ def test_bad_input(tmp_path, world, cli):
     assert res.exit_code == 1 and "model file not found" in res.output
     res = cli("search", "--gallery", world, "--model", "tbps-tiny")
     assert res.exit_code == 2 and "QUERY" in res.output
+
+
+def test_progress_moves_per_batch_of_gallery_images_and_not_for_a_cached_index(world, tmp_path, tiny_clip):
+    paths = gallery_paths(read_dataset(world))
+    calls: list[tuple[int, int]] = []
+    built = gallery_index(tiny_clip, paths, tmp_path / "cache", batch_size=5, workers=0, device="cpu", progress=lambda d, t: calls.append((d, t)))
+    assert built.built and calls == [(5, 12), (10, 12), (12, 12)]
+    calls.clear()
+    cached = gallery_index(tiny_clip, paths, tmp_path / "cache", batch_size=5, workers=0, device="cpu", progress=lambda d, t: calls.append((d, t)))
+    assert not cached.built and calls == []
+
+
+def test_several_vectors_per_image_search_by_each_images_best_vector(tmp_path, monkeypatch):
+    """BLIP-2-like embeddings (Q vectors per image): the results are the brute-force max over the vectors, cached alike."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tbps import columns as C
+    from tbps.eval import search as search_module
+    from tbps.models.encode import ImageEncoding
+    from tbps.models.protocol import similarity
+
+    rng = np.random.default_rng(0)
+    n, q, d = 12, 4, 8
+    paths = []
+    for k in range(n):
+        (tmp_path / f"{k}.jpg").write_bytes(bytes([k]))
+        paths.append(str(tmp_path / f"{k}.jpg"))
+    image = rng.standard_normal((n, q, d)).astype(np.float32)
+    image = (image / np.linalg.norm(image, axis=-1, keepdims=True)).reshape(n, q * d)
+    text = rng.standard_normal((3, d)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    # The model's two encoders, as the family would give them: Q vectors per image, one per caption.
+    monkeypatch.setattr(search_module, "encode_images",
+                        lambda _m, p, **_k: ImageEncoding(image[: len(p)], [C.STATUS_OK] * len(p), [None] * len(p), [None] * len(p)))
+    monkeypatch.setattr(search_module, "encode_texts", lambda _m, queries, **_k: text[: len(queries)])
+    loaded = SimpleNamespace(name="blip2-like", identity={"spec": "fake"}, image_size=(224, 224), image_vectors=q)
+    gindex = gallery_index(loaded, paths, tmp_path / "cache", workers=0, device="cpu")
+    assert gindex.built and gindex.image_vectors == q and gindex.index.ntotal == n * q and len(gindex.paths) == n
+    brute = similarity(torch.from_numpy(image), torch.from_numpy(text), q).T.numpy()  # (queries, images)
+    for top_k in (1, 5, n, n + 3):
+        res = search_module.search(loaded, gindex, ["a", "b", "c"], top_k)
+        for row, found in enumerate(res.matches):
+            want = np.argsort(-brute[row], kind="stable")[: min(top_k, n)]
+            assert [paths.index(p) for p, _ in found] == want.tolist()
+            assert [s for _, s in found] == pytest.approx(brute[row, want].tolist(), abs=1e-5)
+    again = gallery_index(loaded, paths, tmp_path / "cache", workers=0, device="cpu")
+    assert not again.built and again.image_vectors == q and again.key == gindex.key
+    assert search_module.search(loaded, again, ["a"], 5).matches == search_module.search(loaded, gindex, ["a"], 5).matches
+    # One vector per image is another index (and keeps the key its caches always had).
+    plain = SimpleNamespace(**{**vars(loaded), "image_vectors": 1})
+    monkeypatch.setattr(search_module, "encode_images",
+                        lambda _m, p, **_k: ImageEncoding(image[: len(p), :d], [C.STATUS_OK] * len(p), [None] * len(p), [None] * len(p)))
+    one = gallery_index(plain, paths, tmp_path / "cache", workers=0, device="cpu")
+    assert one.key != gindex.key and one.index.ntotal == n
+    assert one.key == cache_key(paths, {"name": "blip2-like", "spec": "fake"}, {"image_size": [224, 224], "precision": "fp32", "index": "IndexFlatIP"})

@@ -12,12 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from tbps import columns as C
+from tbps.curate.inspect import InspectConfig, run_inspect
 from tbps.curate.score import TIE_EPS, ScoreConfig, bank_rank, plan_parts, read_score_table, run_score
+from tbps.curate.select import SelectConfig
+from tbps.curate.select_io import run_select
 from tbps.errors import TbpsError, UsageError
 from tbps.files import TEMP_SUFFIX
 
@@ -200,7 +204,7 @@ def test_the_bank_is_embedded_once_per_output_directory(world, tmp_path):
 def test_duplicate_pair_ids_are_refused_before_work(world, tmp_path):
     pairs = pl.DataFrame({C.PAIR_ID: ["x", "y", "x"], "image": ["p000/000.jpg"] * 3, "caption": ["a", "b", "c"]})
     pairs.write_parquet(world / "imgs" / "dup.parquet")
-    with pytest.raises(TbpsError, match="more than once"):
+    with pytest.raises(TbpsError, match="every pair needs its own id"):
         run_score(config(world, tmp_path / "out", data=str(world / "imgs" / "dup.parquet"), image_col="image", caption_col="caption"))
     assert not (tmp_path / "out").exists()
 
@@ -353,3 +357,80 @@ def test_the_bank_defaults_to_the_train_split_and_a_small_bank_is_warned_about(t
     assert any(m.startswith("warning: the bank holds") for m in said)
     with pytest.raises(TbpsError, match="the bank has no 'dev' split"):
         run_score(config(world, tmp_path / "other", bank=str(world / "reid_raw.json"), bank_split="dev"))
+
+
+def _with_splits(world: Path) -> dict[str, str]:
+    """Give the world's persons the splits train, val, test in turn; returns {pair_id: split}."""
+    records = json.loads((world / "reid_raw.json").read_text())
+    for rec in records:
+        rec["split"] = ("train", "val", "test")[(rec["id"] - 1) % 3]
+    (world / "reid_raw.json").write_text(json.dumps(records))
+    return {f"{i}:{j}": rec["split"] for i, rec in enumerate(records) for j in range(len(rec["captions"]))}
+
+
+def test_the_split_is_carried_and_split_scores_only_the_named_splits(world, tmp_path):
+    truth = _with_splits(world)
+    run_score(config(world, tmp_path / "all", chunk_size=100))
+    everything = table(tmp_path / "all")
+    assert everything.columns == [f.name for f in C.SCORE_SCHEMA] and dict(everything.select(C.PAIR_ID, C.SPLIT).iter_rows()) == truth
+
+    said: list[str] = []
+    s = run_score(config(world, tmp_path / "some", split="val,train", chunk_size=100), log=said.append)
+    some = table(tmp_path / "some")
+    kept = {k for k, v in truth.items() if v != "test"}
+    assert set(some[C.PAIR_ID]) == kept and s.rows == len(kept) and s.rows_other_splits == len(truth) - len(kept)
+    assert s.splits == ["train", "val"] and any(m.startswith(f"scoring split train,val: {len(kept)} of 24 rows (not scored: test 8)") for m in said)
+    params = json.loads((tmp_path / "some" / "params.json").read_text())
+    assert params["split"] == ["train", "val"] and params["rows"] == len(kept) and params["image_root"] == os.path.realpath(world / "imgs")
+    # The same pairs score the same (the captions are batched with fewer neighbours: last bits only).
+    same = everything.filter(pl.col(C.PAIR_ID).is_in(kept))
+    assert np.allclose(same[C.SCORE].to_numpy(), some[C.SCORE].to_numpy(), atol=1e-5)
+    # The manifest of a selection keeps each row's split (and person id).
+    run_select(SelectConfig(scores=(tmp_path / "all",), out=tmp_path / "m.parquet", dedup="none"))
+    manifest = pl.read_parquet(tmp_path / "m.parquet")
+    assert dict(manifest.select(C.PAIR_ID, C.SPLIT).iter_rows()) == truth and manifest[C.PERSON_ID].null_count() == 0
+
+    with pytest.raises(TbpsError, match="split: None -> \\['train', 'val'\\]"):
+        run_score(config(world, tmp_path / "all", split="train,val", chunk_size=100))  # a resume with another --split
+    with pytest.raises(TbpsError, match="split 'dev' not found.*splits in the file: test, train, val"):
+        run_score(config(world, tmp_path / "dev", split="dev"))
+    pl.DataFrame({"image": ["p000/000.jpg"], "caption": ["a person"]}).write_csv(world / "imgs" / "nosplit.csv")
+    with pytest.raises(TbpsError, match="the data has no splits"):
+        run_score(config(world, tmp_path / "csv", data=str(world / "imgs" / "nosplit.csv"), split="train"))
+    with pytest.raises(UsageError, match="--split names one or more splits"):
+        config(world, tmp_path / "x", split=" , ")
+
+
+def test_an_old_score_directory_without_split_is_refused_on_resume_and_stays_readable(world, tmp_path):
+    out = tmp_path / "old"
+    run_score(config(world, out))
+    # What an earlier tbps wrote: parts without the split column, params.json without split or image_root.
+    for part in (out / "scores").glob("part-*.parquet"):
+        old = pq.read_table(part)
+        pq.write_table(old.drop_columns([C.SPLIT]).replace_schema_metadata(old.schema.metadata), part)
+    params = json.loads((out / "params.json").read_text())
+    (out / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k not in ("split", "image_root")}))
+
+    with pytest.raises(TbpsError, match="score run of an earlier tbps, whose table has no split column") as info:
+        run_score(config(world, out))
+    assert "new --out" in str(info.value) and "\n" not in str(info.value)
+    frame = table(out)
+    assert frame.columns == [f.name for f in C.SCORE_SCHEMA] and frame[C.SPLIT].null_count() == frame.height == 24
+    selected = run_select(SelectConfig(scores=(out,), out=tmp_path / "m.parquet", dedup="none"))
+    assert selected.selection.rows_kept == 24 and pl.read_parquet(tmp_path / "m.parquet")[C.SPLIT].null_count() == 24
+    assert run_inspect(InspectConfig(table=out)).rows == 24
+
+
+def test_progress_moves_per_batch_with_the_total_known(world, tmp_path):
+    calls: list[tuple[int, int]] = []
+    s = run_score(config(world, tmp_path / "out", batch_size=5, chunk_size=7), progress=lambda d, t: calls.append((d, t)))
+    expected, written = 0, [0]
+    for part in sorted((tmp_path / "out" / "scores").glob("part-*.parquet")):
+        rows = pl.read_parquet(part).filter(pl.col(C.STATUS) == C.STATUS_OK)
+        images, captions = rows[C.IMAGE_PATH].n_unique(), rows[C.CAPTION].n_unique()
+        expected += -(-images // 5) + -(-captions // 256) + 1  # image batches, caption batches, the part written
+        written.append(written[-1] + pl.read_parquet(part).height)
+    assert len(calls) == expected > s.parts_total
+    assert {t for _, t in calls} == {24} and calls[-1] == (24, 24)
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and set(written[1:]) <= set(done)

@@ -56,15 +56,17 @@ def _render(path: Path, rgb: tuple[int, int, int], rng: np.random.Generator) -> 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """manifest.parquet (16 train pairs + 1 with a missing image) and pairs.csv (train + val splits)."""
+    """manifest.parquet (16 train pairs + 1 with a missing image) and pairs.csv (train + val splits, other persons)."""
     root = tmp_path_factory.mktemp("world")
     rng = np.random.default_rng(0)
     rows = []
     for p, (name, rgb) in enumerate(COLOURS.items()):
         for k, split in enumerate(("train", "train", "val")):
             _render(root / f"p{p}_{k}.png", rgb, rng)
+            # Validation persons are other people in the same colours: the splits share no person.
+            person = str(p) if split == "train" else str(p + len(COLOURS))
             rows.append({C.PAIR_ID: f"{p}-{k}", C.IMAGE_PATH: f"p{p}_{k}.png", C.CAPTION: f"a person wearing a {name} shirt",
-                         C.PERSON_ID: str(p), C.SPLIT: split})
+                         C.PERSON_ID: person, C.SPLIT: split})
     table = pl.DataFrame(rows)
     table.write_csv(root / "pairs.csv")
     manifest = table.filter(pl.col(C.SPLIT) == "train").drop(C.SPLIT)
@@ -406,3 +408,69 @@ def test_a_run_with_only_a_first_best_restarts_and_a_live_writer_is_refused(worl
     finally:
         other.kill()
         other.wait()
+
+
+def test_manifest_paths_outside_the_image_root_are_skipped_and_never_read(world, tmp_path, cli):
+    scores, manifest = tmp_path / "scores", tmp_path / "m.parquet"
+    res = cli("score", world / "pairs.csv", "--split", "train", "--model", "tbps-tiny", "--bank", world / "pairs.csv", "--out", scores,
+              "--workers", "0", "--precision", "fp32", "--device", "cpu", "--bank-size", "8", "-q")
+    assert res.exit_code == 0, res.output
+    assert cli("select", scores, "--dedup", "none", "--out", manifest, "-q").exit_code == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copyfile(world / "p0_0.png", outside / "stolen.png")
+    rows = pl.read_parquet(manifest)
+    extra = rows.head(2).with_columns(pl.Series(C.PAIR_ID, ["abs", "rel"]),
+                                      pl.Series(C.IMAGE_PATH, [str(outside / "stolen.png"), "../outside/stolen.png"]))
+    pl.concat([rows, extra]).write_parquet(manifest)  # the sidecar still names the score run and its image root
+
+    run = tmp_path / "run"
+    res = cli("train", "--manifest", manifest, "--out", run, *FAST, "--steps", "2", "--max-missing", "0.1", "--quiet")
+    assert res.exit_code == 0, res.output
+    data = json.loads((run / "run.json").read_text())["data"]
+    assert data["rows"] == 18 and data["used"] == 16 and data["skipped"] == {C.STATUS_PATH_OUTSIDE_ROOT: 2}
+    assert data["image_roots"] == [os.path.realpath(world)] and len(data["outside_examples"]) == 2
+    assert any("is outside the image root" in e for e in data["outside_examples"])
+    # An explicit --image-root that holds the file accepts the absolute path (the relative one then resolves inside it).
+    res = cli("train", "--manifest", manifest, "--image-root", outside, "--out", tmp_path / "run2", *FAST, "--steps", "1",
+              "--max-missing", "0.1", "--quiet")
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "run2" / "run.json").read_text())["data"]
+    assert data["image_roots"] == [os.path.realpath(outside), os.path.realpath(world)] and data["used"] == 18
+
+
+def _copy_world(world: Path, to: Path) -> Path:
+    shutil.copytree(world, to)
+    rows = pl.read_parquet(to / "manifest.parquet").filter(pl.col(C.PAIR_ID) != "gone")
+    rows.write_parquet(to / "manifest.parquet")
+    return to
+
+
+def test_a_manifest_image_overwritten_with_text_is_replaced_and_counted(world, tmp_path, cli):
+    copy = _copy_world(world, tmp_path / "w")
+    (copy / "p3_1.png").write_text("not an image any more")
+    run = tmp_path / "run"
+    res = cli("train", "--manifest", copy / "manifest.parquet", "--out", run, *FAST, "--steps", "2")
+    assert res.exit_code == 0, res.output
+    training = json.loads((run / "run.json").read_text())["training"]
+    assert training["images_replaced"] == 1 and training["undecodable_examples"] == [str(copy / "p3_1.png")]
+    assert f"warning: training image {copy / 'p3_1.png'} does not decode" in " ".join(res.output.split())
+
+
+@pytest.mark.slow
+def test_a_run_of_undecodable_images_in_a_worker_is_one_line_and_the_run_restarts(world, tmp_path, cli):
+    copy = _copy_world(world, tmp_path / "w")
+    saved = {p: p.read_bytes() for p in copy.glob("p*_[01].png")}
+    for path in saved:
+        path.write_text("text")
+    run = tmp_path / "run"
+    args = ("train", "--manifest", copy / "manifest.parquet", "--out", run, *FAST, "--steps", "2", "--workers", "1")
+    res = cli(*args)
+    assert res.exit_code == 1 and "Traceback" not in res.output and "DataLoader worker" not in res.output, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "16 consecutive training images cannot be decoded" in " ".join(res.output.split())
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    for path, data in saved.items():
+        path.write_bytes(data)
+    res = cli(*args)  # the failed run held no checkpoint: it starts afresh
+    assert res.exit_code == 0, res.output

@@ -24,7 +24,8 @@ from tbps.errors import TbpsError
 from tbps.files import atomic_dir, sweep_temps, write_text
 from tbps.models.adapters import ADAPTER_METHODS, apply_adapters, save_adapters
 from tbps.models.protocol import Encoder
-from tbps.models.runs import BEST, CHECKPOINT_FILES, LAST, LOG_FILE, RUN_MARKER, TRAINER_FILE, load_base
+from tbps.models.itm import MatchingHead
+from tbps.models.runs import BEST, CHECKPOINT_FILES, CSV_LOG_FILE, LAST, LOG_FILE, RUN_MARKER, TENSORBOARD_DIR, TRAINER_FILE, load_base, save_head
 
 
 def build_model(
@@ -68,7 +69,8 @@ def build_model(
     return loaded
 
 
-def write_checkpoint(run: Path, name: str, model: torch.nn.Module, trainer: dict[str, Any] | None = None) -> Path:
+def write_checkpoint(run: Path, name: str, model: torch.nn.Module, trainer: dict[str, Any] | None = None,
+                     head: MatchingHead | None = None) -> Path:
     """Write ``RUN/name/`` (weights, and ``trainer.pt`` when given) atomically.
 
     Args:
@@ -76,12 +78,15 @@ def write_checkpoint(run: Path, name: str, model: torch.nn.Module, trainer: dict
         name: ``last`` or ``best``.
         model: the adapted model (or its DDP wrapper).
         trainer: the resume state, for ``last``.
+        head: the matching head trained beside the model (``--itm-head``), saved with it.
 
     Returns:
         The checkpoint directory.
     """
     with atomic_dir(run / name) as tmp:
         save_adapters(model, tmp)
+        if head is not None:
+            save_head(head, tmp)
         if trainer is not None:
             torch.save(trainer, tmp / TRAINER_FILE)
     return run / name
@@ -177,7 +182,7 @@ def last_is_complete(run: Path) -> bool:
 
 
 # A run killed before its first last/ holds only these (its record, log lines, perhaps a best/ of its first validation).
-_UNSTARTED = {RUN_MARKER, LOG_FILE, BEST}
+_UNSTARTED = {RUN_MARKER, LOG_FILE, BEST, CSV_LOG_FILE, TENSORBOARD_DIR}
 
 
 def _writer_alive(run: Path) -> bool:

@@ -3,8 +3,14 @@
 Where the pairs come from:
 
 * a **manifest** (``tbps select`` output, or any Parquet file with at least ``pair_id``,
-  ``image_path``, ``caption`` and ``person_id``); relative image paths resolve inside
-  ``image_root`` or the manifest's directory, refused (``path-outside-root``) when they leave it;
+  ``image_path``, ``caption`` and ``person_id``), its paths resolved by the readers' resolver
+  (:class:`tbps.data.paths.ImageResolver`): relative image paths inside ``image_root`` or the
+  manifest's directory; absolute paths (``tbps select`` writes the paths its reader resolved)
+  inside ``image_root`` or an image root recorded by the score runs the manifest was selected
+  from (its sidecar ``NAME.json`` names them, their ``params.json`` the root). A path that leaves
+  its root gets the status ``path-outside-root`` and is skipped, never opened. A hand-made
+  manifest without a sidecar and without ``--image-root`` has no root to check absolute paths
+  against: they are taken as they are (the report says so);
 * any **dataset** the readers support (``tbps.data.readers.read_dataset``), optionally
   restricted to one split.
 
@@ -22,12 +28,15 @@ micro-batch ``k`` therefore needs no sampler or worker RNG state.
 Augmentation (pedestrian crops): resize to the model's (height, width), horizontal flip with
 probability 0.5, zero-pad by ``pad`` pixels on every side and crop back at a random offset (IRRA
 pads 10 pixels at 384 x 128; ``pad`` defaults to 2.6% of the height). No colour jitter: captions
-describe colours. A file that fails to decode during training (it passed the ``stat`` check) is
-replaced by the next decodable pair and counted.
+describe colours. A file that fails to decode during training (it passed the ``stat`` check, but
+was overwritten with text, truncated, ...) is replaced by the next decodable pair and counted
+(``Batch.undecodable`` names it); only a run of ``_MAX_REPLACEMENTS`` undecodable files in a row
+stops the run, with one line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +51,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from tbps import columns as C
+from tbps.data.perturb import hard_negatives
+from tbps.curate.layout import score_run_of
 from tbps.data.images import open_image
 from tbps.data.paths import ImageResolver
 from tbps.data.readers import read_dataset
@@ -64,6 +75,9 @@ class PairReport:
         used: rows kept for training or validation.
         skipped: skipped rows by reason (``status`` values, ``missing-caption`` ...).
         missing_examples: a few paths of missing image files.
+        image_roots: the roots a manifest's absolute image paths were checked against (empty:
+            none was known, the paths were taken as they are); None for a dataset (its reader checks).
+        outside_examples: a few image paths refused as outside their root.
     """
 
     source: str
@@ -71,18 +85,52 @@ class PairReport:
     used: int
     skipped: dict[str, int] = field(default_factory=dict)
     missing_examples: list[str] = field(default_factory=list)
+    image_roots: list[str] | None = None
+    outside_examples: list[str] = field(default_factory=list)
 
 
-def read_manifest(path: str | Path, image_root: str | None = None) -> pl.DataFrame:
+def manifest_image_roots(path: str | Path, image_root: str | Path | None = None) -> list[str]:
+    """The image roots a manifest's absolute paths must lie in: ``image_root``, and the roots its score runs recorded.
+
+    ``tbps select`` writes its provenance beside the manifest (``NAME.json``, see
+    :mod:`tbps.curate.select_io`); each input that is a score run recorded the image root its
+    dataset was read with (:meth:`tbps.curate.layout.ScoreDir.image_root`).
+
+    Args:
+        path: the manifest.
+        image_root: the explicit ``--image-root``, if any.
+
+    Returns:
+        The resolved roots, distinct, in order; empty when none is known.
+    """
+    path = Path(path)
+    roots = [os.path.realpath(image_root)] if image_root else []
+    stem = path.name[: -len(".parquet")] if path.name.endswith(".parquet") else path.name
+    try:
+        sidecar = json.loads(path.with_name(f"{stem}.json").read_text())
+        inputs = sidecar.get("inputs") or [] if isinstance(sidecar, dict) else []
+    except (OSError, ValueError):
+        inputs = []
+    for item in inputs:
+        run = score_run_of(item["path"]) if isinstance(item, dict) and isinstance(item.get("path"), str) else None
+        root = run.image_root() if run is not None else None
+        if root is not None:
+            roots.append(root)
+    return list(dict.fromkeys(roots))
+
+
+def read_manifest(path: str | Path, image_root: str | None = None, roots: list[str] | None = None) -> pl.DataFrame:
     """Read a manifest Parquet file and check its columns.
 
     Args:
         path: the manifest written by ``tbps select`` (or any Parquet with the required columns).
         image_root: where relative image paths resolve; default: the manifest's directory.
+        roots: the roots absolute image paths must lie in (:func:`manifest_image_roots`; None:
+            computed here); empty: absolute paths are taken as they are.
 
     Returns:
-        The manifest with absolute ``image_path`` values; a relative path that leaves the image
-        root gives its row the status ``path-outside-root``.
+        The manifest with absolute ``image_path`` values; a path that leaves its image root
+        gives its row the status ``path-outside-root`` (and no image path).
 
     Raises:
         TbpsError: the file is missing, unreadable, or lacks a required column.
@@ -102,34 +150,49 @@ def read_manifest(path: str | Path, image_root: str | None = None) -> pl.DataFra
             path=path,
         )
     for name in (C.IMAGE_PATH, C.CAPTION):
-        if frame.schema[name] != pl.String:
+        if frame.schema[name] not in (pl.String, pl.Null):
             raise TbpsError("column must hold strings", path=path, field=name, value=str(frame.schema[name]))
     root = Path(image_root) if image_root else path.resolve().parent
-    frame = frame.with_columns(pl.col(C.PERSON_ID).cast(pl.String))
-    return _resolve_image_paths(frame, root)
+    frame = frame.with_columns(pl.col(C.PERSON_ID).cast(pl.String), pl.col(C.IMAGE_PATH).cast(pl.String), pl.col(C.CAPTION).cast(pl.String))
+    return _resolve_image_paths(frame, root, manifest_image_roots(path, image_root) if roots is None else roots)
 
 
-def _resolve_image_paths(frame: pl.DataFrame, root: Path) -> pl.DataFrame:
-    """Relative image paths resolved inside the image root by the readers' resolver.
+def _resolve_image_paths(frame: pl.DataFrame, root: Path, roots: list[str]) -> pl.DataFrame:
+    """Image paths resolved by the readers' resolver: relative ones inside ``root``, absolute ones inside one of ``roots``.
 
-    A path that leaves the root (``..``, a symlink pointing out) gets the readers' status
-    (``path-outside-root``) and reason, and no image path. Absolute paths are kept: ``tbps
-    select`` writes the paths a reader already resolved inside its own image root.
+    A path that leaves its root (``..``, a symlink pointing out, an absolute path elsewhere) gets
+    the readers' status (``path-outside-root``) and reason, and no image path; so does a path the
+    resolver refuses outright (a NUL byte: ``bad-record``). With no ``roots``, absolute paths
+    are only resolved (symlinks followed, as the image opener expects them) and checked for
+    characters no file name holds.
     """
     given = frame.get_column(C.IMAGE_PATH).to_list()
-    relative = [p if p is not None and not p.startswith("/") else None for p in given]
-    hits = ImageResolver(root).resolve_all(relative)
-    frame = frame.with_columns(
-        pl.Series(C.IMAGE_PATH, [h[0] if r is not None else p for p, r, h in zip(given, relative, hits)], dtype=pl.String)
-    )
-    refused = [r is not None and h[1] != C.STATUS_OK for r, h in zip(relative, hits)]
+    relative_hits = ImageResolver(root).resolve_all([p if p is not None and not p.startswith("/") else None for p in given])
+    absolute = [p if p is not None and p.startswith("/") else None for p in given]
+    checkers = [ImageResolver(r) for r in roots] or [ImageResolver("/")]
+    resolved, refused = [], []
+    seen: dict[str, tuple[str | None, str, str | None]] = {}
+    for path, rel, abs_path in zip(given, relative_hits, absolute):
+        if abs_path is None:  # relative (or no path)
+            hit = rel if path is not None else (None, C.STATUS_OK, None)
+        elif abs_path in seen:
+            hit = seen[abs_path]
+        else:
+            hits = [c.resolve(abs_path) for c in checkers]
+            hit = next((h for h in hits if h[1] == C.STATUS_OK), hits[0])
+            if hit[1] == C.STATUS_PATH_OUTSIDE_ROOT and len(checkers) > 1:
+                hit = (None, hit[1], f"absolute path {abs_path!r} is outside the image roots {', '.join(roots)}")
+            seen[abs_path] = hit
+        resolved.append(hit[0] if path is not None else None)
+        refused.append(hit if path is not None and hit[1] != C.STATUS_OK else None)
+    frame = frame.with_columns(pl.Series(C.IMAGE_PATH, resolved, dtype=pl.String))
     if not any(refused):
         return frame
     status = frame.get_column(C.STATUS).to_list() if C.STATUS in frame.columns else [C.STATUS_OK] * frame.height
     error = frame.get_column(C.ERROR).to_list() if C.ERROR in frame.columns else [None] * frame.height
-    for k, hit in enumerate(hits):
+    for k, hit in enumerate(refused):
         # A row that already carries a problem keeps it, as in the readers.
-        if refused[k] and status[k] in (None, C.STATUS_OK):
+        if hit is not None and status[k] in (None, C.STATUS_OK):
             status[k], error[k] = hit[1], hit[2]
     return frame.with_columns(pl.Series(C.STATUS, status, dtype=pl.String), pl.Series(C.ERROR, error, dtype=pl.String))
 
@@ -163,7 +226,7 @@ def image_file_status(path: str | None) -> str:
         st = os.stat(path)
     except FileNotFoundError:
         return C.STATUS_MISSING_IMAGE
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte (refused earlier by the resolver)
         return C.STATUS_BAD_IMAGE
     if not os.path.isfile(path):
         return C.STATUS_BAD_IMAGE
@@ -186,11 +249,14 @@ def usable_pairs(frame: pl.DataFrame, source: str, max_missing: float | None) ->
         TbpsError: more than ``max_missing`` of the rows have no image file, or no row is usable.
     """
     skipped: dict[str, int] = {}
+    outside: list[str] = []
     rows = frame.height
     if C.STATUS in frame.columns:
         refused = frame.filter(pl.col(C.STATUS).fill_null("missing-status") != C.STATUS_OK)
         for status, count in refused.group_by(C.STATUS).len().iter_rows():
             skipped[str(status)] = skipped.get(str(status), 0) + count
+        if C.ERROR in refused.columns:
+            outside = refused.filter(pl.col(C.STATUS) == C.STATUS_PATH_OUTSIDE_ROOT).get_column(C.ERROR).head(3).to_list()
         frame = frame.filter(pl.col(C.STATUS) == C.STATUS_OK)
     no_caption = pl.col(C.CAPTION).is_null() | (pl.col(C.CAPTION).str.strip_chars() == "")
     n_empty = frame.filter(no_caption).height
@@ -213,7 +279,7 @@ def usable_pairs(frame: pl.DataFrame, source: str, max_missing: float | None) ->
     frame = frame.filter(pl.col(_FILE_STATUS) == C.STATUS_OK).drop(_FILE_STATUS)
     if frame.height == 0:
         raise TbpsError(f"no usable pairs (skipped: {skipped})", path=source)
-    return frame, PairReport(source, rows, frame.height, skipped, [str(e) for e in examples])
+    return frame, PairReport(source, rows, frame.height, skipped, [str(e) for e in examples], outside_examples=[str(e) for e in outside])
 
 
 def person_codes(person_ids: Sequence[str | None]) -> np.ndarray:
@@ -288,17 +354,19 @@ class TrainPairs(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
+        undecodable = []
         for replaced in range(_MAX_REPLACEMENTS):
             # A file that stopped decoding is replaced by the next pair, the same way on every run.
             i = (index + replaced) % len(self)
             res = open_image(self.image_paths[i])
             if res.image is not None:
                 rng = np.random.default_rng([self.seed, epoch, i])
-                return self.augment(res.image, rng), self.captions[i], int(self.codes[i]), replaced
+                return self.augment(res.image, rng), self.captions[i], int(self.codes[i]), replaced, tuple(undecodable)
+            undecodable.append(self.image_paths[i])
         raise TbpsError(
-            f"{_MAX_REPLACEMENTS} consecutive training images cannot be decoded",
+            f"{_MAX_REPLACEMENTS} consecutive training images cannot be decoded (e.g. {res.error})",
             path=self.image_paths[index],
-            hint="run `tbps score` or `tbps info` on the data to find the bad files",
+            hint="run `tbps score` on the data to give the bad files a status, and train on its selection",
         )
 
 
@@ -310,21 +378,35 @@ class Batch:
     tokens: torch.Tensor  # (n, context)
     person_ids: torch.Tensor  # (n,) int64
     replaced: int  # images replaced because they did not decode
+    undecodable: list[str] = field(default_factory=list)  # the files that did not decode
+    negatives: torch.Tensor | None = None  # (n, context): row i's caption perturbed (--hard-negatives)
+    negative_valid: torch.Tensor | None = None  # (n,) bool: row i has one (else its row is a placeholder)
 
 
 class Collate:
-    """Stack pixels, tokenise captions with the model's tokenizer.
+    """Stack pixels, tokenise captions with the model's tokenizer (and their perturbations).
 
     Args:
-        tokenizer: open_clip's tokenizer for the model.
+        tokenizer: the model's tokenizer.
+        hard_negatives: also give each row its caption perturbed (:func:`tbps.data.perturb.perturb`,
+            seeded by the caption and ``seed``: the same negative in every epoch, run and rank).
+        seed: the perturbations' seed.
     """
 
-    def __init__(self, tokenizer: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, tokenizer: Callable[..., torch.Tensor], hard_negatives: bool = False, seed: int = 0) -> None:
         self.tokenizer = tokenizer
+        self.hard_negatives = hard_negatives
+        self.seed = seed
 
     def __call__(self, items) -> Batch:
-        pixels, captions, codes, replaced = zip(*items)
-        return Batch(torch.stack(pixels), self.tokenizer(list(captions)), torch.tensor(codes), sum(replaced))
+        pixels, captions, codes, replaced, undecodable = zip(*items)
+        batch = Batch(torch.stack(pixels), self.tokenizer(list(captions)), torch.tensor(codes), sum(replaced),
+                      [path for paths in undecodable for path in paths])
+        if self.hard_negatives:
+            rewritten = hard_negatives(captions, self.seed)
+            batch.negative_valid = torch.tensor([r is not None for r in rewritten], dtype=torch.bool)
+            batch.negatives = self.tokenizer([r if r is not None else c for r, c in zip(rewritten, captions)])
+        return batch
 
 
 class GlobalBatches(Sampler):

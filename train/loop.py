@@ -4,7 +4,10 @@ The core of :func:`train` reads top to bottom: check every input (data, validati
 checkpoint, model and adapters) before any training, then AdamW with linear warm-up and cosine
 decay, gradient accumulation, clipping, autocast, a log line per interval, validation every
 ``val_every`` steps (R@1 then mAP picks ``best/``; never the test split), and ``last/`` every
-``save_every`` steps. Under ``torchrun`` it runs DDP (gloo on CPU, nccl on GPU): ``batch_size``
+``save_every`` steps. Before any of it, the training rows are compared with the validation split
+(:func:`tbps.eval.leakage.find_overlap`): shared images or persons refuse the run unless
+``allow_overlap`` says to go on (the run's record keeps the overlap and the option either way).
+Under ``torchrun`` it runs DDP (gloo on CPU, nccl on GPU): ``batch_size``
 is the global micro-batch, split evenly over the ranks, the contrastive loss sees the gathered
 global batch, and only rank 0 writes the run directory. See :mod:`tbps.train.checkpoint` for
 the run directory and :mod:`tbps.train.data` for the deterministic batch order that makes
@@ -31,11 +34,13 @@ import torch.distributed as dist
 from tbps import columns as C
 from tbps.data.options import ReaderOptions
 from tbps.errors import TbpsError, UsageError
+from tbps.eval.leakage import Overlap, find_overlap
 from tbps.eval.metrics import retrieval_metrics_from_embeddings
 from tbps.files import file_hash, write_json
 from tbps.models.adapters import METHODS, NORMS, adapter_config
 from tbps.models.device import autocast_dtype, check_device, check_precision, distributed
-from tbps.models.encode import encode_images, encode_texts
+from tbps.models.encode import encode_images, encode_texts, worker_errors
+from tbps.models.itm import count_head_parameters
 from tbps.models.protocol import Encoder, count_parameters
 from tbps.models.runs import RUN_MARKER, check_base, load_base, load_weights
 from tbps.provenance import record
@@ -45,7 +50,8 @@ from tbps.train.loss import LOSSES, contrastive_loss
 
 DEFAULT_EPOCHS = 5
 # Options that may change between a run and its --resume: they do not shape the result.
-RESUME_FREE = {"out", "resume", "workers", "log_every"}
+RESUME_FREE = {"out", "resume", "workers", "log_every", "allow_overlap"}
+_UNDECODABLE_EXAMPLES = 5  # undecodable training files named in the run's record
 
 
 @dataclass(kw_only=True)
@@ -93,6 +99,16 @@ class TrainConfig(ReaderOptions):
             it the run refuses before training.
         allow_test: validate on a split named ``test`` (refused otherwise: choosing checkpoints on
             the test split leaks it into the result); the run's record keeps the option.
+        allow_overlap: train although the training rows share images (path or content) or
+            persons with the validation split (refused otherwise, before training); the run's
+            record keeps the overlap and the option.
+        itm_head: train an image-text matching head beside the model (open_clip models;
+            :mod:`tbps.models.itm`): caption tokens attend to image tokens, trained on in-batch
+            hard negatives chosen by similarity; its loss is added to the contrastive one. The
+            run then scores pairs with ``itm_score``.
+        hard_negatives: each caption perturbed (:mod:`tbps.data.perturb`: colours swapped or
+            replaced, garments swapped) is one more negative of its image: in the contrastive
+            loss (NegCLIP; ``--loss clip``) and, with ``itm_head``, in the matching loss.
     """
 
     out: str
@@ -128,6 +144,9 @@ class TrainConfig(ReaderOptions):
     resume: bool = False
     max_missing: float = 0.05
     allow_test: bool = False
+    allow_overlap: bool = False
+    itm_head: bool = False
+    hard_negatives: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -158,6 +177,9 @@ class TrainConfig(ReaderOptions):
             raise UsageError("--lora-alpha applies to --adapter lora or dora", field="--lora-alpha", value=self.lora_alpha)
         if self.fixed_scale and self.adapter != "wora":
             raise UsageError("--fixed-scale applies to --adapter wora", field="--fixed-scale", value=self.adapter)
+        if self.hard_negatives and self.loss != "clip":
+            raise UsageError("--hard-negatives are added to the clip loss (NegCLIP); --loss sdm has no place for them",
+                             field="--hard-negatives", value=self.loss)
         if self.epochs is not None and self.steps is not None:
             raise UsageError("give --epochs or --steps, not both", field="--steps", value=(self.epochs, self.steps))
         if self.epochs is None and self.steps is None:
@@ -205,13 +227,14 @@ class TrainResult:
 
 @dataclass
 class ValSet:
-    """Validation queries (every caption) and gallery (the distinct images)."""
+    """Validation queries (every caption) and gallery (the distinct images), with the rows they came from."""
 
     captions: list[str]
     query_pids: list[str]
     gallery_paths: list[str]
     gallery_pids: list[str]
     report: D.PairReport
+    pairs: pl.DataFrame
 
 
 def warmup_steps(warmup: float, total: int) -> int:
@@ -248,11 +271,14 @@ def load_training_pairs(config: TrainConfig) -> tuple[pl.DataFrame, D.PairReport
     Raises:
         TbpsError: a missing or malformed source, too many missing images, fewer pairs than a batch.
     """
+    roots = None
     if config.manifest is not None:
-        frame, source = D.read_manifest(config.manifest, config.image_root), config.manifest
+        roots = D.manifest_image_roots(config.manifest, config.image_root)
+        frame, source = D.read_manifest(config.manifest, config.image_root, roots), config.manifest
     else:
         frame, source = D.read_split(config.data, config.train_split, config.reader_options(), "--data"), config.data
     frame, report = D.usable_pairs(frame, source, config.max_missing)
+    report.image_roots = roots
     if frame.height < config.batch_size:
         raise TbpsError(
             f"only {frame.height} usable pairs, fewer than one batch (--batch-size {config.batch_size})",
@@ -286,7 +312,44 @@ def load_val_set(config: TrainConfig) -> ValSet:
         gallery.get_column(C.IMAGE_PATH).to_list(),
         gallery.get_column(C.PERSON_ID).to_list(),
         report,
+        frame,
     )
+
+
+def check_overlap(pairs: pl.DataFrame, val: ValSet, config: TrainConfig) -> tuple[Overlap, list[str]]:
+    """Refuse training rows that share images or persons with the validation split, unless ``allow_overlap``.
+
+    Args:
+        pairs: the usable training rows.
+        val: the validation set.
+        config: the options (``val``, ``val_split``, ``allow_overlap``).
+
+    Returns:
+        The :class:`tbps.eval.leakage.Overlap` and the lines to log (a warning when the overlap
+        is allowed, a note when persons could not be compared).
+
+    Raises:
+        TbpsError: images or persons are shared and ``allow_overlap`` is off.
+    """
+    overlap = find_overlap(pairs, val.pairs)
+    has_splits = val.pairs.get_column(C.SPLIT).drop_nulls().len() > 0 if C.SPLIT in val.pairs.columns else False
+    where = f"the validation data (--val {config.val}" + (f", split {config.val_split})" if has_splits and config.val_split else ")")
+    lines = []
+    if overlap.found:
+        message = f"the training rows share {overlap.describe()} with {where}; a checkpoint chosen there is not chosen on held-out data"
+        if not config.allow_overlap:
+            raise TbpsError(
+                message,
+                field="--val",
+                hint="train on other persons' rows (tbps score --split train, tbps select --split train, --train-split) or validate "
+                "on another split; --allow-overlap trains anyway and run.json records it",
+            )
+        lines.append(f"warning: {message} (--allow-overlap: training anyway)")
+    if overlap.persons is None:
+        lines.append(f"note: persons could not be checked against {where}: {overlap.persons_note}")
+    elif overlap.persons_note:
+        lines.append(f"note: checking persons against {where}: {overlap.persons_note}")
+    return overlap, lines
 
 
 def validate(loaded, val: ValSet, config: TrainConfig, device: torch.device) -> dict[str, float]:
@@ -367,6 +430,7 @@ class Setup:
     state: dict[str, Any]  # the resumed trainer state ({} for a fresh run)
     record: dict[str, Any]  # what run.json says besides the config and progress
     report: D.PairReport
+    notes: list[str] = field(default_factory=list)  # lines for the log before training (rank 0)
 
 
 def prepare(config: TrainConfig) -> Setup:
@@ -400,6 +464,7 @@ def prepare(config: TrainConfig) -> Setup:
     resume = config.resume and found != "restarted"  # a run killed before its first checkpoint starts afresh
     pairs, report, source = load_training_pairs(config)
     val = load_val_set(config) if config.val else None
+    overlap, notes = check_overlap(pairs, val, config) if val else (None, [])
     saved = ckpt.read_resume_state(run, _plain(config), RESUME_FREE) if resume else None
     if saved:
         base = load_base(config.model, seed=config.seed)
@@ -410,10 +475,17 @@ def prepare(config: TrainConfig) -> Setup:
                                   lora_alpha=config.lora_alpha, also_train=config.also_train)
     if config.fixed_scale:
         freeze_scale(loaded.model)
+    if config.itm_head and getattr(loaded, "itm_head", None) is None:
+        if not hasattr(loaded, "attach_itm_head"):
+            raise TbpsError(f"--itm-head trains a matching head on open_clip models; {config.model} is a {loaded.family} model",
+                            field="--itm-head", hint="score with a blip or blip-2 model (hf:...) for an ITM head of its own")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            loaded.attach_itm_head()
     state = saved[1] if saved else {}
     model = loaded.model.to(device).train()
     # Building DDP is a collective: no rank writes RUN before every rank has passed the checks above.
-    forward = loaded.training_module()
+    forward = loaded.training_module().to(device).train()
     ddp = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else forward
     dataset = D.TrainPairs(
         pairs.get_column(C.IMAGE_PATH).to_list(),
@@ -424,7 +496,7 @@ def prepare(config: TrainConfig) -> Setup:
     )
     per_epoch = len(dataset) // config.batch_size
     total_steps = config.steps or max(1, config.epochs * per_epoch // config.accum)
-    optimizer = _optimizer(model, config)
+    optimizer = _optimizer(forward, config)  # the model's parameters, and the matching head's with --itm-head
     warm = warmup_steps(config.warmup, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warm, total_steps))
     if saved:
@@ -440,17 +512,20 @@ def prepare(config: TrainConfig) -> Setup:
         dataset,
         batch_sampler=D.GlobalBatches(len(dataset), config.batch_size, config.seed, start, total_steps * config.accum, rank, world),
         num_workers=config.workers,
-        collate_fn=D.Collate(loaded.tokenizer),
+        collate_fn=D.Collate(loaded.tokenizer, hard_negatives=config.hard_negatives, seed=config.seed),
         pin_memory=device.type == "cuda",
     )
     trainable, total = count_parameters(model)
+    head = getattr(loaded, "itm_head", None)
     dtype = autocast_dtype(config.precision, device)
     record = {
         "base_model": {"spec": config.model, "seed": config.seed, "identity": loaded.identity},
         "adapter": adapter_config(model),
         "data": {**source, **asdict(report)},
-        "val": {**asdict(val.report), "images_also_in_training": len(set(val.gallery_paths) & set(dataset.image_paths))} if val else None,
-        "parameters": {"trainable": trainable, "total": total, "trainable_share": trainable / total},
+        "val": {**asdict(val.report), "images_also_in_training": overlap.images,
+                "overlap": {**overlap.as_record(), "allowed": config.allow_overlap}} if val else None,
+        "parameters": {"trainable": trainable, "total": total, "trainable_share": trainable / total,
+                       **({"itm_head": count_head_parameters(head), "itm_head_config": head.config.to_dict()} if head is not None else {})},
         "world_size": world,
         "device": str(device),
         "autocast": str(dtype) if dtype else "fp32",
@@ -459,7 +534,7 @@ def prepare(config: TrainConfig) -> Setup:
         "result_checkpoint": ckpt.BEST if val else ckpt.LAST,
         "result_note": "the best validation step (R@1, then mAP)" if val else "no --val: the last checkpoint is the result",
     }
-    return Setup(run, rank, world, device, dtype, loaded, ddp, optimizer, scheduler, loader, total_steps, per_epoch, val, state, record, report)
+    return Setup(run, rank, world, device, dtype, loaded, ddp, optimizer, scheduler, loader, total_steps, per_epoch, val, state, record, report, notes)
 
 
 def train(
@@ -479,10 +554,15 @@ def train(
 
     Raises:
         TbpsError: bad input (data, manifest, validation set, adapter targets, resume
-            checkpoint), always before the first training step.
+            checkpoint, training rows that overlap the validation split), before the first
+            training step; during training only a run of training images that do not decode
+            (one line; ``run.json`` then says ``failed``).
         UsageError: options that do not fit together (e.g. a batch not divisible by the ranks).
     """
     s = prepare(config)
+    if log and s.rank == 0:
+        for line in s.notes:
+            log(line)
     warm, total = s.record["warmup_steps"], s.total_steps
     if log and s.rank == 0 and warm > total // 2:
         log(f"warning: the warm-up covers {warm} of the run's {total} steps (--warmup {config.warmup:g}): the learning rate "
@@ -491,10 +571,12 @@ def train(
     step = int(s.state.get("step", 0))
     best = s.state.get("best")  # {"step", "metrics"} of the best validation so far
     counters = {k: s.state.get(k, 0) for k in ("train_seconds", "pairs_seen", "replaced", "saved_step")}
+    undecodable: list[str] = list(s.state.get("undecodable", []))  # a few training files that did not decode
     pairs_per_step = config.batch_size * config.accum
 
     def write_record(status: str) -> None:
-        training = {"train_seconds": counters["train_seconds"], "pairs_seen": counters["pairs_seen"], "images_replaced": counters["replaced"]}
+        training = {"train_seconds": counters["train_seconds"], "pairs_seen": counters["pairs_seen"], "images_replaced": counters["replaced"],
+                    "undecodable_examples": undecodable}
         write_json(run / RUN_MARKER, record(
             config, **s.record, status=status, step=step, epoch=step * config.accum / s.per_epoch, training=training, best=best,
             checkpoints={ckpt.LAST: {"step": counters["saved_step"] or None}, ckpt.BEST: best},
@@ -509,6 +591,24 @@ def train(
     if progress and main:
         progress(step, s.total_steps)
     batches = iter(s.loader)
+
+    def next_batch() -> D.Batch:
+        """The next micro-batch; an undecodable file is named once, a run of them ends the run in one line."""
+        try:
+            with worker_errors("decoding training images"):
+                batch = next(batches)
+        except TbpsError:
+            if main:
+                write_record("failed")
+            raise
+        for path in batch.undecodable:
+            if path not in undecodable and len(undecodable) < _UNDECODABLE_EXAMPLES:
+                undecodable.append(path)
+                if log and main:
+                    log(f"warning: training image {path} does not decode; it is replaced by the next pair "
+                        "(counted in run.json training.images_replaced)")
+        return batch
+
     window = {"loss": 0.0, "steps": 0, "seconds": 0.0}
     step_loss = float("nan")
     while step < s.total_steps:
@@ -516,18 +616,29 @@ def train(
         t0 = time.perf_counter()
         step_loss = 0.0
         for micro in range(config.accum):
-            batch = next(batches)
+            batch = next_batch()
             # DDP all-reduces gradients on the last micro-batch of a step only.
             sync = contextlib.nullcontext() if s.world == 1 or micro == config.accum - 1 else s.ddp.no_sync()
             with sync:
+                extra = {}
+                if config.itm_head or config.hard_negatives:
+                    extra = {"person_ids": batch.person_ids.to(s.device)}
+                    if batch.negatives is not None:
+                        extra.update(negatives=batch.negatives.to(s.device), negative_valid=batch.negative_valid.to(s.device))
                 with torch.autocast(s.device.type, dtype=s.dtype or torch.float32, enabled=s.dtype is not None):
-                    image_emb, text_emb, scale = s.ddp(batch.pixels.to(s.device, non_blocking=True), batch.tokens.to(s.device))
-                loss = contrastive_loss(config.loss, image_emb, text_emb, scale, batch.person_ids.to(s.device)) / config.accum
+                    out = s.ddp(batch.pixels.to(s.device, non_blocking=True), batch.tokens.to(s.device), **extra)
+                image_emb, text_emb, scale = out[:3]
+                matching, negative_text = out[3:5] if len(out) > 3 else (None, None)
+                loss = contrastive_loss(config.loss, image_emb, text_emb, scale, batch.person_ids.to(s.device),
+                                        negatives=negative_text, negative_valid=extra.get("negative_valid") if negative_text is not None else None)
+                if matching is not None:
+                    loss = loss + matching
+                loss = loss / config.accum
                 loss.backward()
             step_loss += loss.item()
             counters["replaced"] += batch.replaced
         if config.clip_grad:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad)
+            torch.nn.utils.clip_grad_norm_([p for p in s.ddp.parameters() if p.requires_grad], config.clip_grad)
         lr = s.scheduler.get_last_lr()[0]
         s.optimizer.step()
         s.scheduler.step()
@@ -556,7 +667,7 @@ def train(
                 # The best checkpoint is chosen on the validation split: R@1 first, mAP breaks ties.
                 if best is None or (metrics["R1"], metrics["mAP"]) > (best["metrics"]["R1"], best["metrics"]["mAP"]):
                     best = {"step": step, "metrics": {k: metrics[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}}
-                    ckpt.write_checkpoint(run, ckpt.BEST, model)
+                    ckpt.write_checkpoint(run, ckpt.BEST, model, head=getattr(s.loaded, "itm_head", None))
             if s.world > 1:
                 dist.barrier()  # the other ranks wait while rank 0 validates
 
@@ -564,8 +675,9 @@ def train(
             counters["saved_step"] = step
             if main:
                 trainer = {"step": step, "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-                           "rng": ckpt.rng_state(), "micro_batch": step * config.accum, "config": _plain(config), "best": best, **counters}
-                ckpt.write_checkpoint(run, ckpt.LAST, model, trainer)
+                           "rng": ckpt.rng_state(), "micro_batch": step * config.accum, "config": _plain(config), "best": best,
+                           "undecodable": undecodable, **counters}
+                ckpt.write_checkpoint(run, ckpt.LAST, model, trainer, head=getattr(s.loaded, "itm_head", None))
                 write_record("running" if step < s.total_steps else "complete")
         if progress and main:
             progress(step, s.total_steps)

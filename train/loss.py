@@ -49,20 +49,37 @@ def gather_batch(x: torch.Tensor, *, with_grad: bool) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    negative_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """CLIP's symmetric InfoNCE: pair i's image and caption are the only positives of each other.
+
+    With ``negatives`` (NegCLIP): each image also competes against every perturbed caption of the
+    batch, its own one included (the hard negative that differs from its caption in a word or two).
 
     Args:
         image_emb: (n, D) L2-normalised image embeddings of the global batch.
         text_emb: (n, D) L2-normalised caption embeddings, row i paired with image i.
         logit_scale: ``exp`` of the model's ``logit_scale`` (the inverse temperature).
+        negatives: (n, D) L2-normalised embeddings of the perturbed captions, or None.
+        negative_valid: (n,) bool: which rows of ``negatives`` are real (the others are ignored).
 
     Returns:
         The scalar loss.
     """
     logits = logit_scale * image_emb @ text_emb.T
     labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    image_to_text = logits
+    if negatives is not None:
+        extra = logit_scale * image_emb @ negatives.T
+        if negative_valid is not None:
+            extra = extra.masked_fill(~negative_valid[None, :], float("-inf"))
+        image_to_text = torch.cat([logits, extra], dim=1)
+    return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def sdm_loss(
@@ -96,6 +113,8 @@ def contrastive_loss(
     text_emb: torch.Tensor,
     logit_scale: torch.Tensor,
     person_ids: torch.Tensor | None = None,
+    negatives: torch.Tensor | None = None,
+    negative_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ``--loss`` of one micro-batch over the global batch (gathered across DDP ranks).
 
@@ -105,6 +124,8 @@ def contrastive_loss(
         text_emb: this rank's (n, D) L2-normalised caption embeddings.
         logit_scale: ``exp`` of the model's ``logit_scale``, clamped at 100 here.
         person_ids: this rank's (n,) identity codes (``sdm`` only).
+        negatives: this rank's (n, D) perturbed-caption embeddings (``clip`` only; ``--hard-negatives``).
+        negative_valid: this rank's (n,) bool mask of real negatives.
 
     Returns:
         The scalar loss, identical on every rank.
@@ -113,7 +134,12 @@ def contrastive_loss(
     text_all = gather_batch(text_emb.float(), with_grad=True)
     scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE)
     if kind == "clip":
-        return clip_loss(image_all, text_all, scale)
+        if negatives is None:
+            return clip_loss(image_all, text_all, scale)
+        return clip_loss(image_all, text_all, scale, gather_batch(negatives.float(), with_grad=True),
+                         gather_batch(negative_valid, with_grad=False) if negative_valid is not None else None)
+    if negatives is not None:
+        raise ValueError("hard negatives are added to the clip loss only")
     if kind == "sdm":
         if person_ids is None:
             raise ValueError("the sdm loss needs person ids")
