@@ -213,7 +213,7 @@ def info(
     if sample.found < sample.checked:
         where = f"; a file of that name is in {sample.found_elsewhere}: check --image-root" if sample.found_elsewhere else "; check --image-root"
         err.print(f"warning: {sample.checked - sample.found:,} of {sample.checked:,} sampled image files do not exist "
-                  f"(e.g. {sample.missing_example}){where}", highlight=False)
+                  f"(e.g. {sample.missing_example}){where}", highlight=False, soft_wrap=True)
 
 
 # --- eval, inspect, search (tbps.eval) ---------------------------------------------------
@@ -270,7 +270,7 @@ def eval_(
 
 @app.command()
 def inspect(
-    table: Path = typer.Argument(..., help="A score run dir (DIR/scores/*.parquet), a Parquet score table, or a manifest."),
+    table: Path = typer.Argument(..., help="A score run dir (DIR/scores/*.parquet), a Parquet score table, a manifest, or its NAME.dropped.parquet."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report (thumbnails, histograms)."),
     top: int = typer.Option(10, "--top", help="Pairs shown at each end by score, and per drop reason."),
     bins: int = typer.Option(20, "--bins", help="Bins of the score histogram."),

@@ -8,6 +8,12 @@ named ``.<target name>.<host>.<pid>.<random>.tbps-tmp``; :func:`sweep_temps` rem
 process (on this machine) is gone, and directory readers skip them (:func:`is_temp`). Written files get the permissions
 the user's umask gives (``mkstemp`` alone would leave them ``0600``).
 
+Logs are appended with :func:`append_text` (never through a link; a failed append is cut back).
+
+A write that fails because the disk is full (``ENOSPC``), a quota is exceeded (``EDQUOT``) or a
+file-size limit is hit (``EFBIG``) raises :class:`DiskFullError`: one line naming the file and
+what to do, and the temporary is removed first, so the target is untouched.
+
 Every content hash is :data:`HASH_ALGO` (blake2b with a 16-byte digest, hex), and records that
 store a hash name the algorithm beside it.
 """
@@ -15,14 +21,19 @@ store a hash name the algorithm beside it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import resource
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+from tbps.errors import TbpsError
 
 HASH_ALGO = "blake2b-128"
 TEMP_SUFFIX = ".tbps-tmp"
@@ -84,17 +95,101 @@ def atomic_write(path: str | Path) -> Iterator[IO[bytes]]:
         ``np.save`` ...). On an exception the temporary is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+    with _disk_full_is_one_line(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                yield fh
+                fh.flush()
+            os.chmod(tmp, _FILE_MODE)
+            os.replace(tmp, path)
+        except BaseException as exc:
+            full = _is_disk_full(exc, path.parent, tmp)  # asked before the temp is removed (which frees the space)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if full is not None:
+                raise DiskFullError(path, full) from None
+            raise
+
+
+_FULL = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "the file is larger than the file system or the process's file-size limit allows"}
+if hasattr(errno, "EDQUOT"):
+    _FULL[errno.EDQUOT] = "the disk quota is exceeded"
+# Libraries that write for themselves (torch.save, Polars) raise their own types; their messages carry the OS's words.
+_FULL_WORDS = {os.strerror(code): code for code in _FULL}
+_NEARLY_FULL = 1 << 16  # bytes free: a failed write on a file system this full failed for want of space
+
+
+class DiskFullError(TbpsError):
+    """A write failed for want of space (or quota, or a size limit); the target was left as it was.
+
+    Args:
+        path: the file or directory being written.
+        code: the ``errno`` (``ENOSPC``, ``EDQUOT`` or ``EFBIG``).
+    """
+
+    def __init__(self, path: Path, code: int) -> None:
+        self.code = code
+        super().__init__(
+            f"cannot write: {_FULL[code]} (the file system holding {os.path.abspath(path.parent)}); nothing half-written was kept",
+            path=path,
+            hint="Free space there (or write elsewhere), then run the same command again: it resumes from what is complete "
+            "(tbps score keeps its finished parts; add --resume to tbps train)",
+        )
+
+
+def _is_disk_full(exc: BaseException, directory: Path, temp: str | Path | None = None) -> int | None:
+    """The errno when ``exc`` (or what caused it) is a full disk, a quota or a size limit, else ``None``.
+
+    Asked before the temporary ``temp`` is removed: a writer that hides the cause (numpy's "N requested
+    and M written", torch's "file write failed") is told by the temp's size against the file-size
+    limit, or by a file system left without free space.
+    """
+    if isinstance(exc, TbpsError):
+        return None  # already one line (a DiskFullError of a file written inside this one names that file)
+    seen: BaseException | None = exc
+    for _ in range(8):  # the exception, its cause, the cause's cause...
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in _FULL:
+            return seen.errno
+        text = str(seen)
+        for words, code in _FULL_WORDS.items():
+            if words in text:
+                return code
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, (OSError, RuntimeError, ValueError)) and not isinstance(exc, FileNotFoundError):
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        try:
+            if temp is not None and limit != resource.RLIM_INFINITY and os.stat(temp).st_size >= limit:
+                return errno.EFBIG
+            st = os.statvfs(directory)
+        except OSError:
+            return None
+        if st.f_bavail * st.f_frsize < _NEARLY_FULL:
+            return errno.ENOSPC  # the writer's own error hides the cause, the file system tells it
+    return None
+
+
+def as_disk_full(exc: BaseException) -> DiskFullError | None:
+    """A :class:`DiskFullError` for an ``OSError`` of a full disk raised outside :func:`atomic_write` (else ``None``).
+
+    The CLI's last resort: a library that writes on its own (a log append, a cache) still gives one line.
+    """
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return DiskFullError(Path(exc.filename if isinstance(exc.filename, str) else "."), exc.errno)
+    return None
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(path: Path) -> Iterator[None]:
+    """Turn a full disk met while creating the directory or the temporary into :class:`DiskFullError`."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise DiskFullError(path, exc.errno) from None
         raise
 
 
@@ -115,6 +210,47 @@ def write_json(path: str | Path, payload: Any) -> Path:
     return write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
+def append_text(path: str | Path, text: str) -> Path:
+    """Append UTF-8 text to ``path`` (a log), never through a link, and never leaving part of it.
+
+    The file is opened ``O_APPEND | O_NOFOLLOW`` (a link planted at the path is refused with a
+    :class:`tbps.errors.TbpsError`, not followed); a write that fails (a full disk) is cut back to the file's previous length and
+    raises :class:`DiskFullError` for a full disk, so the file holds whole appends only, unless a kill
+    lands inside the write (readers of tbps logs drop a torn last line).
+
+    Args:
+        path: the file; created (with the umask's permissions) when missing.
+        text: what to append.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    data = text.encode("utf-8")
+    with _disk_full_is_one_line(path):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), _FILE_MODE)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and os.path.islink(path):
+                raise TbpsError("a symlink is where this file goes; tbps does not write through links", path=path) from None
+            raise
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            if exc.errno in _FULL:
+                raise DiskFullError(path, exc.errno) from None
+            raise
+    finally:
+        os.close(fd)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces the directory ``path`` when the block succeeds.
@@ -130,15 +266,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         The temporary directory to fill.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, _DIR_MODE)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _disk_full_is_one_line(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent))
+        try:
+            yield tmp
+            os.chmod(tmp, _DIR_MODE)
+            replace_dir(tmp, path)
+        except BaseException as exc:
+            # A file written inside the temporary directory names a temp path: the directory is what the user knows.
+            full = exc.code if isinstance(exc, DiskFullError) else _is_disk_full(exc, path.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full is not None:
+                raise DiskFullError(path, full) from None
+            raise
 
 
 def replace_dir(new: Path, path: Path) -> None:
@@ -181,6 +322,14 @@ def _gone(host: str | None, pid: int) -> bool:
     return False
 
 
+def _own_directory(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+
+
 def sweep_temps(directory: str | Path, *, recursive: bool = False) -> list[Path]:
     """Remove tbps temporaries left in ``directory`` by processes that no longer run.
 
@@ -205,8 +354,10 @@ def sweep_temps(directory: str | Path, *, recursive: bool = False) -> list[Path]
         if parsed is None or not _gone(parsed[1], parsed[2]):
             continue  # not a tbps temp, or a live (or another machine's) process's
         target, _, _, aside = parsed
-        if aside and not (tmp.parent / target).exists() and (tmp / target).exists():
-            os.replace(tmp / target, tmp.parent / target)  # killed between the two renames
+        # Killed between the two renames: the old copy goes back. Only from a real directory of this user's:
+        # a symlink planted under an aside name must not move someone else's files into place.
+        if aside and _own_directory(tmp) and not (tmp.parent / target).exists() and (tmp / target).exists():
+            os.replace(tmp / target, tmp.parent / target)
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:

@@ -13,6 +13,20 @@ Polars aggregations, and only the few rows shown are collected):
   caption: they are looked up, for the few rows shown, in the score tables the sidecar lists
   as inputs (a row whose input has moved is shown without its picture). A manifest without its
   sidecar is inspected like a plain score table.
+* a drop table ``X.dropped.parquet`` itself (:func:`inspect_dropped`): the dropped rows by step
+  and reason, joined back to their scores, captions and images through the manifest's
+  provenance (the sidecar ``X.json`` and the score tables it names), each ``duplicate-of:<id>``
+  row paired with its original and what became of it (kept, or dropped later and why).
+  ``--reason`` (a reason, or ``duplicate-of`` for every duplicate) and ``--step`` filter it; on
+  a manifest they filter its dropped rows.
+
+Images (HTML only) are resolved through the readers' resolver (:class:`tbps.data.paths.ImageResolver`)
+inside an image root and opened with :func:`tbps.data.images.open_image` checking that root when
+the file is opened: the root is ``--image-root``, else the one the score run recorded (its
+``params.json``: the reader's ``image_root``, or the format's default next to the dataset) for
+every score run the table comes from. A path outside the root (``/etc/hostname``, another photo,
+``/dev/zero``) is never opened; its card says why. A table whose score run is not found shows no
+pictures until ``--image-root`` is given.
 
 The summary: row and status counts, quantiles of ``score`` and ``bank_rank`` over the ``ok``
 rows, histograms, the top-k and bottom-k pairs by score, a per-source breakdown and, for a
@@ -24,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +47,23 @@ import numpy as np
 import polars as pl
 
 from tbps import columns as C
-from tbps.curate.layout import ScoreDir
+from tbps.curate.layout import PARAMS_FILE, ScoreDir, score_run_of
+from tbps.curate.select import REASON_DUPLICATE
+from tbps.data.paths import ImageResolver
 from tbps.errors import TbpsError, UsageError
-from tbps.report.html import contact_sheet, esc, grid_table, page, svg_histogram, write_html
+from tbps.report.html import contact_sheet, esc, grid_table, page, pair_sheet, svg_histogram, write_html
 
 # Columns a table must have to be inspected (score tables and manifests both have them).
 REQUIRED = (C.PAIR_ID, C.IMAGE_PATH, C.CAPTION, C.SCORE, C.BANK_RANK, C.STATUS)
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 BINS = 20  # bins of the score histogram, as the CLI's --bins
 SHOWN = [C.PAIR_ID, C.IMAGE_PATH, C.CAPTION, C.PERSON_ID, C.SOURCE, C.SCORE, C.BANK_RANK, C.STATUS]
+DROP_COLUMNS = (C.PAIR_ID, C.STEP, C.REASON)  # what makes a Parquet file a drop table
+DROPPED_SUFFIX = ".dropped.parquet"
+# Report columns (in memory, never written) of a duplicate's original.
+ORIGINAL = "original"  # the original's pair id
+ORIGINAL_FATE = "original_fate"  # "kept", "dropped later: <reason> (<step>)", or "not found" (in neither table)
+ORIGINAL_COLUMNS = {C.IMAGE_PATH: "original_image_path", C.CAPTION: "original_caption", C.SCORE: "original_score"}
 
 
 @dataclass
@@ -48,21 +71,33 @@ class InspectConfig:
     """Parameters of ``tbps inspect``; field names equal the CLI option names.
 
     Attributes:
-        table: a score run directory, its ``scores/`` directory, a Parquet file, or a manifest.
+        table: a score run directory, its ``scores/`` directory, a Parquet file, a manifest or
+            a drop table.
         html: write the HTML report to this file; ``None`` for the terminal only.
         top: pairs shown at each end (top-k and bottom-k by score) and per drop reason.
         bins: histogram bins.
+        image_root: the directory the table's images must lie in (HTML pictures); ``None``:
+            the root the score run recorded.
+        reason: show only dropped rows with this reason (``duplicate-of`` for every duplicate).
+        step: show only dropped rows of this selection step.
     """
 
     table: Path
     html: Path | None = None
     top: int = 10
     bins: int = BINS
+    image_root: Path | None = None
+    reason: str | None = None
+    step: str | None = None
 
     def __post_init__(self) -> None:
         self.table = Path(self.table)
         if self.html is not None:
             self.html = Path(self.html)
+        if self.image_root is not None:
+            self.image_root = Path(self.image_root)
+            if not self.image_root.is_dir():
+                raise TbpsError("the image root is not a directory", path=self.image_root, field="--image-root")
         if not 1 <= self.top <= 1000:
             raise UsageError("--top must be between 1 and 1000", field="top", value=self.top)
         if not 2 <= self.bins <= 200:
@@ -94,16 +129,43 @@ class Histogram:
     dropped: list[int] | None = None
 
 
+class ImageRoots:
+    """Where a table's images may be opened from: ``--image-root``, or the roots its score runs recorded.
+
+    Found on first use (:meth:`get`), so the terminal report never reads a dataset to learn its root.
+
+    Args:
+        explicit: ``--image-root``, or ``None``.
+        runs: the score run directories the table's rows come from.
+    """
+
+    def __init__(self, explicit: Path | None, runs: list[ScoreDir]) -> None:
+        self.explicit, self.runs = explicit, runs
+        self._found: tuple[list[str], str] | None = None
+
+    def get(self) -> tuple[list[str], str]:
+        """(the roots, where they came from); no roots when none is known."""
+        if self._found is None:
+            if self.explicit is not None:
+                self._found = [os.path.realpath(self.explicit)], "--image-root"
+            else:
+                roots = list(dict.fromkeys(r for r in (run.image_root() for run in self.runs) if r is not None))
+                self._found = roots, (f"recorded by the score run ({PARAMS_FILE})" if roots else "none known (pass --image-root to show pictures)")
+        return self._found
+
+
 @dataclass
 class TableSource:
     """A table as found on disk: lazy rows, and for a manifest its sidecar and dropped rows."""
 
     path: Path
     rows: pl.LazyFrame
-    kind: str  # "score table" or "manifest"
+    kind: str  # "score table", "manifest" or "drop table"
     sidecar: dict[str, Any] | None = None
     dropped: pl.LazyFrame | None = None
     inputs: pl.LazyFrame | None = None  # the selection's input score rows (images, captions)
+    roots: ImageRoots = field(default_factory=lambda: ImageRoots(None, []))
+    kept: pl.LazyFrame | None = None  # for a drop table: its manifest's rows (what became of an original)
 
 
 @dataclass
@@ -136,10 +198,40 @@ class TableReport:
     sources: pl.DataFrame
     dropped: dict[str, tuple[int, pl.DataFrame]] | None = None
     sidecar: dict[str, Any] | None = field(default=None, repr=False)
+    roots: ImageRoots = field(default_factory=lambda: ImageRoots(None, []), repr=False)
 
     @property
     def ok_rows(self) -> int:
         return self.status_counts.get(C.STATUS_OK, 0)
+
+
+@dataclass
+class DropReport:
+    """What ``tbps inspect X.dropped.parquet`` shows (see :func:`inspect_dropped`).
+
+    Attributes:
+        path: the drop table; ``manifest``: its manifest (``None`` when not found).
+        rows: dropped rows in the table; ``shown_rows``: rows left by ``--reason`` / ``--step``.
+        filters: the filters given, as text (empty when none).
+        by_step: ``step``, ``reason`` (``duplicate-of:<pair_id>`` grouped as one) and ``rows``, most first.
+        groups: ``{"step: reason": (count, sample rows)}`` (``reason`` alone where the step has its
+            name) after the filters; the samples are the
+            highest-scored rows with image path, caption and person id from the score tables, and
+            for duplicates the original's id, image path, caption, score and fate.
+        joined: whether the provenance led to the score tables (else no captions or pictures).
+        provenance: where the rows were joined from, in words.
+    """
+
+    path: str
+    manifest: str | None
+    rows: int
+    shown_rows: int
+    filters: str
+    by_step: pl.DataFrame
+    groups: dict[str, tuple[int, pl.DataFrame]]
+    joined: bool
+    provenance: str
+    roots: ImageRoots = field(default_factory=lambda: ImageRoots(None, []), repr=False)
 
 
 def format_value(value: Any) -> str:
@@ -184,22 +276,48 @@ def _dropped_path(path: Path, sidecar: dict[str, Any] | None) -> Path | None:
     return None
 
 
+_JOINED = (C.PAIR_ID, C.IMAGE_PATH, C.CAPTION, C.PERSON_ID, C.SCORE, C.BANK_RANK, C.ERROR)  # looked up for dropped rows
+
+
+def _input_items(sidecar: dict[str, Any] | None) -> list[dict[str, Any]]:
+    items = (sidecar or {}).get("inputs")
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
 def _input_rows(sidecar: dict[str, Any] | None) -> pl.LazyFrame | None:
     """The score rows the selection read (the sidecar's ``inputs``), for images and captions of dropped rows."""
     frames = []
-    for item in (sidecar or {}).get("inputs") or []:
-        files = [Path(f["path"]) for f in item.get("files", []) if isinstance(f, dict) and "path" in f] if isinstance(item, dict) else []
+    for item in _input_items(sidecar):
+        files = [Path(f["path"]) for f in item.get("files", []) if isinstance(f, dict) and isinstance(f.get("path"), str)]
         files = [f for f in files if f.is_file()]
         if files:
-            frames.append(pl.scan_parquet(files).select(C.PAIR_ID, C.IMAGE_PATH, C.CAPTION))
-    return pl.concat(frames, how="vertical_relaxed") if frames else None
+            scan = pl.scan_parquet(files)
+            try:
+                names = scan.collect_schema().names()
+            except Exception:  # noqa: BLE001 - an input replaced by something unreadable: shown without it
+                continue
+            frames.append(scan.select([c for c in _JOINED if c in names]))
+    return pl.concat(frames, how="diagonal_relaxed") if frames else None
 
 
-def open_table(path: str | Path) -> TableSource:
+def _input_runs(sidecar: dict[str, Any] | None) -> list[ScoreDir]:
+    """The score runs of the selection's inputs (where their image roots are recorded)."""
+    runs = [score_run_of(item["path"]) for item in _input_items(sidecar) if isinstance(item.get("path"), str)]
+    return [r for r in runs if r is not None]
+
+
+def _is_drop_table(schema: pl.Schema) -> bool:
+    return all(c in schema for c in DROP_COLUMNS) and C.IMAGE_PATH not in schema
+
+
+def open_table(path: str | Path, image_root: Path | None = None) -> TableSource:
     """Find and open (lazily) the table at ``path``, with a manifest's sidecar and dropped rows.
 
     Args:
-        path: a score run directory, its ``scores/`` directory, a Parquet file or a manifest.
+        path: a score run directory, its ``scores/`` directory, a Parquet file, a manifest or
+            a drop table (``X.dropped.parquet``).
+        image_root: the directory the table's images must lie in; ``None``: the root its score
+            runs recorded.
 
     Returns:
         A :class:`TableSource`.
@@ -231,6 +349,8 @@ def open_table(path: str | Path) -> TableSource:
         schema = scan.collect_schema()
     except Exception as exc:  # noqa: BLE001 - polars raises several types for unreadable files
         raise TbpsError(f"cannot read as Parquet: {exc}", path=path) from None
+    if path.is_file() and _is_drop_table(schema):
+        return _open_drop_table(path, scan, image_root)
     missing = [c for c in REQUIRED if c not in schema]
     if missing:
         raise TbpsError(
@@ -248,7 +368,28 @@ def open_table(path: str | Path) -> TableSource:
     if path.is_dir() and run.scores.is_dir() and not run.is_complete():
         kind += f" (run incomplete: no {run.record.name} yet)"  # a run still scoring can be inspected
     inputs = _input_rows(sidecar) if dropped is not None else None
-    return TableSource(path=path, rows=scan, kind=kind, sidecar=sidecar, dropped=dropped, inputs=inputs)
+    runs = _input_runs(sidecar) if sidecar is not None else [r for r in [score_run_of(path.resolve())] if r is not None]
+    kept = scan.select(C.PAIR_ID) if dropped is not None else None
+    return TableSource(path=path, rows=scan, kind=kind, sidecar=sidecar, dropped=dropped, inputs=inputs,
+                       roots=ImageRoots(image_root, runs), kept=kept)
+
+
+def _open_drop_table(path: Path, scan: pl.LazyFrame, image_root: Path | None) -> TableSource:
+    """A drop table with what its manifest's provenance leads to: the sidecar, the input score rows, the kept rows."""
+    stem = path.name[: -len(DROPPED_SUFFIX)] if path.name.endswith(DROPPED_SUFFIX) else path.stem
+    manifest = path.with_name(stem + ".parquet")
+    sidecar = _sidecar_for(manifest)
+    kept = None
+    if manifest.is_file():
+        try:
+            kept = pl.scan_parquet(manifest)
+            kept = kept.select(C.PAIR_ID) if C.PAIR_ID in kept.collect_schema() else None
+        except Exception:  # noqa: BLE001 - an unreadable manifest: fates are not known, the drops still show
+            kept = None
+    return TableSource(
+        path=path, rows=scan, kind="drop table", sidecar=sidecar, dropped=scan, inputs=_input_rows(sidecar),
+        roots=ImageRoots(image_root, _input_runs(sidecar)), kept=kept,
+    )
 
 
 def thresholds_from_sidecar(sidecar: dict[str, Any] | None) -> list[Threshold]:
@@ -326,20 +467,27 @@ def _bin_index(s: pl.Series, edges: list[float]) -> pl.Series:
     return pl.Series(np.clip(idx, 0, len(edges) - 2).astype("int64"))
 
 
-def summarize(source: TableSource, *, top: int = 10, bins: int = BINS) -> TableReport:
+def summarize(source: TableSource, *, top: int = 10, bins: int = BINS, reason: str | None = None, step: str | None = None) -> TableReport:
     """Summarise a score table or manifest (Polars aggregations over the lazy rows).
 
     Args:
         source: the table as opened by :func:`open_table`.
         top: rows at each end by score, and sample rows per drop reason.
         bins: bins of the score histogram (the bank-rank histogram uses powers of two).
+        reason, step: show only the manifest's dropped rows with this reason / of this step.
 
     Returns:
         A :class:`TableReport`.
 
     Raises:
-        TbpsError: the table has no rows.
+        TbpsError: the table has no rows, or a filter matches no dropped row.
+        UsageError: a filter on a table without dropped rows, or a drop table (see :func:`inspect_dropped`).
     """
+    if source.kind == "drop table":
+        raise UsageError("a drop table is summarised by inspect_dropped, not summarize", value=str(source.path))
+    if (reason is not None or step is not None) and source.dropped is None:
+        raise UsageError("--reason and --step filter dropped rows: give a manifest (with its X.dropped.parquet) or a drop table",
+                         value=str(source.path))
     lf = source.rows
     schema = lf.collect_schema()
     status_counts = dict(lf.group_by(C.STATUS).len().sort("len", descending=True).collect().iter_rows())
@@ -377,7 +525,10 @@ def summarize(source: TableSource, *, top: int = 10, bins: int = BINS) -> TableR
         .sort("rows", descending=True)
         .collect()
     )
-    dropped = _dropped_groups(source, top) if source.dropped is not None else None
+    dropped = None
+    if source.dropped is not None:
+        drops = _filtered(source.dropped, reason, step, source.path)
+        dropped = _drop_groups(drops, source, top, by_step=False)
     return TableReport(
         path=str(source.path),
         kind=source.kind,
@@ -391,31 +542,142 @@ def summarize(source: TableSource, *, top: int = 10, bins: int = BINS) -> TableR
         sources=sources,
         dropped=dropped,
         sidecar=source.sidecar,
+        roots=source.roots,
     )
 
 
-def _dropped_groups(source: TableSource, top: int) -> dict[str, tuple[int, pl.DataFrame]]:
-    """Dropped rows per reason: the count and the ``top`` highest-scored rows, with image and caption."""
+_DUPLICATE_GROUP = f"{REASON_DUPLICATE}<pair_id>"
+_GROUP = "group"
+
+
+def _reason_group() -> pl.Expr:
     # duplicate-of:<pair_id> names each original: one group for all of them.
-    reason = pl.col(C.REASON).str.replace(r"^duplicate-of:.*", "duplicate-of:<pair_id>").alias("group")
-    drops = source.dropped.with_columns(reason)
-    counts = drops.group_by("group").len().sort(["len", "group"], descending=[True, False]).collect()
+    return pl.col(C.REASON).str.replace(r"^duplicate-of:.*", _DUPLICATE_GROUP).alias(_GROUP)
+
+
+def _filtered(drops: pl.LazyFrame, reason: str | None, step: str | None, path: Path) -> pl.LazyFrame:
+    """The dropped rows with ``reason`` (``duplicate-of`` for every duplicate) and of ``step``; a filter matching nothing is an error."""
+    for value, column, option in ((reason, C.REASON, "--reason"), (step, C.STEP, "--step")):
+        if value is None:
+            continue
+        if column == C.REASON and value.rstrip(":") in (REASON_DUPLICATE.rstrip(":"), _DUPLICATE_GROUP):
+            cond = pl.col(C.REASON).str.starts_with(REASON_DUPLICATE)
+        else:
+            cond = pl.col(column) == value
+        if drops.filter(cond).select(pl.len()).collect().item() == 0:
+            present = drops.select(_reason_group() if column == C.REASON else pl.col(column)).unique().collect().to_series().drop_nulls()
+            raise TbpsError(
+                f"no dropped row has {column} {value!r}", path=path, field=option, value=value,
+                hint=f"the {column}s here: {', '.join(sorted(map(str, present))) or '(none)'}",
+            )
+        drops = drops.filter(cond)
+    return drops
+
+
+def _drop_groups(drops: pl.LazyFrame, source: TableSource, top: int, *, by_step: bool) -> dict[str, tuple[int, pl.DataFrame]]:
+    """Dropped rows per reason (or per step and reason): the count and the ``top`` highest-scored rows.
+
+    Each sample row gets its image path and caption from the selection's input score rows, and a
+    duplicate its original (see :func:`_with_originals`).
+    """
+    drops = drops.with_columns(_reason_group())
+    keys = [C.STEP, _GROUP] if by_step else [_GROUP]
+    counts = drops.group_by(keys).len().sort(["len", *keys], descending=[True] + [False] * len(keys)).collect()
     dschema = drops.collect_schema()
     groups = {}
-    for group, n in counts.iter_rows():
-        sample = drops.filter(pl.col("group") == group)
+    for row in counts.iter_rows(named=True):
+        sample = drops.filter(pl.all_horizontal([pl.col(k) == row[k] for k in keys]))
         if C.SCORE in dschema:
             # Borderline cases first: the best-scored rows the selection still dropped.
             sample = sample.sort([C.SCORE, C.PAIR_ID], descending=[True, False], nulls_last=True)
-        sample = sample.head(top).collect()
-        if source.inputs is not None and C.IMAGE_PATH not in sample.columns:
-            found = source.inputs.filter(pl.col(C.PAIR_ID).is_in(sample.get_column(C.PAIR_ID).to_list())).unique(C.PAIR_ID).collect()
-            sample = sample.join(found, on=C.PAIR_ID, how="left", maintain_order="left")
-        for col in (C.IMAGE_PATH, C.CAPTION):
-            if col not in sample.columns:
-                sample = sample.with_columns(pl.lit(None, dtype=pl.String).alias(col))
-        groups[str(group)] = (int(n), sample)
+        sample = _joined(sample.head(top).collect(), source)
+        if row[_GROUP] == _DUPLICATE_GROUP:
+            sample = _with_originals(sample, source)
+        name = f"{row[C.STEP]}: {row[_GROUP]}" if by_step and row[C.STEP] != row[_GROUP] else str(row[_GROUP])
+        groups[name] = (int(row["len"]), sample)
     return groups
+
+
+def _joined(sample: pl.DataFrame, source: TableSource) -> pl.DataFrame:
+    """Dropped rows with the columns the drop table lacks (image path, caption, ...) from the input score rows."""
+    if source.inputs is not None:
+        missing = [c for c in _JOINED if c not in sample.columns and c in source.inputs.collect_schema()]
+        if missing:
+            found = (
+                source.inputs.select(C.PAIR_ID, *missing).filter(pl.col(C.PAIR_ID).is_in(sample.get_column(C.PAIR_ID).to_list()))
+                .unique(C.PAIR_ID, keep="first", maintain_order=True).collect()
+            )
+            sample = sample.join(found, on=C.PAIR_ID, how="left", maintain_order="left")
+    for col in (C.IMAGE_PATH, C.CAPTION):
+        if col not in sample.columns:
+            sample = sample.with_columns(pl.lit(None, dtype=pl.String).alias(col))
+    return sample
+
+
+def _with_originals(sample: pl.DataFrame, source: TableSource) -> pl.DataFrame:
+    """Duplicate rows with their original: its id, image path, caption, score, and what became of it."""
+    original = sample.get_column(C.REASON).str.strip_prefix(REASON_DUPLICATE)
+    ids = original.to_list()
+    info: dict[str, dict[str, Any]] = {}
+    if source.inputs is not None:
+        have = source.inputs.collect_schema()
+        cols = [c for c in ORIGINAL_COLUMNS if c in have]
+        for r in source.inputs.select(C.PAIR_ID, *cols).filter(pl.col(C.PAIR_ID).is_in(ids)).collect().iter_rows(named=True):
+            info.setdefault(r[C.PAIR_ID], r)
+    kept = set()
+    if source.kept is not None:
+        kept = set(source.kept.filter(pl.col(C.PAIR_ID).is_in(ids)).select(C.PAIR_ID).collect().to_series().to_list())
+    later = {}
+    if source.dropped is not None:
+        for r in source.dropped.filter(pl.col(C.PAIR_ID).is_in(ids)).select(C.PAIR_ID, C.STEP, C.REASON).collect().iter_rows(named=True):
+            later.setdefault(r[C.PAIR_ID], f"dropped later: {r[C.REASON]} ({r[C.STEP]})")
+    # Every input row is kept or dropped: an original the drop table lacks is kept (checked against the manifest when it is here).
+    fate = [later.get(i) or ("kept" if source.kept is None or i in kept else "not found") for i in ids]
+    extra = [pl.Series(ORIGINAL, ids, dtype=pl.String), pl.Series(ORIGINAL_FATE, fate, dtype=pl.String)]
+    for col, name in ORIGINAL_COLUMNS.items():
+        dtype = pl.Float64 if col == C.SCORE else pl.String
+        extra.append(pl.Series(name, [info.get(i, {}).get(col) for i in ids], dtype=dtype))
+    return sample.with_columns(extra)
+
+
+def inspect_dropped(source: TableSource, *, top: int = 10, reason: str | None = None, step: str | None = None) -> DropReport:
+    """Summarise a drop table: rows per step and reason, and the highest-scored rows of each, joined back.
+
+    Args:
+        source: a drop table as opened by :func:`open_table` (``kind == "drop table"``).
+        top: sample rows per step and reason.
+        reason: only rows with this reason (``duplicate-of`` for every duplicate).
+        step: only rows of this selection step.
+
+    Returns:
+        A :class:`DropReport`.
+
+    Raises:
+        TbpsError: the table has no rows, or a filter matches none.
+    """
+    drops = source.rows
+    rows = drops.select(pl.len()).collect().item()
+    if rows == 0:
+        raise TbpsError("the drop table is empty: the selection dropped no row", path=source.path)
+    by_step = (
+        drops.with_columns(_reason_group()).group_by(C.STEP, _GROUP).len()
+        .sort(["len", C.STEP, _GROUP], descending=[True, False, False]).rename({_GROUP: C.REASON, "len": "rows"}).collect()
+    )
+    shown = _filtered(drops, reason, step, source.path)
+    groups = _drop_groups(shown, source, top, by_step=True)
+    filters = " ".join(f"{o} {v}" for o, v in (("--step", step), ("--reason", reason)) if v is not None)
+    manifest = source.path.with_name(source.path.name[: -len(DROPPED_SUFFIX)] + ".parquet") if source.path.name.endswith(DROPPED_SUFFIX) else None
+    if source.inputs is not None:
+        provenance = f"joined with the {len(_input_items(source.sidecar))} score table(s) its manifest's sidecar names"
+    elif source.sidecar is not None:
+        provenance = "the score tables its manifest's sidecar names are gone: rows shown without captions or pictures"
+    else:
+        provenance = "no manifest sidecar (X.json) beside it: rows shown without captions or pictures"
+    return DropReport(
+        path=str(source.path), manifest=str(manifest) if manifest is not None and manifest.is_file() else None, rows=int(rows),
+        shown_rows=sum(n for n, _ in groups.values()), filters=filters, by_step=by_step, groups=groups,
+        joined=source.inputs is not None, provenance=provenance, roots=source.roots,
+    )
 
 
 # --------------------------------------------------------------------------- page
@@ -430,9 +692,12 @@ def render_html(report: TableReport) -> str:
     Returns:
         The HTML document as text.
     """
+    roots, roots_from = report.roots.get()
+    resolvers = [ImageResolver(r) for r in roots]  # one per page: each caches the directories it has listed
     sections = []
     overview = [("rows", report.rows)] + [(f"status {k}", v) for k, v in report.status_counts.items()]
     overview += [("selection", th.label) for th in report.thresholds]
+    overview.append(("image root", f"{', '.join(roots) or '-'} ({roots_from})"))
     sections.append("<h2>Overview</h2>" + grid_table(["", "value"], overview))
     cols = list(report.quantiles)
     sections.append(
@@ -444,38 +709,74 @@ def render_html(report: TableReport) -> str:
     sections.append(
         f"<h2>Lowest scored pairs ({report.bottom.height})</h2>"
         "<p>The pairs the model finds least consistent: candidates for removal.</p>"
-        + contact_sheet(report.bottom.to_dicts())
+        + contact_sheet(report.bottom.to_dicts(), roots=resolvers)
     )
-    sections.append(f"<h2>Highest scored pairs ({report.top.height})</h2>" + contact_sheet(report.top.to_dicts()))
+    sections.append(f"<h2>Highest scored pairs ({report.top.height})</h2>" + contact_sheet(report.top.to_dicts(), roots=resolvers))
     src = report.sources
     sections.append("<h2>Per source</h2>" + grid_table(src.columns, src.iter_rows()))
     if report.dropped is not None:
         total = sum(n for n, _ in report.dropped.values())
         drops = [f"<h2>Dropped by the selection ({total:,} rows)</h2>"]
         drops.append(grid_table(["reason", "rows"], [(r, n) for r, (n, _) in report.dropped.items()]))
-        for reason, (n, sample) in report.dropped.items():
-            drops.append(
-                f"<h3>{esc(reason)}: {n:,} rows (showing {sample.height}, highest scores first)</h3>"
-                + contact_sheet(sample.to_dicts(), fields=(C.SCORE, C.BANK_RANK, C.REASON))
-            )
+        drops.extend(_group_section(reason, n, sample, resolvers) for reason, (n, sample) in report.dropped.items())
         sections.append("".join(drops))
     subtitle = f"{report.kind} · {report.rows:,} rows · {report.ok_rows:,} ok"
     return page(f"tbps inspect: {Path(report.path).name}", f"{report.path} · {subtitle}", "".join(sections))
 
 
-def run_inspect(config: InspectConfig) -> TableReport:
+def _group_section(name: str, n: int, sample: pl.DataFrame, roots: list[ImageResolver]) -> str:
+    """One group of dropped rows: a contact sheet, or for duplicates each row beside its original."""
+    head = f"<h3>{esc(name)}: {n:,} rows (showing {sample.height}, highest scores first)</h3>"
+    if ORIGINAL not in sample.columns:
+        return head + contact_sheet(sample.to_dicts(), fields=(C.SCORE, C.BANK_RANK, C.REASON), roots=roots)
+    pairs = []
+    for row in sample.to_dicts():
+        original = {C.PAIR_ID: row[ORIGINAL], C.REASON: row[ORIGINAL_FATE], **{col: row[name] for col, name in ORIGINAL_COLUMNS.items()}}
+        pairs.append((row, original))
+    return head + pair_sheet(pairs, fields=(C.SCORE, C.REASON), labels=("dropped", "original"), roots=roots)
+
+
+def render_dropped_html(report: DropReport) -> str:
+    """The ``tbps inspect X.dropped.parquet --html`` page of a :class:`DropReport`.
+
+    Args:
+        report: the summary to show.
+
+    Returns:
+        The HTML document as text.
+    """
+    roots, roots_from = report.roots.get()
+    overview = [("dropped rows", report.rows), ("shown", f"{report.shown_rows:,} ({report.filters or 'no filter'})"),
+                ("manifest", report.manifest or "-"), ("rows joined", report.provenance),
+                ("image root", f"{', '.join(roots) or '-'} ({roots_from})")]
+    sections = ["<h2>Overview</h2>" + grid_table(["", "value"], overview)]
+    sections.append("<h2>Dropped rows by step and reason</h2>" + grid_table(report.by_step.columns, report.by_step.iter_rows()))
+    resolvers = [ImageResolver(r) for r in roots]
+    sections.extend(_group_section(name, n, sample, resolvers) for name, (n, sample) in report.groups.items())
+    subtitle = f"drop table · {report.rows:,} rows" + (f" · {report.filters}" if report.filters else "")
+    return page(f"tbps inspect: {Path(report.path).name}", f"{report.path} · {subtitle}", "".join(sections))
+
+
+def run_inspect(config: InspectConfig) -> TableReport | DropReport:
     """Open, summarise and (with ``config.html``) write the HTML report of a table.
 
     Args:
         config: the resolved :class:`InspectConfig`.
 
     Returns:
-        The :class:`TableReport` (the CLI prints it with :func:`tbps.terminal.inspect_report`).
+        The :class:`TableReport`, or for a drop table the :class:`DropReport` (the CLI prints
+        either with :func:`tbps.terminal.inspect_report`).
 
     Raises:
-        TbpsError: not a score table or manifest, or an empty one.
+        TbpsError: not a score table, manifest or drop table, an empty one, or a filter matching nothing.
     """
-    report = summarize(open_table(config.table), top=config.top, bins=config.bins)
-    if config.html is not None:
-        write_html(config.html, render_html(report))
+    source = open_table(config.table, image_root=config.image_root)
+    if source.kind == "drop table":
+        report: TableReport | DropReport = inspect_dropped(source, top=config.top, reason=config.reason, step=config.step)
+        text = render_dropped_html(report) if config.html is not None else None
+    else:
+        report = summarize(source, top=config.top, bins=config.bins, reason=config.reason, step=config.step)
+        text = render_html(report) if config.html is not None else None
+    if text is not None:
+        write_html(config.html, text)
     return report

@@ -19,7 +19,7 @@ import os
 import posixpath
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from tbps.columns import STATUS_BAD_RECORD, STATUS_OK, STATUS_PATH_OUTSIDE_ROOT
 
@@ -161,3 +161,27 @@ def resolve_image(root: Path, relative: str) -> tuple[str | None, str, str | Non
         ``(absolute resolved path or None, status, error or None)``.
     """
     return ImageResolver(root).resolve(relative)
+
+
+def resolve_in_roots(path: str | None, resolvers: Sequence[ImageResolver]) -> tuple[str | None, str | None, str, str | None]:
+    """Resolve an image path a table names inside the first of several image roots that holds it.
+
+    For tables that carry resolved paths (score tables, manifests) from one or more score runs:
+    the path must resolve inside one of their roots, exactly as a reader would resolve it.
+
+    Args:
+        path: the path as the table holds it (absolute, or relative to a root).
+        resolvers: one per image root; none means no root is known and nothing is accepted.
+
+    Returns:
+        ``(resolved path or None, the root that accepted it or None, status, error or None)``.
+    """
+    if not resolvers:
+        return None, None, STATUS_PATH_OUTSIDE_ROOT, "no image root: the table's score run is not found (pass --image-root)"
+    first = None
+    for resolver in resolvers:
+        real, status, error = resolver.resolve(path)
+        if status == STATUS_OK:
+            return real, resolver.root, status, None
+        first = first or (status, error)
+    return None, None, first[0], first[1]

@@ -40,7 +40,7 @@ from typing import Any
 
 import polars as pl
 
-from tbps.columns import CAPTION, IMAGE_PATH, PAIR_ID, PERSON_ID, SOURCE, SPLIT, STATUS
+from tbps.columns import CAPTION, IMAGE_PATH, PAIR_ID, PERSON_ID, SOURCE, SPLIT, STATUS, STATUS_OK
 from tbps.data.formats import FORMATS
 from tbps.data.formats.base import COLUMN_OPTIONS, DIRECTORY, FILE, NO_PERSON_IDS, Format, Peek, check_exists
 from tbps.data.options import ReaderOptions

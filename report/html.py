@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 from tbps import columns as C
 from tbps.data.images import open_image
+from tbps.data.paths import ImageResolver, resolve_in_roots
 from tbps.files import write_text
 
 
@@ -61,6 +62,8 @@ table.grid th{background:#f0f0f0}
 .card .num{font-weight:600}
 .card .cap{color:#333;max-height:6.2em;overflow:hidden}
 .card .id{color:#999;font-size:10px;word-break:break-all}
+.card .label{color:#666;font-size:10px;text-transform:uppercase;text-align:center;margin-bottom:2px}
+.pair{display:flex;gap:2px;padding:3px;border:1px dashed #bbb;border-radius:4px}
 td.good{color:#1a7f37;font-weight:600} td.bad{color:#cf222e;font-weight:600} td.neutral{color:#9a6700}
 td.strong{font-weight:700;background:#eef4ff}
 .banner{padding:8px 12px;border-radius:4px;margin:10px 0;border:1px solid #ddd;background:#fff}
@@ -86,17 +89,28 @@ def esc(value: Any) -> str:
     return "" if value is None else html.escape(str(value), quote=True)
 
 
-def thumbnail_uri(path: str | None, size: tuple[int, int] = THUMB_SIZE) -> tuple[str | None, str | None]:
+def thumbnail_uri(
+    path: str | None, size: tuple[int, int] = THUMB_SIZE, roots: Sequence[ImageResolver] | None = None
+) -> tuple[str | None, str | None]:
     """A base64 JPEG ``data:`` URI of an image, shrunk to fit ``size``.
 
     Args:
         path: the image file.
         size: (width, height) bound of the thumbnail.
+        roots: a resolver per image root the file must lie in: the path is resolved as the
+            readers resolve it (:func:`tbps.data.paths.resolve_in_roots`) and checked again when
+            it is opened; an empty list accepts nothing. ``None``: the path is opened as given
+            (it came from a reader, already resolved).
 
     Returns:
         (uri, None) when the image decoded, else (None, the reason).
     """
-    res = open_image(path)
+    root = None
+    if roots is not None:
+        path, root, status, error = resolve_in_roots(path, roots)
+        if path is None:
+            return None, f"{status}: {error}"
+    res = open_image(path, root=root)
     if not res.ok:
         return None, f"{res.status}: {res.error}"
     im = res.image.copy()
@@ -106,9 +120,15 @@ def thumbnail_uri(path: str | None, size: tuple[int, int] = THUMB_SIZE) -> tuple
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
 
 
-def card(row: dict[str, Any], fields: Iterable[tuple[str, Any]]) -> str:
-    """One contact-sheet card: thumbnail, the given numbers, the caption and the pair id."""
-    uri, why = thumbnail_uri(row.get(C.IMAGE_PATH))
+def card(
+    row: dict[str, Any], fields: Iterable[tuple[str, Any]], roots: Sequence[ImageResolver] | None = None, label: str | None = None
+) -> str:
+    """One contact-sheet card: thumbnail, the given numbers, the caption and the pair id.
+
+    ``roots``: a resolver per image root the picture must lie in (see :func:`thumbnail_uri`); ``label``: a
+    word above the picture (``dropped`` / ``original`` in a pair).
+    """
+    uri, why = thumbnail_uri(row.get(C.IMAGE_PATH), roots=roots)
     pic = (
         f'<img src="{uri}" alt="{esc(Path(str(row.get(C.IMAGE_PATH))).name)}">'
         if uri
@@ -116,8 +136,9 @@ def card(row: dict[str, Any], fields: Iterable[tuple[str, Any]]) -> str:
     )
     nums = " · ".join((f"{esc(k)} " if k else "") + f'<span class="num">{esc(_num(v))}</span>' for k, v in fields)
     ident = row.get(C.PAIR_ID) or Path(str(row.get(C.IMAGE_PATH))).name
+    top = f'<div class="label">{esc(label)}</div>' if label else ""
     return (
-        f'<div class="card">{pic}<div>{nums}</div>'
+        f'<div class="card">{top}{pic}<div>{nums}</div>'
         f'<div class="cap" title="{esc(row.get(C.CAPTION))}">{esc(row.get(C.CAPTION))}</div>'
         f'<div class="id">{esc(ident)}</div></div>'
     )
@@ -133,13 +154,46 @@ def _num(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def contact_sheet(rows: list[dict[str, Any]], fields: tuple[str, ...] = (C.SCORE, C.BANK_RANK)) -> str:
-    """A wrap of cards, one per row, each showing ``fields`` (score, rank) above the caption."""
+_FIELD_LABELS = {C.SCORE: "score", C.BANK_RANK: "rank", C.REASON: ""}
+
+
+def contact_sheet(
+    rows: list[dict[str, Any]], fields: tuple[str, ...] = (C.SCORE, C.BANK_RANK), roots: Sequence[ImageResolver] | None = None
+) -> str:
+    """A wrap of cards, one per row, each showing ``fields`` (score, rank) above the caption.
+
+    ``roots``: a resolver per image root the pictures must lie in (see :func:`thumbnail_uri`).
+    """
     if not rows:
         return "<p>(none)</p>"
-    labels = {C.SCORE: "score", C.BANK_RANK: "rank", C.REASON: ""}
-    cards = [card(r, [(labels.get(f, f), r.get(f)) for f in fields if f in r]) for r in rows]
+    cards = [card(r, [(_FIELD_LABELS.get(f, f), r.get(f)) for f in fields if f in r], roots=roots) for r in rows]
     return '<div class="sheet">' + "".join(cards) + "</div>"
+
+
+def pair_sheet(
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]],
+    fields: tuple[str, ...] = (C.SCORE, C.REASON),
+    labels: tuple[str, str] = ("dropped", "original"),
+    roots: Sequence[ImageResolver] | None = None,
+) -> str:
+    """Cards two by two: each row beside the row it is compared with (a duplicate and its original).
+
+    Args:
+        pairs: (row, other row) dicts with the card columns.
+        fields: the numbers / words shown on each card.
+        labels: the word above each of the two cards.
+        roots: a resolver per image root the pictures must lie in (see :func:`thumbnail_uri`).
+
+    Returns:
+        The HTML of the sheet.
+    """
+    if not pairs:
+        return "<p>(none)</p>"
+    cells = []
+    for pair in pairs:
+        cards = [card(r, [(_FIELD_LABELS.get(f, f), r.get(f)) for f in fields if f in r], roots=roots, label=label) for r, label in zip(pair, labels)]
+        cells.append('<div class="pair">' + "".join(cards) + "</div>")
+    return '<div class="sheet">' + "".join(cells) + "</div>"
 
 
 class Styled(NamedTuple):

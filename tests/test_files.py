@@ -9,13 +9,17 @@ import stat
 import subprocess
 import sys
 
+import polars as pl
 import pytest
 
+from tbps import columns as C
 from tbps.curate.layout import list_parts, part_name
+from tbps.errors import TbpsError
 from tbps.files import (
     HASH_ALGO,
     HOST_TAG,
     TEMP_SUFFIX,
+    append_text,
     atomic_dir,
     atomic_write,
     content_hash,
@@ -113,3 +117,123 @@ def test_directory_readers_skip_temps(tmp_path):
     (tmp_path / f".{part_name(1)}.{os.getpid()}.abcd{TEMP_SUFFIX}").write_bytes(b"x")
     assert [p.name for p in list_parts(tmp_path)] == [part_name(0)]
     assert is_temp(f".{part_name(1)}.1.a{TEMP_SUFFIX}") and not is_temp(part_name(1))
+
+
+def test_a_planted_symlink_at_the_target_or_at_this_process_s_temp_prefix_is_replaced_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.json").symlink_to(victim)  # planted at the target itself
+    for rand in ("00000000", "abcdefgh", "zzzzzzzz"):  # at this process's exact temp prefix
+        (out / f".y.json.{HOST_TAG}.{os.getpid()}.{rand}{TEMP_SUFFIX}").symlink_to(victim)
+    write_json(out / "x.json", {"ok": 1})
+    write_json(out / "y.json", {"ok": 2})
+    assert victim.read_text() == "precious"
+    assert not (out / "x.json").is_symlink() and json.loads((out / "x.json").read_text()) == {"ok": 1}
+    (out / "ckpt").symlink_to(tmp_path, target_is_directory=True)  # a planted link where a directory is written
+    with atomic_dir(out / "ckpt") as tmp:
+        (tmp / "w").write_text("new")
+    assert not (out / "ckpt").is_symlink() and (out / "ckpt" / "w").read_text() == "new" and victim.read_text() == "precious"
+
+
+def test_sweeping_never_restores_from_a_planted_aside_link(tmp_path):
+    attacker = tmp_path / "attacker"
+    (attacker / "last").mkdir(parents=True)
+    (attacker / "last" / "trainer.pt").write_text("not yours")
+    run = tmp_path / "run"
+    run.mkdir()
+    planted = run / f".last.old.{HOST_TAG}.{_dead_pid()}.abcdefgh{TEMP_SUFFIX}"
+    planted.symlink_to(attacker, target_is_directory=True)
+    sweep_temps(run)
+    assert not (run / "last").exists() and not planted.is_symlink()  # the link is removed, nothing moved in
+    assert (attacker / "last" / "trainer.pt").read_text() == "not yours"
+
+
+# A child that may write at most 4,096 bytes per file, with SIGXFSZ ignored so a bigger write fails with EFBIG:
+# the same path through tbps.files as a full disk, deterministic and without a mount.
+_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+sys.argv = ["tbps", *sys.argv[1:]]
+"""
+
+
+def _limited(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _LIMITED + code, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_write_past_a_size_limit_is_one_line_and_leaves_the_old_file(tmp_path):
+    target = tmp_path / "big.bin"
+    target.write_bytes(b"old")
+    code = (
+        "from tbps.files import write_bytes, atomic_write, DiskFullError\n"
+        "import numpy as np\n"
+        "def numpy_save():\n"
+        "    with atomic_write(sys.argv[1]) as fh:\n"
+        "        np.save(fh, np.zeros(100_000))\n"
+        "for name, write in (('bytes', lambda: write_bytes(sys.argv[1], b'x' * 100_000)), ('numpy', numpy_save)):\n"
+        "    try:\n"
+        "        write()\n"
+        "    except DiskFullError as exc:\n"
+        "        print(name, exc)\n"
+    )
+    res = _limited(code, str(target))
+    lines = res.stdout.splitlines()
+    assert res.returncode == 0 and not res.stderr, res.stderr
+    assert len(lines) == 2 and all("the file is larger than the file system or the process's file-size limit allows" in ln for ln in lines)
+    assert f"{target}: cannot write" in lines[0] and "run the same command again" in lines[0]
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]
+
+
+def test_the_cli_says_one_line_when_a_write_hits_the_limit(tmp_path):
+    rows = [{C.PAIR_ID: f"{k}:0", C.IMAGE_PATH: f"/x/{k:05d}.jpg", C.CAPTION: f"a caption number {k} " * 4, C.PERSON_ID: str(k),
+             C.SOURCE: "s", C.IMAGE_HASH: f"{k:032x}", C.SCORE: k / 1000, C.BANK_RANK: k, C.BANK_PERCENTILE: 0.0, C.TRUNCATED: False,
+             C.STATUS: C.STATUS_OK, C.ERROR: None} for k in range(2000)]
+    (tmp_path / "scores").mkdir()
+    pl.DataFrame(rows, schema=C.polars_schema(C.SCORE_SCHEMA)).write_parquet(tmp_path / "scores" / "part-000000.parquet")
+    out = tmp_path / "m" / "sel.parquet"
+    res = _limited("from tbps.cli import main\nmain()", "select", str(tmp_path / "scores"), "--out", str(out), "--quiet")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "file-size limit" in lines[0], res.stderr
+    assert not out.exists() and not [p for p in out.parent.iterdir() if is_temp(p)]
+
+
+def test_a_full_disk_inside_a_directory_write_names_the_directory(tmp_path):
+    code = (
+        "from tbps.files import atomic_dir, write_bytes, DiskFullError\n"
+        "try:\n"
+        "    with atomic_dir(sys.argv[1]) as tmp:\n"
+        "        write_bytes(tmp / 'weights.bin', b'x' * 100_000)\n"
+        "except DiskFullError as exc:\n"
+        "    print(exc)\n"
+    )
+    res = _limited(code, str(tmp_path / "ckpt"))
+    assert res.returncode == 0 and not res.stderr, res.stderr
+    assert res.stdout.startswith(f"{tmp_path / 'ckpt'}: cannot write") and TEMP_SUFFIX not in res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_append_text_adds_whole_lines_refuses_a_link_and_cuts_back_a_write_that_did_not_fit(tmp_path):
+    log = tmp_path / "log.jsonl"
+    append_text(log, '{"step": 1}\n')
+    append_text(log, '{"step": 2}\n')
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "planted.jsonl").symlink_to(victim)
+    with pytest.raises(TbpsError, match="does not write through links"):
+        append_text(tmp_path / "planted.jsonl", "x\n")
+    assert victim.read_text() == "precious"
+    code = (
+        "from tbps.files import append_text, DiskFullError\n"
+        "try:\n"
+        "    append_text(sys.argv[1], 'y' * 10_000 + '\\n')\n"
+        "except DiskFullError as exc:\n"
+        "    print(exc)\n"
+    )
+    res = _limited(code, str(log))
+    assert res.returncode == 0 and f"{log}: cannot write" in res.stdout, res.stderr
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'  # no part of the line that did not fit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -17,8 +18,11 @@ from tbps.columns import (
     STATUS_EMPTY_FILE,
     STATUS_MISSING_IMAGE,
     STATUS_OK,
+    STATUS_PATH_OUTSIDE_ROOT,
 )
+from tbps.data import images
 from tbps.data.images import open_image
+from tbps.data.paths import ImageResolver
 from tbps.files import content_hash as hash_bytes
 
 
@@ -219,10 +223,6 @@ def test_none_path_and_bad_limit(tmp_path):
 
 
 def test_a_fifo_a_device_a_huge_file_and_a_nul_byte_are_statuses_not_hangs(tmp_path):
-    import os
-
-    from tbps.data import images
-
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
     res = open_image(str(fifo))
@@ -236,3 +236,55 @@ def test_a_fifo_a_device_a_huge_file_and_a_nul_byte_are_statuses_not_hangs(tmp_p
     assert res.image is None and res.status == "bad-image" and "above the" in res.error
     res = open_image(str(tmp_path / "a\x00b.jpg"))
     assert res.image is None and res.status == "bad-image"
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([0, 100, 255, 17], [0, 100, 255, 17]),  # 16-bit storage of 8-bit values: kept, not divided by 257 into black
+        ([0, 4095, 2048, 16], [0, 255, 128, 1]),  # 12-bit values: divided by 4095 / 255
+        ([0, 65535, 32896, 257], [0, 255, 128, 1]),  # the full 16-bit range: divided by 257
+    ],
+)
+def test_sixteen_bit_grey_is_scaled_by_the_range_it_uses(tmp_path, values, expected):
+    arr = np.array([values], dtype=np.uint16).repeat(3, axis=0)
+    path = _save(Image.fromarray(arr), tmp_path / "g16.png", "PNG")
+    assert Image.open(path).mode.startswith("I")  # Pillow reads it as a wide greyscale image
+    res = open_image(str(path))
+    assert res.status == STATUS_OK and [res.image.getpixel((x, 0))[0] for x in range(4)] == expected
+
+
+def test_a_float_image_in_zero_to_one_is_not_black(tmp_path):
+    arr = np.array([[0.0, 0.5, 1.0]], dtype=np.float32).repeat(2, axis=0)
+    path = _save(Image.fromarray(arr, mode="F"), tmp_path / "f.tiff", "TIFF")
+    assert [open_image(str(path)).image.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
+
+
+def test_a_symlink_or_a_symlinked_directory_met_when_opening_is_refused_and_not_read(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "d").mkdir(parents=True)
+    outside.mkdir()
+    secret = _save(_noise(seed=5), outside / "secret.png", "PNG")
+    _save(_noise(), root / "d" / "a.png", "PNG")
+    resolver = ImageResolver(root)
+    checked, status, _ = resolver.resolve("d/a.png")  # the dataset is read: the file is inside the root
+    assert status == STATUS_OK and open_image(checked).ok
+    (root / "d" / "a.png").unlink()  # ... and swapped for a link out of the root before it is opened
+    (root / "d" / "a.png").symlink_to(secret)
+    res = open_image(checked)
+    assert res.status == STATUS_PATH_OUTSIDE_ROOT and "symlink" in res.error and res.image_hash is None
+    # A directory on the path swapped for a link: the file is opened, found to be elsewhere, and never read.
+    (root / "d").rename(root / "d-old")
+    (root / "d").symlink_to(outside, target_is_directory=True)
+    (outside / "a.png").write_bytes(secret.read_bytes())
+    res = open_image(checked)
+    assert res.status == STATUS_PATH_OUTSIDE_ROOT and str(outside) in res.error and res.image_hash is None
+    # With a root, a symlink-free path outside it is refused too; inside, it opens.
+    assert open_image(str(secret), root=str(root)).status == STATUS_PATH_OUTSIDE_ROOT
+    assert open_image(str(_save(_noise(), root / "b.png", "PNG")), root=str(root)).ok
+
+
+def test_a_pseudo_file_that_reports_no_size_is_not_read_as_an_image():
+    res = open_image(f"/proc/{os.getpid()}/environ")  # a regular file of size 0 that yields the environment
+    assert res.image is None and res.status == STATUS_BAD_IMAGE and "pseudo-file" in res.error
+    assert open_image("/proc/self/environ").status == STATUS_PATH_OUTSIDE_ROOT  # /proc/self is a symlink

@@ -6,6 +6,7 @@ by CI); without it that test is skipped and says why.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,10 @@ from PIL import Image
 
 from tbps import columns as C
 from tbps.curate.inspect import (
+    ORIGINAL,
+    ORIGINAL_COLUMNS,
+    ORIGINAL_FATE,
+    DropReport,
     InspectConfig,
     open_table,
     render_html,
@@ -29,17 +34,24 @@ from tbps.curate.inspect import (
 from tbps.curate.score import ScoreConfig, run_score
 from tbps.curate.select import SelectConfig
 from tbps.curate.select_io import run_select
-from tbps.errors import TbpsError
+from tbps.errors import TbpsError, UsageError
+from tbps.report import html as report_html
 from tbps.terminal import terminal_histogram
 
-from _eval_world import COLOURS, make_score_table
+from _eval_world import COLOURS, make_score_table, person_image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def recorded_run(root: Path) -> Path:
+    """A score run directory as ``tbps score`` leaves it for inspect: the table and the image root in params.json."""
+    (root / "params.json").write_text(json.dumps({"data": str(root / "pairs.csv"), "image_root": str((root / "imgs").resolve())}))
+    return root
+
+
 @pytest.fixture
 def table(tmp_path) -> Path:
-    return make_score_table(tmp_path / "run")
+    return recorded_run(make_score_table(tmp_path / "run"))
 
 
 def make_manifest(root: Path) -> Path:
@@ -219,3 +231,112 @@ def test_score_select_inspect_on_the_synthetic_world(tmp_path, synth_world, cli)
     assert report.thresholds[0].label == "--max-bank-rank: keep bank_rank <= 8"
     text = page.read_text()
     assert "data:image/jpeg;base64," in text and "keep bank_rank &lt;= 8" in text
+
+
+# --------------------------------------------------------------------------- image roots
+
+
+def _hostile_run(root: Path, outside: Path) -> Path:
+    """A score run whose table names files outside its image root, one good image, and a link out of the root."""
+    secret = person_image(outside / "secret.jpg", COLOURS["purple"], COLOURS["purple"])
+    good = person_image(root / "imgs" / "good.jpg", COLOURS["red"], COLOURS["blue"])
+    (root / "imgs" / "link.jpg").symlink_to(secret)
+    (root / "imgs" / "linkdir").symlink_to(outside, target_is_directory=True)
+    named = [str(good), "/etc/hostname", "/proc/self/environ", "/dev/zero", str(secret), str(root / "imgs" / "link.jpg"),
+             str(root / "imgs" / "linkdir" / "secret.jpg"), str(root / "imgs" / ".." / ".." / "outside" / "secret.jpg")]
+    rows = [{C.PAIR_ID: f"{k}:0", C.IMAGE_PATH: p, C.CAPTION: f"caption {k}", C.PERSON_ID: str(k), C.SOURCE: "x",
+             C.IMAGE_HASH: f"{k:032x}", C.SCORE: 0.9 - 0.1 * k, C.BANK_RANK: k, C.BANK_PERCENTILE: float(k), C.TRUNCATED: False,
+             C.STATUS: C.STATUS_OK, C.ERROR: None} for k, p in enumerate(named)]
+    (root / "scores").mkdir(parents=True)
+    pl.DataFrame(rows, schema=C.polars_schema(C.SCORE_SCHEMA)).write_parquet(root / "scores" / "part-000000.parquet")
+    return recorded_run(root)
+
+
+def test_html_opens_no_file_outside_the_image_root(tmp_path, monkeypatch):
+    run = _hostile_run(tmp_path / "run", tmp_path / "outside")
+    opened = []
+    real = report_html.open_image
+    monkeypatch.setattr(report_html, "open_image", lambda path, *a, **kw: opened.append(path) or real(path, *a, **kw))
+    report = summarize(open_table(run), top=8)
+    assert report.rows == 8 and report.top.height == 8  # the terminal summary keeps every row
+    page = render_html(report)
+    assert page.count("data:image/jpeg;base64,") == 2  # the good image, in the top and the bottom list
+    assert page.count("image unavailable") == 2 * 7 and page.count("path-outside-root") >= 2 * 7
+    root = str((run / "imgs").resolve())
+    assert opened and all(p.startswith(root + "/") for p in opened), opened  # nothing outside was even opened
+    assert f"{root} (recorded by the score run" in page
+
+
+def test_a_table_without_a_known_root_shows_pictures_only_with_image_root(tmp_path, cli):
+    bare = make_score_table(tmp_path / "bare")  # a score table without its run's params.json
+    page = render_html(summarize(open_table(bare), top=3))
+    assert page.count("data:image/jpeg;base64,") == 0 and page.count("no image root") >= 6
+    page = render_html(summarize(open_table(bare, image_root=bare / "imgs"), top=3))
+    assert page.count("data:image/jpeg;base64,") == 6 and "(--image-root)" in page
+    out = tmp_path / "r.html"
+    res = cli("inspect", bare, "--html", out, "--top", "3", "--image-root", bare / "imgs")
+    assert res.exit_code == 0, res.output
+    assert out.read_text().count("data:image/jpeg;base64,") == 6
+    res = cli("inspect", bare, "--image-root", tmp_path / "nope")
+    assert res.exit_code == 1 and "the image root is not a directory" in res.output
+
+
+# --------------------------------------------------------------------------- drop tables
+
+
+@pytest.fixture
+def selection(table, tmp_path) -> Path:
+    """Rows k and k + 6 share a caption (k + 6 scores higher); one row per person; the drop table of that."""
+    out = tmp_path / "sel.parquet"
+    run_select(SelectConfig(scores=(table / "scores",), out=out, dedup="caption", max_per_person=1))
+    return tmp_path / "sel.dropped.parquet"
+
+
+def test_a_drop_table_is_joined_back_and_duplicates_meet_their_originals(selection, table):
+    report = run_inspect(InspectConfig(table=selection, top=10))
+    assert isinstance(report, DropReport) and report.joined and report.manifest.endswith("sel.parquet")
+    # status: the bad image (11); caption duplicates: 0..4 of 6..10; per person (k // 2): 6 (7 is better), 8 (9), 5 (no twin, person 2 has 4 and 5).
+    steps = {(r[C.STEP], r[C.REASON]): r["rows"] for r in report.by_step.iter_rows(named=True)}
+    assert steps == {("status", "status"): 1, ("exact-caption", "duplicate-of:<pair_id>"): 5, ("per-person", "per-person"): 2}
+    assert report.rows == 8 == report.shown_rows
+    dups = report.groups["exact-caption: duplicate-of:<pair_id>"][1]
+    assert dups.get_column(C.CAPTION).to_list() == dups.get_column(ORIGINAL_COLUMNS[C.CAPTION]).to_list()  # each beside its twin
+    pairs = dict(zip(dups.get_column(C.PAIR_ID), dups.get_column(ORIGINAL)))
+    assert pairs == {f"{k}:0": f"{k + 6}:0" for k in range(5)}
+    fates = dict(zip(dups.get_column(ORIGINAL), dups.get_column(ORIGINAL_FATE)))
+    assert fates["7:0"] == "kept" and fates["6:0"] == "dropped later: per-person (per-person)"
+    assert dups.get_column(C.IMAGE_PATH).null_count() == 0 and dups.get_column(ORIGINAL_COLUMNS[C.IMAGE_PATH]).null_count() == 0
+
+
+def test_drop_table_filters_and_its_html(selection, tmp_path, cli):
+    only = run_inspect(InspectConfig(table=selection, reason="duplicate-of"))
+    assert list(only.groups) == ["exact-caption: duplicate-of:<pair_id>"] and only.shown_rows == 5 and only.rows == 8
+    assert list(run_inspect(InspectConfig(table=selection, step="per-person")).groups) == ["per-person"]
+    with pytest.raises(TbpsError, match="no dropped row has reason 'budget'") as err:
+        run_inspect(InspectConfig(table=selection, reason="budget"))
+    assert "duplicate-of:<pair_id>" in str(err.value) and "per-person" in str(err.value)
+    page = tmp_path / "d.html"
+    res = cli("inspect", selection, "--reason", "duplicate-of", "--html", page, "--top", "3", env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert "drop table" in res.stdout and "original is" in res.stdout and "dropped later: per-person" in res.stdout
+    text = page.read_text()
+    assert text.count('class="pair"') == 3 and text.count("data:image/jpeg;base64,") == 6  # 3 rows beside 3 originals
+    res = cli("inspect", selection, "--step", "nope")
+    assert res.exit_code == 1 and "no dropped row has step 'nope'" in res.output
+
+
+def test_manifest_drops_filter_and_a_drop_table_without_provenance(selection, table, tmp_path):
+    manifest = selection.with_name("sel.parquet")
+    report = summarize(open_table(manifest), reason="duplicate-of")
+    assert list(report.dropped) == ["duplicate-of:<pair_id>"] and ORIGINAL in report.dropped["duplicate-of:<pair_id>"][1].columns
+    with pytest.raises(UsageError, match="--reason and --step filter dropped rows"):
+        summarize(open_table(table), reason="status")
+    alone = tmp_path / "alone" / "x.dropped.parquet"  # moved away from its manifest and sidecar
+    alone.parent.mkdir()
+    shutil.copy(selection, alone)
+    report = run_inspect(InspectConfig(table=alone))
+    assert not report.joined and report.rows == 8 and "no manifest sidecar" in report.provenance
+    dups = report.groups["exact-caption: duplicate-of:<pair_id>"][1]
+    assert dups.get_column(C.CAPTION).null_count() == 5
+    fates = dict(zip(dups.get_column(ORIGINAL), dups.get_column(ORIGINAL_FATE)))  # known from the drop table alone
+    assert fates["6:0"] == "dropped later: per-person (per-person)" and fates["7:0"] == "kept"

@@ -18,6 +18,9 @@ from tbps.data.images import open_image
 from tbps.errors import TbpsError
 from tbps.models import load
 
+# One torch thread, as each torchrun process has (OMP_NUM_THREADS=1): the same floats in both runs.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def head_model(tmp_path_factory):
