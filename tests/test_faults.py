@@ -267,7 +267,7 @@ def _weights(directory: Path) -> dict[str, object]:
     return found
 
 
-# The first commit of RUN/run.json: a kill before it leaves an empty run directory (see the xfail test below).
+# The first commit of RUN/run.json: a kill before it leaves an empty run directory (see the test below).
 FIRST_RECORD = ["run/run.json", "replace-after", 1]
 
 
@@ -296,8 +296,6 @@ def test_train_recovers_identically_from_a_kill_at_each_write_and_rename(world, 
     _check_train(result, ref)
 
 
-@pytest.mark.xfail(strict=True, reason="tbps train --resume refuses a run directory a kill left empty (before its first run.json): "
-                   "'cannot resume: not a run directory' (train/loop.py: resume = config.resume and found != 'restarted')")
 def test_train_resumes_after_a_kill_before_its_first_record(world, tmp_path, cli):
     # What a kill at the first temp of run.json leaves (the launcher's ["run/run.json", "temp", 1]): the run directory
     # and a dead process's empty temp. Built here directly: the same state, without a launcher.

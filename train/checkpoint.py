@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tbps.errors import TbpsError
-from tbps.files import atomic_dir, sweep_temps, write_text
+from tbps.files import atomic_dir, is_temp, sweep_temps, write_text
 from tbps.models.adapters import ADAPTER_METHODS, apply_adapters, save_adapters
 from tbps.models.protocol import Encoder
 from tbps.models.itm import MatchingHead
@@ -220,10 +220,12 @@ def recover(run: Path) -> str:
     """
     if not run.is_dir():
         return "empty"
+    had_temps = any(is_temp(p.name) for p in run.iterdir())
     sweep_temps(run)
     names = {p.name for p in run.iterdir()}
     if not names:
-        return "empty"
+        # Only a dead run's temps were there: killed before its first run.json, an unstarted run.
+        return "restarted" if had_temps else "empty"
     if last_is_complete(run):
         return "resumable"
     if _writer_alive(run):
