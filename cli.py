@@ -34,6 +34,8 @@ from tbps.files import as_disk_full
 from tbps.terminal import (
     dataset_summary,
     demo_tables,
+    embedding_score_summary,
+    export_summary,
     inspect_report,
     metrics_table,
     score_summary,
@@ -86,7 +88,7 @@ FormatOpt = typer.Option(None, "--format", help=f"Dataset format, one of {FORMAT
 ImageRootOpt = typer.Option(None, "--image-root", help="Directory the image paths resolve in (default: next to the file).")
 ImageColOpt = typer.Option(None, "--image-col", help="Image path column of a CSV/JSONL/Parquet table.")
 CaptionColOpt = typer.Option(None, "--caption-col", help="Caption column of a CSV/JSONL/Parquet table.")
-IdColOpt = typer.Option(None, "--id-col", help="Person id column of a CSV/JSONL/Parquet table.")
+IdColOpt = typer.Option(None, "--id-col", help="Person id column of a CSV/JSONL/Parquet table (webdataset shards: the .json field).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or logs on stderr.")
 
 
@@ -169,24 +171,27 @@ def score(
     chunk_size: int = typer.Option(16_384, "--chunk-size", help="Pairs per output part (the unit of resume)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/N: score shard i of N (SLURM arrays)."),
     itm: bool = typer.Option(True, "--itm/--no-itm", help="With a model that has an image-text matching head (BLIP, BLIP-2, a run trained with --itm-head): also write each pair's itm_score."),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="A clip-retrieval embeddings dir (img_emb/, text_emb/, metadata/): take each pair's embeddings from it, matched on pair_id or image_path+caption, instead of the forward pass; --model embeds the bank (same width)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Score every pair: image-caption cosine and rank against a reference caption bank (and the ITM match probability, where the model has a head).
 
     Writes OUT/scores/part-*.parquet (one row per input pair), OUT/embeddings/ and OUT/score.json.
+    With --embeddings DIR the pairs' embeddings come from clip-retrieval's files; rows without one are status no-embedding.
 
     Example: tbps score world/pool/pool.json --model tbps-tiny --bank world/benchmark/reid_raw.json --out runs/scores
     """
+    from tbps.curate.embeddings import score_from_embeddings
     from tbps.curate.score import ScoreConfig, run_score
 
     cfg = ScoreConfig(
         data=data, model=model, bank=bank, out=out_dir, format=format, image_root=image_root, image_col=image_col,
         caption_col=caption_col, id_col=id_col, split=split, bank_size=bank_size, bank_split=bank_split, seed=seed, batch_size=batch_size, workers=workers,
-        precision=precision, device=device, chunk_size=chunk_size, shard=shard, itm=itm,
+        precision=precision, device=device, chunk_size=chunk_size, shard=shard, itm=itm, embeddings=embeddings,
     )
     with progress_bar("scoring", quiet=quiet) as update:
-        summary = run_score(cfg, progress=update, log=log_line(quiet))
-    out.print(score_summary(summary))
+        summary = (run_score if embeddings is None else score_from_embeddings)(cfg, progress=update, log=log_line(quiet))
+    out.print(score_summary(summary) if embeddings is None else embedding_score_summary(summary))
 
 
 @app.command(
@@ -203,7 +208,7 @@ def info(
     image_root: Optional[Path] = ImageRootOpt,
     image_col: Optional[str] = ImageColOpt,
     caption_col: Optional[str] = CaptionColOpt,
-    id_col: Optional[str] = typer.Option(None, "--id-col", help="Person id column of a table; 'folder' for an image folder."),
+    id_col: Optional[str] = typer.Option(None, "--id-col", help="Person id column of a table; 'folder' for an image folder; the .json field of webdataset shards."),
     head: int = typer.Option(5, "--head", help="How many first rows to show."),
 ) -> None:
     config = ReadConfig(data=data, format=format, image_root=image_root, image_col=image_col, caption_col=caption_col, id_col=id_col)
@@ -237,13 +242,14 @@ def eval_(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (reproducible), bf16 or auto."),
     rerank: Optional[int] = typer.Option(None, "--rerank", help="Also re-rank each query's ITC top K images by the model's ITM match probability (needs a matching head) and report both."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page: the R@K curve (K = 1..gallery) and each query's first-correct rank."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Text-to-image retrieval (R@1/5/10, mAP, mINP): every test caption queries every test image.
 
     With --rerank K the model's image-text matching head re-orders each query's top K images (APTM's protocol); both rankings are reported.
 
-    Example: tbps eval --model runs/train --data runs/demo-world/benchmark/reid_raw.json --split test
+    Example: tbps eval --model runs/train --data runs/demo-world/benchmark/reid_raw.json --split test --html runs/eval.html
     """
     from tbps.eval.evaluate import EvalConfig, load_records, run_eval
     from tbps.eval.metrics import METRIC_KEYS
@@ -259,13 +265,13 @@ def eval_(
         raise UsageError("give one DATA and --model, or --compare A.json B.json ...", field="DATA / --model")
     cfg = EvalConfig(data=data[0], model=model, split=split, out=out_file, format=format, image_root=image_root, image_col=image_col,
                      caption_col=caption_col, id_col=id_col, batch_size=batch_size, workers=workers, device=device, precision=precision,
-                     rerank=rerank)
+                     rerank=rerank, html=html)
     with progress_bar("evaluating", unit="embeddings", quiet=quiet) as update:
         rec = run_eval(cfg, log=log_line(quiet), progress=update)
     out.print(metrics_table([rec], METRIC_KEYS))
     for line in rec["warnings"]:  # the model trained on the evaluated split: said even with --quiet
         err.print(line, highlight=False, soft_wrap=True)
-    err.print(f"wrote {rec['out']}", highlight=False)
+    err.print(f"wrote {rec['out']}" + (f" and {rec['html']}" if rec.get("html") else ""), highlight=False)
 
 
 @app.command()
@@ -420,6 +426,26 @@ def export(
     else:
         path, identity = (export_run if merge else export_adapters)(run, out_file, checkpoint)
     out.print(f"wrote {path} (run {identity['run']}, {identity['checkpoint']} step {identity['step']}, weights {identity['sha']})", highlight=False)
+
+
+@app.command("export-embeddings")
+def export_embeddings_(
+    score_dir: Path = typer.Argument(..., help="A complete `tbps score` output directory."),
+    out_dir: Path = typer.Option(..., "--out", help="Directory to write: img_emb/, text_emb/, metadata/ (an earlier export there is replaced)."),
+    format: str = typer.Option("clip-retrieval", "--format", help="Layout of the output: clip-retrieval."),
+    rows_per_file: int = typer.Option(1_000_000, "--rows-per-file", help="Embedding rows per partition file (clip-retrieval's default: 1,000,000)."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Write a score run's embeddings as clip-retrieval does: img_emb/img_emb_N.npy, text_emb/text_emb_N.npy (float16, L2-normalised), metadata/metadata_N.parquet, row i the same pair.
+
+    Only ok rows have embeddings; the others are counted in the summary, not written.
+
+    Example: tbps export-embeddings runs/scores --format clip-retrieval --out runs/scores-clip
+    """
+    from tbps.curate.embeddings import ExportEmbeddingsConfig, export_embeddings
+
+    cfg = ExportEmbeddingsConfig(score_dir=score_dir, out=out_dir, format=format, rows_per_file=rows_per_file)
+    out.print(export_summary(export_embeddings(cfg, log=log_line(quiet))))
 
 
 # --- synth (tbps.data.synth) ---------------------------------------------------------------

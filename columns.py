@@ -88,6 +88,10 @@ STATUS_BAD_IMAGE = "bad-image"
 STATUS_DECOMPRESSION_BOMB = "decompression-bomb"
 STATUS_EMPTY_CAPTION = "empty-caption"
 STATUS_BAD_RECORD = "bad-record"
+STATUS_DOWNLOAD_FAILED = "download-failed"  # img2dataset could not download the sample (webdataset shards)
+# Only in a score table made from stored embeddings (``tbps score --embeddings``).
+STATUS_NO_EMBEDDING = "no-embedding"
+STATUS_BAD_EMBEDDING = "bad-embedding"
 
 # Defect kinds in the synthetic pool's truth sidecar.
 DEFECT_NONE = "none"

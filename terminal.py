@@ -28,6 +28,7 @@ from tbps.data.synth import SynthSummary
 from tbps.demo.report import CLAIMS_HEADER, QUICK_NOTE, claim_rows, gate_line, gate_tone, table_cells, verdict_tone
 
 if TYPE_CHECKING:  # annotations only: these modules load torch, which `tbps --help` must not
+    from tbps.curate.embeddings import EmbeddingScoreSummary, ExportSummary
     from tbps.curate.score import ScoreSummary
     from tbps.eval.search import SearchResult
     from tbps.train.loop import TrainResult
@@ -117,6 +118,26 @@ def score_summary(summary: ScoreSummary) -> Table:
     for key, value in [("rows", rows), ("parts", f"{s.parts_total} ({s.parts_done_here} scored here, {s.parts_skipped} resumed)"),
                        ("bank captions", f"{s.bank_size:,}"), ("throughput", f"{s.pairs_per_second:,.1f} pairs/s"),
                        ("complete", str(s.complete))] + [(f"status {k}", f"{v:,}") for k, v in s.status_counts.items()]:
+        table.add_row(key, value)
+    return table
+
+
+def embedding_score_summary(summary: EmbeddingScoreSummary) -> Table:
+    """The table ``tbps score --embeddings`` prints: :func:`score_summary`'s rows and how the stored embeddings matched."""
+    s = summary
+    table = score_summary(s)
+    table.add_row("embeddings", f"{s.embeddings} ({s.embedding_rows:,} rows, matched on {s.match}; {s.embeddings_used:,} used)")
+    if s.duplicate_keys:
+        table.add_row("repeated keys", f"{s.duplicate_keys:,} metadata rows (the first one's embeddings used)")
+    return table
+
+
+def export_summary(summary: ExportSummary) -> Table:
+    """The table ``tbps export-embeddings`` prints: rows written and skipped (by status), partitions, width."""
+    s = summary
+    table = Table(title=f"tbps export-embeddings -> {s.out}", show_header=False)
+    for key, value in [("score rows", f"{s.rows:,}"), ("embeddings written", f"{s.written:,} ({s.dim}-d float16, L2-normalised)"),
+                       ("partitions", f"{s.partitions}")] + [(f"skipped {k}", f"{v:,} (no embedding)") for k, v in s.skipped.items()]:
         table.add_row(key, value)
     return table
 

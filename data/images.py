@@ -28,6 +28,12 @@ path must also lie inside that directory. Only regular files of at most
 :data:`MAX_IMAGE_BYTES` are read, and at most their ``st_size`` bytes (a pseudo-file that
 reports size 0 but yields bytes is refused).
 
+A member of a webdataset tar shard is read the same way (:mod:`tbps.data.shards`): its image
+path is the tar's path and the member's name (``/data/pool/00003.tar/KEY.jpg``); the tar is
+opened and checked as an image file is, and the member's bytes are read at the offset its index
+gives. A member the tar does not hold is ``missing-image``; one cut off by a truncated tar, or
+above the size cap, is ``bad-image``.
+
 Colour modes are converted, not rejected:
 
 - RGBA, LA, PA and palette images with a transparent colour are composited on **white**
@@ -73,6 +79,7 @@ from tbps.columns import (
     STATUS_OK,
     STATUS_PATH_OUTSIDE_ROOT,
 )
+from tbps.data.shards import members_of, split_member
 from tbps.files import content_hash
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -142,6 +149,10 @@ class _NotAnImageFile(Exception):
     """The path names something that must not be read as an image (a FIFO, a device, a huge file)."""
 
 
+class _NoMember(Exception):
+    """A tar shard holds no member of the name a shard member's path gives."""
+
+
 class _Escaped(Exception):
     """The opened file is not the one the path was checked to name (a symlink), or lies outside the root."""
 
@@ -166,13 +177,11 @@ def _opened_path(fd: int, expected: str) -> str:
         return real if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino) else real + " (another file)"
 
 
-def _read_regular_file(path: str, root: str | None = None) -> bytes:
-    """The bytes of a regular file of at most :data:`MAX_IMAGE_BYTES`, opened without following a link.
+def _open_checked(path: str, root: str | None) -> int:
+    """A descriptor of the regular file at ``path``, opened without following a link and checked on the descriptor.
 
-    Opened without blocking (a FIFO would wait for a writer forever) and checked on the open
-    descriptor, so what is checked is what is read: its real path must be the path given (and
-    inside ``root``), its type a regular file, its size under the cap; at most ``st_size`` bytes
-    are read.
+    Its real path must be the path given (and inside ``root``) and its type a regular file; the
+    descriptor is closed when a check fails.
     """
     expected = os.path.abspath(path)
     try:
@@ -181,7 +190,7 @@ def _read_regular_file(path: str, root: str | None = None) -> bytes:
         if exc.errno == errno.ELOOP and os.path.islink(path):
             raise _Escaped(f"is a symlink (to {os.readlink(path)}); image files are opened without following links") from None
         raise
-    with os.fdopen(fd, "rb") as fh:
+    try:
         real = _opened_path(fd, expected)
         if real != expected:
             raise _Escaped(f"leads through a symlink to {real}; image paths are opened only as resolved inside the image root")
@@ -192,6 +201,52 @@ def _read_regular_file(path: str, root: str | None = None) -> bytes:
             raise IsADirectoryError(path)
         if not stat.S_ISREG(st.st_mode):
             raise _NotAnImageFile("not a regular file (a FIFO, socket or device)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_member(tar: str, name: str, root: str | None) -> bytes:
+    """The bytes of image member ``name`` of the tar shard ``tar``: one ``pread`` at its indexed offset.
+
+    The tar is opened and checked as an image file is (no link followed, inside ``root``, a
+    regular file); the member must be a regular image member of at most :data:`MAX_IMAGE_BYTES`
+    whose bytes lie inside the file (a truncated tar cuts its last member off).
+    """
+    fd = _open_checked(tar, root)
+    try:
+        where = members_of(fd).get(name)
+        if where is None:
+            raise _NoMember(f"{tar} holds no member {name!r}")
+        offset, size = where
+        if size > MAX_IMAGE_BYTES:
+            raise _NotAnImageFile(f"{size:,} bytes, above the {MAX_IMAGE_BYTES:,}-byte limit of an image file")
+        data = os.pread(fd, size, offset)
+        if len(data) < size:
+            raise _NotAnImageFile(f"cut off: the tar ends {size - len(data):,} bytes before the end of the member (a truncated tar)")
+        return data
+    finally:
+        os.close(fd)
+
+
+def _read_regular_file(path: str, root: str | None = None) -> bytes:
+    """The bytes of a regular file of at most :data:`MAX_IMAGE_BYTES`, opened without following a link.
+
+    Opened without blocking (a FIFO would wait for a writer forever) and checked on the open
+    descriptor, so what is checked is what is read: its real path must be the path given (and
+    inside ``root``), its type a regular file, its size under the cap; at most ``st_size`` bytes
+    are read.
+    """
+    try:
+        fd = _open_checked(path, root)
+    except NotADirectoryError:
+        member = split_member(path)
+        if member is None:
+            raise
+        return _read_member(*member, root)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
         if st.st_size > MAX_IMAGE_BYTES:
             raise _NotAnImageFile(f"{st.st_size:,} bytes, above the {MAX_IMAGE_BYTES:,}-byte limit of an image file")
         data = fh.read(st.st_size + 1)
@@ -229,6 +284,8 @@ def open_image(path: str | None, max_pixels: int | None = None, *, root: str | N
         data = _read_regular_file(path, None if root is None else os.path.realpath(root))
     except FileNotFoundError:
         return _bad(STATUS_MISSING_IMAGE, f"{path}: no such file")
+    except _NoMember as exc:
+        return _bad(STATUS_MISSING_IMAGE, f"{path}: {exc}")
     except _Escaped as exc:
         return _bad(STATUS_PATH_OUTSIDE_ROOT, f"{path}: {exc}")
     except IsADirectoryError:

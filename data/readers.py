@@ -1,8 +1,9 @@
 """Dataset readers: every supported dataset becomes one pair table with ``PAIR_SCHEMA``.
 
 One call, :func:`read_dataset`, reads any format of the registry
-(:data:`tbps.data.formats.FORMATS`: PEDES-style JSON, csv/jsonl/parquet tables, image folders,
-caption files; each format module documents its fields, ``pair_id`` and default image root)
+(:data:`tbps.data.formats.FORMATS`: webdataset tar shards, PEDES-style JSON, csv/jsonl/parquet
+tables, image folders, caption files; each format module documents its fields, ``pair_id`` and
+default image root)
 into a Polars frame with exactly the columns of :data:`tbps.columns.PAIR_SCHEMA`
 (``pair_id``, ``image_path``, ``caption``, ``person_id``, ``split``, ``source``, ``status``,
 ``error``), one row per caption.
@@ -41,9 +42,10 @@ from typing import Any
 import polars as pl
 
 from tbps.columns import CAPTION, IMAGE_PATH, PAIR_ID, PERSON_ID, SOURCE, SPLIT, STATUS, STATUS_OK
-from tbps.data.formats import FORMATS
+from tbps.data.formats import FORMATS, webdataset
 from tbps.data.formats.base import COLUMN_OPTIONS, DIRECTORY, FILE, NO_PERSON_IDS, Format, Peek, check_exists
 from tbps.data.options import ReaderOptions
+from tbps.data.shards import image_exists
 from tbps.errors import TbpsError, UsageError
 
 
@@ -62,7 +64,7 @@ class ReadConfig(ReaderOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.data = Path(self.data)
-        check_exists(self.data)
+        _check_exists(self.data)
         if self.image_root is not None:
             self.image_root = Path(self.image_root)
             if not self.image_root.is_dir():
@@ -110,9 +112,17 @@ def detect_format(path: Path | str) -> str:
         return _detect(path, Peek(path)).name
 
 
+def _check_exists(path: Path) -> None:
+    """Refuse a dataset path that names nothing: a pattern of tar shards must match one, any other path exist."""
+    if webdataset.shard_pattern(path) is not None:
+        webdataset.check_pattern(path)
+    else:
+        check_exists(path)
+
+
 def _detect(path: Path, peek: Peek) -> Format:
     """The first registered format that recognises the path (JSON records parsed into ``peek``)."""
-    check_exists(path)
+    _check_exists(path)
     for fmt in FORMATS.values():
         if fmt.detect(path, peek):
             return fmt
@@ -300,7 +310,7 @@ class ImageSample:
 
     Attributes:
         checked: paths looked for.
-        found: of them, the regular files that exist.
+        found: of them, the regular files (or members of tar shards) that exist.
         missing_example: one path that does not exist, or None.
         found_elsewhere: a directory under the dataset's folder holding a file of that name
             (where a wrong ``--image-root`` should point instead), or None.
@@ -324,7 +334,7 @@ def sample_images(pairs: pl.DataFrame, data: Path, size: int = IMAGE_SAMPLE) -> 
     if paths.len() == 0 or paths.str.len_chars().max() == 0:
         return ImageSample(0, 0)
     sample = paths.gather_every(max(1, paths.len() // size)).head(size).to_list()
-    missing = [p for p in sample if not Path(p).is_file()]
+    missing = [p for p in sample if not image_exists(p)]
     result = ImageSample(len(sample), len(sample) - len(missing), missing[0] if missing else None)
     if missing:
         found = _find_file(data.parent if data.is_file() else data, Path(missing[0]).name)

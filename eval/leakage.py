@@ -24,6 +24,7 @@ directory (``run.json``), an adapter export (its copy of ``run.json``) or a merg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -37,9 +38,10 @@ from tbps import columns as C
 from tbps.data.images import MAX_IMAGE_BYTES
 from tbps.data.paths import ImageResolver
 from tbps.data.readers import read_dataset
+from tbps.data.shards import member_size, read_member
 from tbps.data.splits import select_split
 from tbps.errors import TbpsError
-from tbps.files import file_hash, hasher
+from tbps.files import content_hash, file_hash, hasher
 from tbps.models.openclip import CHECKPOINT_KEY, read_checkpoint
 from tbps.models.runs import RUN_MARKER
 
@@ -103,6 +105,9 @@ def _digest(path: str) -> str | None:
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except NotADirectoryError:  # a member of a webdataset tar shard: its bytes, read at its offset
+        data = read_member(path, MAX_IMAGE_BYTES)
+        return None if data is None else content_hash(data)
     except (OSError, ValueError):
         return None
     with os.fdopen(fd, "rb") as fh:
@@ -123,6 +128,11 @@ def _sizes(paths: Iterable[str]) -> dict[str, int]:
     for path in paths:
         try:
             st = os.stat(path)
+        except NotADirectoryError:  # a member of a webdataset tar shard
+            with contextlib.suppress(FileNotFoundError):
+                if (size := member_size(path)) is not None:
+                    out[path] = size
+            continue
         except (OSError, ValueError):
             continue
         if stat.S_ISREG(st.st_mode):

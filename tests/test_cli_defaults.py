@@ -19,6 +19,7 @@ import pytest
 import typer
 
 from tbps.cli import app
+from tbps.curate.embeddings import ExportEmbeddingsConfig
 from tbps.curate.inspect import InspectConfig
 from tbps.curate.score import ScoreConfig
 from tbps.curate.select import SelectConfig
@@ -54,6 +55,7 @@ COMMANDS = {
     "synth": Command(SynthConfig, {"out_dir": "out"}),
     "select": Command(SelectConfig, {"out_path": "out"}, frozenset({"quiet", "explain"})),
     "demo": Command(DemoConfig, {"out_dir": "out"}),
+    "export-embeddings": Command(ExportEmbeddingsConfig, {"out_dir": "out"}),
 }
 
 # How cli.py turns an option's value into the config's argument, where it does not pass it as is.

@@ -56,6 +56,7 @@ from tbps.curate.layout import score_run_of
 from tbps.data.images import open_image
 from tbps.data.paths import ImageResolver
 from tbps.data.readers import read_dataset
+from tbps.data.shards import member_size
 from tbps.data.splits import select_split
 from tbps.errors import TbpsError
 
@@ -223,14 +224,16 @@ def image_file_status(path: str | None) -> str:
     if path is None:
         return C.STATUS_MISSING_IMAGE
     try:
-        st = os.stat(path)
+        size = member_size(path)  # a member of a webdataset tar shard (its index, no decoding); None: not one
+        if size is None:
+            size = os.stat(path).st_size
+            if not os.path.isfile(path):
+                return C.STATUS_BAD_IMAGE
     except FileNotFoundError:
         return C.STATUS_MISSING_IMAGE
     except (OSError, ValueError):  # ValueError: a NUL byte (refused earlier by the resolver)
         return C.STATUS_BAD_IMAGE
-    if not os.path.isfile(path):
-        return C.STATUS_BAD_IMAGE
-    return C.STATUS_OK if st.st_size > 0 else C.STATUS_EMPTY_FILE
+    return C.STATUS_OK if size > 0 else C.STATUS_EMPTY_FILE
 
 
 def usable_pairs(frame: pl.DataFrame, source: str, max_missing: float | None) -> tuple[pl.DataFrame, PairReport]:
