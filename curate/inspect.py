@@ -30,8 +30,12 @@ pictures until ``--image-root`` is given.
 
 The summary: row and status counts, quantiles of ``score`` and ``bank_rank`` over the ``ok``
 rows, histograms, the top-k and bottom-k pairs by score, a per-source breakdown and, for a
-manifest, the dropped rows by reason. :func:`render_html` turns it into a self-contained page
-(built from the primitives of :mod:`tbps.report.html`).
+manifest, the dropped rows by reason, and the failed rows (status not ok) with their error (the
+first :data:`FAILED_SHOWN`, the rest counted). :func:`render_html` turns it into a self-contained
+page (built from the primitives of :mod:`tbps.report.html`): the histograms carry every cut the
+sidecar records (``--min-score``, the bank-rank rule, and the cut ``--keep`` / ``--budget``
+amounted to), and a manifest selected with ``--truth`` shows the sidecar's truth metrics and a
+score histogram per defect kind (the truth file read again from the path select recorded).
 """
 
 from __future__ import annotations
@@ -48,10 +52,10 @@ import polars as pl
 
 from tbps import columns as C
 from tbps.curate.layout import PARAMS_FILE, ScoreDir, score_run_of
-from tbps.curate.select import REASON_DUPLICATE
+from tbps.curate.select import REASON_DUPLICATE, SPLIT_STEP
 from tbps.data.paths import ImageResolver
 from tbps.errors import TbpsError, UsageError
-from tbps.report.html import contact_sheet, esc, grid_table, page, pair_sheet, svg_histogram, write_html
+from tbps.report.html import contact_sheet, esc, grid_table, page, pair_sheet, svg_bar_chart, svg_histogram, write_html
 
 # Columns a table must have to be inspected (score tables and manifests both have them).
 REQUIRED = (C.PAIR_ID, C.IMAGE_PATH, C.CAPTION, C.SCORE, C.BANK_RANK, C.STATUS)
@@ -64,6 +68,8 @@ DROPPED_SUFFIX = ".dropped.parquet"
 ORIGINAL = "original"  # the original's pair id
 ORIGINAL_FATE = "original_fate"  # "kept", "dropped later: <reason> (<step>)", or "not found" (in neither table)
 ORIGINAL_COLUMNS = {C.IMAGE_PATH: "original_image_path", C.CAPTION: "original_caption", C.SCORE: "original_score"}
+FAILED_SHOWN = 200  # failed rows listed on the HTML page; the others are counted
+FAILED_COLUMNS = (C.PAIR_ID, C.STATUS, C.ERROR, C.IMAGE_PATH, C.CAPTION)
 
 
 @dataclass
@@ -129,6 +135,26 @@ class Histogram:
     dropped: list[int] | None = None
 
 
+@dataclass
+class TruthView:
+    """What ``tbps select --truth`` measured (the manifest's sidecar ``truth``) and the scores of each defect kind.
+
+    Attributes:
+        metrics: the sidecar's ``truth`` as recorded (:func:`tbps.curate.truth.truth_metrics`).
+        path: the truth file the selection read (the sidecar's ``config.truth``).
+        histograms: the score histogram of each defect kind (``none``: the clean pairs), kept and
+            dropped rows stacked, in the bins of the manifest's score histogram; empty when the
+            truth file is gone.
+        note: why there are no histograms, or ``None``.
+    """
+
+    metrics: dict[str, Any]
+    path: str | None
+    histograms: list[Histogram] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # the defect kind of each histogram
+    note: str | None = None
+
+
 class ImageRoots:
     """Where a table's images may be opened from: ``--image-root``, or the roots its score runs recorded.
 
@@ -184,6 +210,9 @@ class TableReport:
             reasons grouped as one); the samples are the highest-scored dropped rows, the
             borderline cases; ``None`` for a score table.
         sidecar: the manifest's sidecar as read.
+        failed_rows: rows whose status is not ``ok`` (for a manifest: its dropped ones too);
+            ``failed``: the first :data:`FAILED_SHOWN` of them with their status and error.
+        truth: for a manifest selected with ``--truth``, what was measured (:class:`TruthView`).
     """
 
     path: str
@@ -199,6 +228,9 @@ class TableReport:
     dropped: dict[str, tuple[int, pl.DataFrame]] | None = None
     sidecar: dict[str, Any] | None = field(default=None, repr=False)
     roots: ImageRoots = field(default_factory=lambda: ImageRoots(None, []), repr=False)
+    failed_rows: int = 0
+    failed: pl.DataFrame | None = None
+    truth: TruthView | None = None
 
     @property
     def ok_rows(self) -> int:
@@ -396,8 +428,10 @@ def thresholds_from_sidecar(sidecar: dict[str, Any] | None) -> list[Threshold]:
     """The selection cuts a ``tbps select`` sidecar records, as thresholds to draw.
 
     Reads ``resolved.min_score`` (keep ``score >= value``) and ``resolved.bank_rank``
-    (``{"max_bank_rank": k, "option": "--rule paper-pretrain"}``: keep ``bank_rank <= k``);
-    falls back on ``config.min_score`` / ``config.max_bank_rank``.
+    (``{"max_bank_rank": k, "option": "--rule paper-pretrain"}``: keep ``bank_rank <= k``),
+    falling back on ``config.min_score`` / ``config.max_bank_rank``; and the cut ``--keep F`` /
+    ``--budget N`` amounted to, ``resolved.budget`` (``{"by": "score", "score_cutoff": v, ...}``:
+    the last kept row's value of the ``--by`` column, kept ``>= v``, or ``<= v`` for ``bank_rank``).
 
     Args:
         sidecar: the parsed sidecar, or ``None``.
@@ -417,6 +451,15 @@ def thresholds_from_sidecar(sidecar: dict[str, Any] | None) -> list[Threshold]:
     cut, option = (bank.get("max_bank_rank"), bank.get("option")) if isinstance(bank, dict) else (config.get("max_bank_rank"), "--max-bank-rank")
     if _is_number(cut):
         found.append(Threshold(C.BANK_RANK, float(cut), "max", f"{option or 'bank-rank'}: keep bank_rank <= {format_value(float(cut))}"))
+    budget = resolved.get("budget")
+    if isinstance(budget, dict) and isinstance(budget.get("by"), str):
+        by = budget["by"]
+        cutoff = budget.get(f"{by}_cutoff")
+        if _is_number(cutoff):
+            kind, sign = ("max", "<=") if by == C.BANK_RANK else ("min", ">=")
+            size = f"--keep {budget['keep']:g}" if _is_number(budget.get("keep")) else f"--budget {budget.get('budget')}"
+            kept = f" ({budget['rows_kept']:,} rows)" if isinstance(budget.get("rows_kept"), int) else ""
+            found.append(Threshold(by, float(cutoff), kind, f"{size}{kept}: {by} {sign} {format_value(float(cutoff))}"))
     return found
 
 
@@ -529,6 +572,7 @@ def summarize(source: TableSource, *, top: int = 10, bins: int = BINS, reason: s
     if source.dropped is not None:
         drops = _filtered(source.dropped, reason, step, source.path)
         dropped = _drop_groups(drops, source, top, by_step=False)
+    failed_rows, failed = _failed_rows(source)
     return TableReport(
         path=str(source.path),
         kind=source.kind,
@@ -543,7 +587,85 @@ def summarize(source: TableSource, *, top: int = 10, bins: int = BINS, reason: s
         dropped=dropped,
         sidecar=source.sidecar,
         roots=source.roots,
+        failed_rows=failed_rows,
+        failed=failed,
+        truth=_truth_view(source, histograms[0]),
     )
+
+
+def _failed_rows(source: TableSource) -> tuple[int, pl.DataFrame]:
+    """Rows whose status is not ``ok`` (the table's and, for a manifest, the dropped ones): their count and the first :data:`FAILED_SHOWN`.
+
+    A dropped row gets its image path and error from the selection's input score rows (:func:`_joined`).
+    """
+    not_ok = pl.col(C.STATUS).is_not_null() & (pl.col(C.STATUS) != C.STATUS_OK)
+    schema = source.rows.collect_schema()
+    frames = [source.rows.filter(not_ok).select([c for c in FAILED_COLUMNS if c in schema])]
+    if source.dropped is not None and C.STATUS in source.dropped.collect_schema():
+        frames.append(source.dropped.filter(not_ok).select(C.PAIR_ID, C.STATUS))
+    total, shown = 0, []
+    for frame in frames:
+        n = int(frame.select(pl.len()).collect().item())
+        total += n
+        if n and len(shown) < FAILED_SHOWN:
+            sample = _joined(frame.head(FAILED_SHOWN).collect(), source)
+            shown.append(sample.with_columns([pl.lit(None, dtype=pl.String).alias(c) for c in FAILED_COLUMNS if c not in sample.columns]))
+    if not shown:
+        return total, pl.DataFrame(schema={c: pl.String for c in FAILED_COLUMNS})
+    rows = pl.concat([f.select(FAILED_COLUMNS).cast(pl.String) for f in shown]).head(FAILED_SHOWN)
+    return total, rows
+
+
+def _truth_file(recorded: Any, manifest: Path) -> Path | None:
+    """The truth file a selection read: as recorded (relative to where select ran), else beside the manifest."""
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    path = Path(recorded)
+    for candidate in (path, manifest.parent / path, manifest.parent / path.name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _truth_view(source: TableSource, score_hist: Histogram) -> TruthView | None:
+    """The sidecar's truth metrics, and a score histogram per defect kind in ``score_hist``'s bins (``None``: no ``--truth``)."""
+    side = source.sidecar if isinstance(source.sidecar, dict) else {}
+    metrics = side.get("truth")
+    if not isinstance(metrics, dict):
+        return None
+    config = side.get("config") if isinstance(side.get("config"), dict) else {}
+    recorded = config.get("truth")
+    path = _truth_file(recorded, source.path)
+    if path is None:
+        return TruthView(metrics, recorded, note=f"the truth file the selection read ({recorded or 'not recorded'}) is not found: no per-defect histograms")
+    try:
+        truth = pl.scan_parquet(path)
+        missing = [c for c in (C.PAIR_ID, C.DEFECT) if c not in truth.collect_schema()]
+    except Exception as exc:  # noqa: BLE001 - polars raises several types for unreadable files
+        return TruthView(metrics, recorded, note=f"the truth file {path} is not readable ({exc}): no per-defect histograms")
+    if missing:
+        return TruthView(metrics, recorded, note=f"the truth file {path} has no {', '.join(missing)} column: no per-defect histograms")
+    scored = pl.col(C.SCORE).is_not_null() & pl.col(C.SCORE).cast(pl.Float64).is_finite()
+    frames = [source.rows.filter((pl.col(C.STATUS) == C.STATUS_OK) & scored).select(C.PAIR_ID, C.SCORE, pl.lit(False).alias("gone"))]
+    if source.dropped is not None and C.SCORE in source.dropped.collect_schema():
+        # Rows of other splits were never candidates: select's truth metrics leave them out too.
+        in_scope = pl.col(C.STEP).is_null() | (pl.col(C.STEP) != SPLIT_STEP)
+        frames.append(source.dropped.filter(scored & in_scope).select(C.PAIR_ID, C.SCORE, pl.lit(True).alias("gone")))
+    edges, bins = score_hist.edges, len(score_hist.counts)
+    idx = ((pl.col(C.SCORE).cast(pl.Float64) - edges[0]) / ((edges[-1] - edges[0]) or 1.0) * bins).floor().cast(pl.Int64).clip(0, bins - 1)
+    rows = pl.concat([f.with_columns(pl.col(C.SCORE).cast(pl.Float64)) for f in frames]).join(
+        truth.select(pl.col(C.PAIR_ID).cast(pl.String), C.DEFECT), on=C.PAIR_ID, how="inner"
+    )
+    counts = rows.group_by(C.DEFECT, "gone", idx.alias("bin")).len().collect()
+    present = set(counts.get_column(C.DEFECT).drop_nulls().to_list())
+    kinds = [k for k in (C.DEFECT_NONE, *C.DEFECT_KINDS) if k in present] + sorted(present - {C.DEFECT_NONE, *C.DEFECT_KINDS})
+    histograms = []
+    for kind in kinds:
+        kept, gone = [0] * bins, [0] * bins
+        for _, was_dropped, b, n in counts.filter(pl.col(C.DEFECT) == kind).iter_rows():
+            (gone if was_dropped else kept)[int(b)] += int(n)
+        histograms.append(Histogram(C.SCORE, list(edges), kept, False, gone if source.dropped is not None else None))
+    return TruthView(metrics, recorded, histograms, kinds)
 
 
 _DUPLICATE_GROUP = f"{REASON_DUPLICATE}<pair_id>"
@@ -706,6 +828,8 @@ def render_html(report: TableReport) -> str:
     )
     charts = "".join(svg_histogram(h, report.thresholds) for h in report.histograms)
     sections.append(f'<h2>Histograms</h2><div class="charts">{charts}</div>')
+    if report.truth is not None:
+        sections.append(_truth_section(report.truth, report.thresholds))
     sections.append(
         f"<h2>Lowest scored pairs ({report.bottom.height})</h2>"
         "<p>The pairs the model finds least consistent: candidates for removal.</p>"
@@ -720,8 +844,75 @@ def render_html(report: TableReport) -> str:
         drops.append(grid_table(["reason", "rows"], [(r, n) for r, (n, _) in report.dropped.items()]))
         drops.extend(_group_section(reason, n, sample, resolvers) for reason, (n, sample) in report.dropped.items())
         sections.append("".join(drops))
+    if report.failed_rows:
+        sections.append(_failed_section(report.failed_rows, report.failed))
     subtitle = f"{report.kind} · {report.rows:,} rows · {report.ok_rows:,} ok"
     return page(f"tbps inspect: {Path(report.path).name}", f"{report.path} · {subtitle}", "".join(sections))
+
+
+# The truth metrics as tables: (key in the sidecar, column title).
+_OVERALL = (("pairs", "pairs"), ("defective", "defective"), ("removed", "removed"), ("removed_defective", "removed defective"),
+            ("removed_clean", "removed clean"), ("precision", "precision"), ("recall", "recall"), ("unscored", "unscored"),
+            ("auroc_score", "AUROC score"), ("auroc_bank_rank", "AUROC bank_rank"))
+_PER_KIND = (("pairs", "pairs"), ("removed", "removed"), ("recall", "recall"), ("resolved", "resolved"),
+             ("auroc_score", "AUROC score"), ("auroc_bank_rank", "AUROC bank_rank"), ("unscored", "unscored"))
+_PER_STEP = (("removed", "removed"), ("defective", "defective"), ("precision", "precision"))
+
+
+def _truth_section(truth: TruthView, thresholds: list[Threshold]) -> str:
+    """Precision, recall and AUROCs that select measured against the truth, and a score histogram per defect kind."""
+    m = truth.metrics
+    parts = ["<h2>Against the truth (tbps select --truth)</h2>",
+             f'<p class="note">As the selection recorded it in the manifest\'s sidecar; truth file: {esc(truth.path or "-")}. '
+             f"{esc(_count(m.get('matched')))} input rows matched, {esc(_count(m.get('unmatched_rows')))} without a truth entry, "
+             f"{esc(_count(m.get('truth_rows_missing')))} truth rows not in the input.</p>"]
+    overall = m.get("overall") if isinstance(m.get("overall"), dict) else {}
+    parts.append('<div class="truth-overall">' + grid_table(["overall", "value"], [(title, overall.get(key)) for key, title in _OVERALL]) + "</div>")
+    kinds = {k: v for k, v in m.get("kinds", {}).items() if isinstance(v, dict)} if isinstance(m.get("kinds"), dict) else {}
+    relevance = m.get("relevance") if isinstance(m.get("relevance"), dict) else None
+    rows = [[kind, *(v.get(key) for key, _ in _PER_KIND)] for kind, v in kinds.items()]
+    if relevance is not None:
+        rows.append(["all but duplicates", relevance.get("defective"), relevance.get("removed"), relevance.get("recall"), None,
+                     relevance.get("auroc_score"), relevance.get("auroc_bank_rank"), None])
+    parts.append("<h3>Per defect kind</h3>" + '<div class="truth-kinds">' + grid_table(["defect", *(t for _, t in _PER_KIND)], rows) + "</div>")
+    if kinds:
+        bars = [(kind, [v.get("recall"), v.get("auroc_score"), v.get("auroc_bank_rank")]) for kind, v in kinds.items()]
+        parts.append(svg_bar_chart(bars, series=("recall", "AUROC score", "AUROC bank_rank"), title="Recall and AUROC per defect kind",
+                                   value_label="share (recall) / AUROC", reference=(0.5, "AUROC chance"), value_range=(0.0, 1.0),
+                                   width=620, value_format="{:.2f}"))
+    steps = {k: v for k, v in m.get("steps", {}).items() if isinstance(v, dict)} if isinstance(m.get("steps"), dict) else {}
+    if steps:
+        parts.append("<h3>Per selection step</h3>" + '<div class="truth-steps">'
+                     + grid_table(["step", *(t for _, t in _PER_STEP)], [[name, *(v.get(key) for key, _ in _PER_STEP)] for name, v in steps.items()])
+                     + "</div>")
+    parts.append("<h3>Score per defect kind</h3>")
+    if truth.note:
+        parts.append(f'<p class="note">{esc(truth.note)}</p>')
+    charts = []
+    for kind, hist in zip(truth.kinds, truth.histograms):
+        n, gone = sum(hist.counts) + sum(hist.dropped or []), sum(hist.dropped or [])
+        name = "none (clean)" if kind == C.DEFECT_NONE else kind
+        title = f"{name}: {n:,} pairs" + (f", {gone:,} dropped" if hist.dropped is not None else "")
+        charts.append(f'<div class="defect" data-defect="{esc(kind)}">'
+                      + svg_histogram(hist, thresholds, width=440, height=190, title=title, unit="pairs") + "</div>")
+    if charts:
+        parts.append('<p class="note">The bins of the score histogram above; kept rows below, dropped rows stacked on them.</p>'
+                     f'<div class="charts">{"".join(charts)}</div>')
+    return "".join(parts)
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "-"
+
+
+def _failed_section(total: int, failed: pl.DataFrame | None) -> str:
+    """The rows that failed (status not ok) with their error: the first :data:`FAILED_SHOWN`, the rest counted."""
+    shown = failed if failed is not None else pl.DataFrame()
+    rest = total - shown.height
+    more = f'<p class="note">… and {rest:,} more not listed (the first {shown.height:,} are).</p>' if rest > 0 else ""
+    rows = [[r.get(C.PAIR_ID), r.get(C.STATUS), r.get(C.ERROR) or "-", r.get(C.IMAGE_PATH) or "-"] for r in shown.iter_rows(named=True)]
+    return (f"<h2>Failed rows ({total:,})</h2><p>Rows whose status is not ok: never scored, never kept.</p>"
+            + '<div class="wide left failed">' + grid_table(["pair_id", "status", "error", "image_path"], rows) + "</div>" + more)
 
 
 def _group_section(name: str, n: int, sample: pl.DataFrame, roots: list[ImageResolver]) -> str:

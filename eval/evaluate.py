@@ -33,6 +33,11 @@ run is still there), the training data its run recorded is compared with the eva
 printed on stderr), what could not be checked a note (logged), and both are stored under
 ``training_overlap``.
 
+``tbps eval --html FILE`` also writes a self-contained page (:func:`render_eval_html`): the R@K
+curve for K = 1..gallery (:func:`recall_curve`, from each query's first-correct rank), the histogram
+of those ranks in power-of-two bins and the queries ranked worst; the JSON record names the page
+(``html``) and keeps only the aggregate metrics.
+
 The JSON record of a run holds the metrics, the model identity, a content hash of the
 evaluated data (captions, person ids and the image files' bytes), the counts and the config;
 ``tbps eval --compare`` reads several (:func:`load_records`) and prints them side by side
@@ -68,6 +73,7 @@ from tbps.models import load
 from tbps.models.device import autocast_dtype, check_precision, resolve_device
 from tbps.models.encode import encode_images, encode_texts, iter_image_batches, pair_scores, place
 from tbps.provenance import record
+from tbps.report.html import grid_table, page, power_of_two_bins, svg_histogram, svg_line_chart, write_html
 
 
 @dataclass(kw_only=True)
@@ -93,6 +99,8 @@ class EvalConfig(ReaderOptions):
         rerank: re-rank each query's ITC top ``rerank`` images by the model's ITM match
             probability and report both rankings' metrics; ``None``: ITC only. The model needs
             an image-text matching head.
+        html: also write a self-contained HTML page (:func:`render_eval_html`): the R@K curve
+            for K = 1..gallery size and the histogram of each query's first-correct rank.
     """
 
     data: Path
@@ -106,12 +114,17 @@ class EvalConfig(ReaderOptions):
     chunk_size: int | None = None
     seed: int = 0
     rerank: int | None = None
+    html: Path | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.data = Path(self.data)
         if self.out is not None:
             self.out = Path(self.out)
+        if self.html is not None:
+            self.html = Path(self.html)
+            if self.html.is_dir():
+                raise TbpsError("--html names a directory; give the page's file name", path=self.html, field="--html")
         if not str(self.model).strip():
             raise UsageError("--model must name a model", field="model", value=self.model)
         if self.batch_size < 1:
@@ -454,9 +467,11 @@ def run_eval(
         precision=config.precision,
         chunk_size=config.chunk_size,
         rerank=config.rerank,
+        per_query=config.html is not None,
         log=log,
         progress=progress,
     )
+    per_query = result.pop("per_query", None)  # for the page only: the record keeps the aggregate metrics
     result["counts"]["rows_other_splits"] = pairs.height - rows.height
     rec = record(
         config,
@@ -470,8 +485,94 @@ def run_eval(
     if config.out is not None and Path(path).exists() and log:
         log(f"replacing the existing record {path} (--out names it)")
     rec["out"] = str(path)
+    if config.html is not None:
+        rec["html"] = str(config.html)
     write_json(path, rec)
+    if config.html is not None:
+        write_html(config.html, render_eval_html(rec, per_query))
     return rec
+
+
+CURVE_POINTS = 400  # K values drawn on the R@K curve (every K up to 100, then spread on the log axis)
+WORST_SHOWN = 20  # queries listed whose first correct image ranks lowest
+
+
+def recall_curve(first_rank: np.ndarray, evaluated: np.ndarray, gallery: int) -> list[tuple[int, float]]:
+    """R@K in percent for K = 1..``gallery``: the share of evaluated queries whose first match ranks K or better.
+
+    Args:
+        first_rank: each query's 1-based rank of its first match (0 when skipped).
+        evaluated: whether each query was evaluated (it has a match in the gallery).
+        gallery: the gallery size (the largest K).
+
+    Returns:
+        ``(K, R@K)`` at every K up to 100 and at about :data:`CURVE_POINTS` K spread evenly on a
+        log scale above it, the last at K = ``gallery`` (100%); empty when no query was evaluated.
+    """
+    ranks = np.asarray(first_rank, dtype=np.int64)[np.asarray(evaluated, dtype=bool)]
+    if ranks.size == 0 or gallery < 1:
+        return []
+    hits = np.cumsum(np.bincount(np.clip(ranks, 1, gallery), minlength=gallery + 1)[1:])  # hits[K-1]: queries found by K
+    ks = np.unique(np.concatenate([np.arange(1, min(gallery, 100) + 1),
+                                   np.geomspace(1, gallery, CURVE_POINTS).round().astype(np.int64), [gallery]]))
+    return [(int(k), 100.0 * float(hits[k - 1]) / ranks.size) for k in ks]
+
+
+def render_eval_html(rec: dict[str, Any], per_query: dict[str, Any] | None) -> str:
+    """The ``tbps eval --html`` page: the metrics, the R@K curve and the histogram of first-correct ranks.
+
+    Args:
+        rec: the eval record (:func:`run_eval`'s return: ``metrics``, ``counts``, ``model``, ``data``, optional ``reranked``).
+        per_query: :func:`evaluate`'s ``per_query`` (``first_rank``, ``evaluated``, ``caption``, ...), or ``None``.
+
+    Returns:
+        The HTML document as text.
+    """
+    metrics, counts = rec["metrics"], rec.get("counts", {})
+    gallery = int(metrics.get("gallery", 0))
+    rankings = {"ITC": metrics}
+    if isinstance(rec.get("reranked"), dict):
+        rankings[f"ITC + ITM re-rank (top {rec['reranked'].get('k')})"] = rec["reranked"]["metrics"]
+    rows = [[name, *(f"{m[k]:.2f}" if isinstance(m.get(k), (int, float)) else "-" for k in METRIC_KEYS), m.get("queries"),
+             m.get("queries_without_match"), m.get("gallery")] for name, m in rankings.items()]
+    sections = ["<h2>Metrics (%)</h2>" + grid_table(["ranking", *METRIC_KEYS, "queries", "without a match", "gallery"], rows)]
+    skipped = counts.get("rows_skipped") or {}
+    accounted = [("rows", counts.get("rows")), ("rows of other splits", counts.get("rows_other_splits")),
+                 *((f"rows skipped: {k}", v) for k, v in skipped.items()),
+                 ("rows without a person id", counts.get("rows_without_person_id")), ("queries", counts.get("queries_total")),
+                 ("gallery images", counts.get("images_total")),
+                 *((f"images failed: {k}", v) for k, v in (counts.get("images_failed") or {}).items())]
+    sections.append("<h3>Rows</h3>" + grid_table(["", "count"], accounted))
+    if per_query is None:
+        sections.append('<p class="note">No per-query ranks: the curves are not drawn.</p>')
+        return page(_eval_title(rec), _eval_subtitle(rec), "".join(sections))
+    ranks = {"ITC": (per_query["first_rank"], per_query["evaluated"])}
+    if isinstance(per_query.get("reranked"), dict):
+        ranks[next(iter(list(rankings)[1:]), "re-ranked")] = (per_query["reranked"]["first_rank"], per_query["reranked"]["evaluated"])
+    curves = {name: recall_curve(r, e, gallery) for name, (r, e) in ranks.items()}
+    chart = svg_line_chart(curves, "K (log scale)", "R@K (%)", title=f"R@K, K = 1..{gallery:,}", width=620, height=300,
+                           y_range=(0.0, 100.0), log_x=True, dots=False, step=True, show_legend=len(curves) > 1)
+    hists = [
+        svg_histogram(power_of_two_bins(np.asarray(r)[np.asarray(e, dtype=bool)], "first_rank", last=gallery), width=520, height=300,
+                      title=f"Rank of the first correct image · {name}", x_label="rank (power-of-two bins: 1, 2-3, 4-7, ...)", unit="queries")
+        for name, (r, e) in ranks.items()
+    ]
+    sections.append('<h2>Curves</h2><div class="charts">' + chart + "".join(hists) + "</div>")
+    first = np.asarray(per_query["first_rank"])
+    order = [i for i in np.argsort(-first, kind="stable")[:WORST_SHOWN] if per_query["evaluated"][i]]
+    worst = [[per_query["pair_id"][i], per_query["person_id"][i], per_query["caption"][i], int(first[i])] for i in order]
+    sections.append(f"<h2>Hardest queries ({len(worst)})</h2><p>The queries whose first correct image ranks lowest (ITC).</p>"
+                    + '<div class="wide left">' + grid_table(["pair_id", "person_id", "caption", "first correct rank"], worst) + "</div>")
+    return page(_eval_title(rec), _eval_subtitle(rec), "".join(sections))
+
+
+def _eval_title(rec: dict[str, Any]) -> str:
+    return f"tbps eval: {rec.get('model', {}).get('name', '-')}"
+
+
+def _eval_subtitle(rec: dict[str, Any]) -> str:
+    data = rec.get("data", {})
+    return f"{data.get('path', '-')} · split {data.get('split') or 'all rows'} · record {rec.get('out', '-')}"
 
 
 def default_out(config: EvalConfig, split: str | None) -> Path:

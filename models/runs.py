@@ -49,6 +49,7 @@ RUN_MARKER = "run.json"
 LOG_FILE = "log.jsonl"
 CSV_LOG_FILE = "log.csv"  # --log-to csv
 TENSORBOARD_DIR = "tensorboard"  # --log-to tensorboard
+REPORT_FILE = "report.html"  # the run's curves (tbps.train.report)
 LAST = "last"
 BEST = "best"
 TRAINER_FILE = "trainer.pt"

@@ -16,8 +16,11 @@ import base64
 import html
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Protocol, Sequence
+
+import numpy as np
 
 from tbps import columns as C
 from tbps.data.images import open_image
@@ -41,6 +44,40 @@ class Cut(Protocol):
     column: str
     value: float
     label: str
+
+
+@dataclass
+class Counts:
+    """A histogram a page bins itself (it satisfies :class:`Bins`), e.g. :func:`power_of_two_bins`."""
+
+    column: str
+    edges: list[float]
+    counts: list[int]
+    log: bool = False
+    dropped: list[int] | None = None
+
+
+def power_of_two_bins(values: Sequence[int] | Any, column: str, first: int = 1, last: int | None = None) -> Counts:
+    """Whole numbers >= ``first`` counted in bins ``[1, 2), [2, 4), [4, 8), ...`` (ranks: 1 and the small ones stand apart).
+
+    Args:
+        values: the numbers (a list or a numpy array); those below ``first`` are left out.
+        column: the histogram's name.
+        first: the lowest value counted (1 for 1-based ranks).
+        last: the largest value possible (the bins reach past it); by default the largest given.
+
+    Returns:
+        A :class:`Counts` with ``log=True``.
+    """
+    arr = np.asarray(values, dtype=np.int64).reshape(-1)
+    arr = arr[arr >= first]
+    top = max(int(arr.max()) if arr.size else first, last or first, first)
+    edges = [float(first)]
+    while edges[-1] <= top:
+        edges.append(edges[-1] * 2 if edges[-1] > 0 else 1.0)
+    idx = np.searchsorted(np.asarray(edges), arr, side="right") - 1
+    counts = np.bincount(idx, minlength=len(edges) - 1)[: len(edges) - 1]
+    return Counts(column, edges, [int(c) for c in counts], log=True)
 
 
 THUMB_SIZE = (64, 128)  # (width, height): pedestrian crops are about 1:2 to 1:3
@@ -217,76 +254,141 @@ def grid_table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
     return f'<table class="grid"><tr>{head}</tr>{body}</table>'
 
 
-def svg_histogram(hist: Bins, thresholds: Iterable[Cut] = (), width: int = 520, height: int = 220) -> str:
+def svg_histogram(
+    hist: Bins,
+    thresholds: Iterable[Cut] = (),
+    width: int = 520,
+    height: int = 220,
+    title: str | None = None,
+    x_label: str | None = None,
+    unit: str = "rows",
+) -> str:
     """An inline SVG bar chart of a histogram, each threshold on its column as a red dashed line.
 
     Args:
         hist: the histogram (edges, counts, ``log`` for power-of-two bins drawn at equal width,
             ``dropped`` stacked above the kept counts when not ``None``).
-        thresholds: the cuts to draw; those on another column are skipped.
+        thresholds: the cuts to draw; those on another column are skipped. Each line carries
+            ``class="cut"``, ``data-column`` and ``data-value`` (what a test or a script reads).
         width, height: the chart size in pixels.
+        title: the chart's title; by default the column, its binning and "ok rows".
+        x_label: the x axis' title; by default the column.
+        unit: what a bar counts, in its tooltip and the y axis' title (without ``dropped``).
 
     Returns:
         The ``<svg>`` element as text.
     """
     mine = [t for t in thresholds if t.column == hist.column]
-    left, right, top, bottom = 48, 12, 28 + 13 * len(mine), 40
-    pw, ph = width - left - right, height - top - bottom
     n = len(hist.counts)
     dropped = hist.dropped or [0] * n
-    peak = max((k + d for k, d in zip(hist.counts, dropped)), default=0) or 1
+    most = max((k + d for k, d in zip(hist.counts, dropped)), default=0) or 1
+    # Counts are whole: never a tick at half a row.
+    yt = [t for t in nice_ticks(0.0, float(most), count=min(4, most)) if float(t).is_integer()]
+    peak = yt[-1]
+    left = max(48, 22 + _CHAR_W * max(len(_count_tick(t)) for t in yt))
+    right, top, bottom = 20, 28 + 13 * len(mine), 40  # room for the last tick's label
+    pw, ph = width - left - right, height - top - bottom
     bw = pw / max(n, 1)
-    legend = (
-        f'<rect x="{width - 150}" y="6" width="10" height="10" fill="#4a7bb7"/><text x="{width - 136}" y="15" font-size="11">kept</text>'
-        f'<rect x="{width - 100}" y="6" width="10" height="10" fill="#f0a04b"/><text x="{width - 86}" y="15" font-size="11">dropped</text>'
-        if hist.dropped is not None
-        else ""
-    )
+    heading = title if title is not None else f"{hist.column}{' (log2 bins)' if hist.log else ''} · ok rows"
+    legend = ""
+    if hist.dropped is not None:
+        # The legend takes the top right corner: the title is shortened to the room left of it.
+        legend = (
+            f'<rect x="{width - 122}" y="6" width="10" height="10" fill="#4a7bb7"/><text x="{width - 108}" y="15" font-size="11">kept</text>'
+            f'<rect x="{width - 72}" y="6" width="10" height="10" fill="#f0a04b"/><text x="{width - 58}" y="15" font-size="11">dropped</text>'
+        )
+    title_room = (width - 130 if legend else width - 4) - 8
     parts = [
         f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="histogram of {esc(hist.column)}">',
-        f'<text x="{left}" y="15" font-size="13" font-weight="600">{esc(hist.column)}'
-        f'{" (log2 bins)" if hist.log else ""} · ok rows</text>{legend}',
+        f'aria-label="histogram of {esc(hist.column)}" style="background:#fff">',
+        f'<text x="8" y="15" font-size="13" font-weight="600">{esc(_fit(heading, title_room, 7.9))}<title>{esc(heading)}</title></text>{legend}',
+    ]
+    for t in yt:
+        y = top + ph - ph * t / peak
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 3.5:.1f}" font-size="10" text-anchor="end">{esc(_count_tick(t))}</text>')
+    parts += [
         f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#888"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#888"/>',
-        f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{peak:,}</text>',
-        f'<text x="{left - 4}" y="{top + ph}" font-size="10" text-anchor="end">0</text>',
+        f'<text x="11" y="{top + ph / 2:.1f}" font-size="11" text-anchor="middle" fill="#555" '
+        f'transform="rotate(-90 11 {top + ph / 2:.1f})">{esc(unit)}</text>',
     ]
     for i, (count, gone) in enumerate(zip(hist.counts, dropped)):
         h, hd = ph * count / peak, ph * gone / peak
         lo, hi = hist.edges[i], hist.edges[i + 1]
         x, w = left + i * bw + 0.5, max(bw - 1, 0.5)
+        what = "kept" if hist.dropped is not None else unit
         # Kept rows at the bottom of the bar, dropped rows stacked above them.
         parts.append(
             f'<rect x="{x:.1f}" y="{top + ph - h:.1f}" width="{w:.1f}" height="{h:.1f}" fill="#4a7bb7">'
-            f"<title>[{_num(lo)}, {_num(hi)}): {count:,} kept</title></rect>"
+            f"<title>[{_num(lo)}, {_num(hi)}): {count:,} {esc(what)}</title></rect>"
         )
         if gone:
             parts.append(
                 f'<rect x="{x:.1f}" y="{top + ph - h - hd:.1f}" width="{w:.1f}" height="{hd:.1f}" fill="#f0a04b">'
                 f"<title>[{_num(lo)}, {_num(hi)}): {gone:,} dropped</title></rect>"
             )
-    ticks = range(0, n + 1, max(1, n // 6)) if not hist.log else range(0, n + 1, max(1, math.ceil(n / 8)))
-    for i in ticks:
-        x = left + i * bw
+    if hist.log:
+        # Power-of-two bins: a label at a bin's left edge, at most every ~44 px so they never run into each other.
+        every = max(1, math.ceil(n / max(1, pw // 44)))
+        ticks = [(left + i * bw, hist.edges[i]) for i in range(0, n + 1, every)]
+    else:
+        lo, hi = hist.edges[0], hist.edges[-1]
+        nice = nice_ticks(lo, hi, count=max(2, min(6, int(pw // 60))))
+        ticks = [(_x_of(hist, t, left, bw), t) for t in nice if lo - 1e-9 <= t <= hi + 1e-9]
+    step = None if hist.log else _step(nice)
+    for x, value in ticks:
         parts.append(f'<line x1="{x:.1f}" y1="{top + ph}" x2="{x:.1f}" y2="{top + ph + 4}" stroke="#888"/>')
-        parts.append(f'<text x="{x:.1f}" y="{top + ph + 16}" font-size="10" text-anchor="middle">{esc(_tick(hist.edges[i]))}</text>')
+        parts.append(f'<text x="{x:.1f}" y="{top + ph + 16}" font-size="10" text-anchor="middle">{esc(_tick(value, step))}</text>')
     for k, threshold in enumerate(mine):
         x = _x_of(hist, threshold.value, left, bw)
         outside = not hist.edges[0] <= threshold.value <= hist.edges[-1]
-        parts.append(f'<line x1="{x:.1f}" y1="{top - 2}" x2="{x:.1f}" y2="{top + ph}" stroke="#d62728" stroke-width="2" stroke-dasharray="5,3"/>')
-        anchor = "start" if x < left + pw * 0.6 else "end"
-        label = threshold.label + (" (outside the range shown)" if outside else "")
         parts.append(
-            f'<text x="{x:.1f}" y="{30 + 13 * k}" font-size="11" fill="#d62728" text-anchor="{anchor}">{esc(label)}</text>'
+            f'<line class="cut" data-column="{esc(threshold.column)}" data-value="{threshold.value!r}" x1="{x:.1f}" y1="{top - 2}" '
+            f'x2="{x:.1f}" y2="{top + ph}" stroke="#d62728" stroke-width="2" stroke-dasharray="5,3"/>'
         )
-    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 6}" font-size="11" text-anchor="middle" fill="#555">{esc(hist.column)}</text>')
+        label = threshold.label + (" (outside the range shown)" if outside else "")
+        # The label runs to the side of the line with more room.
+        anchor = "start" if left + pw - x >= x - 4 else "end"
+        room = (left + pw - x) if anchor == "start" else (x - 4)
+        parts.append(
+            f'<text x="{x + (3 if anchor == "start" else -3):.1f}" y="{30 + 13 * k}" font-size="11" fill="#d62728" '
+            f'text-anchor="{anchor}">{esc(_fit(label, room))}<title>{esc(label)}</title></text>'
+        )
+    parts.append(
+        f'<text x="{left + pw / 2:.1f}" y="{height - 6}" font-size="11" text-anchor="middle" fill="#555">{esc(x_label or hist.column)}</text>'
+    )
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _tick(value: float) -> str:
+def _fit(text: str, room: float, char_w: float = 6.4) -> str:
+    """``text`` cut with an ellipsis to about ``room`` pixels (the full text stays in the element's tooltip)."""
+    most = max(4, int(room / char_w))
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
+def _count_tick(value: float) -> str:
+    """A count on an axis: 950, 9,500, 95k, 9.5M."""
+    v = abs(value)
+    if v < 10_000:
+        return f"{value:,.0f}" if float(value).is_integer() else f"{value:.3g}"
+    if v < 1_000_000:
+        return f"{value / 1000:.3g}k"
+    return f"{value / 1_000_000:.3g}M"
+
+
+def _tick(value: float, step: float | None = None) -> str:
+    """A tick label; with ``step`` (the distance between ticks) as many decimals as the ticks need to differ."""
+    if step is not None and step >= 1e-3 and abs(value) < 1e15:
+        power = math.floor(math.log10(step) + 1e-9)
+        decimals = max(0, -power + (1 if round(step / 10**power, 6) == 2.5 else 0))
+        return f"{value:,.{decimals}f}" if abs(value) >= 1000 else f"{value:.{decimals}f}"
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def _step(ticks: Sequence[float]) -> float | None:
+    return ticks[1] - ticks[0] if len(ticks) > 1 else None
 
 
 def _x_of(hist: Bins, value: float, left: float, bw: float) -> float:
@@ -362,6 +464,49 @@ def _legend(items: Sequence[tuple[str, str]], x0: float, y0: float, width: float
     return "".join(parts), (y - y0 + 16) if items else 0.0
 
 
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks of a log axis covering ``[lo, hi]`` (both > 0): powers of ten, with 2 and 5 between them over a short range.
+
+    Args:
+        lo: the smallest value shown (> 0).
+        hi: the largest value shown.
+
+    Returns:
+        Increasing ticks, the first <= ``lo`` and the last >= ``hi``.
+    """
+    lo, hi = max(lo, 1e-300), max(hi, lo)
+    a, b = math.floor(math.log10(lo) + 1e-9), math.ceil(math.log10(hi) - 1e-9)
+    b = max(b, a + 1)
+    steps = (1, 2, 5) if b - a <= 3 else (1,)
+    ticks = [m * 10.0**e for e in range(a, b + 1) for m in steps]
+    inside = [t for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
+    below = [t for t in ticks if t < lo * (1 - 1e-9)]
+    above = [t for t in ticks if t > hi * (1 + 1e-9)]
+    return ([below[-1]] if below else []) + inside + ([above[0]] if above else [])
+
+
+def thin(points: Sequence[tuple[float, float | None]], most: int = 1000) -> list[tuple[float, float | None]]:
+    """At most about ``most`` points of a series: the means of consecutive buckets (a long run's loss, step by step).
+
+    Args:
+        points: ``(x, y)`` in x order; a ``None`` y is left out of its bucket's mean.
+        most: the number of points kept.
+
+    Returns:
+        The points as given when there are at most ``most``, else one mean point per bucket.
+    """
+    if len(points) <= most:
+        return list(points)
+    out: list[tuple[float, float | None]] = []
+    size = len(points) / most
+    for b in range(most):
+        chunk = points[int(b * size): int((b + 1) * size)]
+        ys = [y for _, y in chunk if y is not None]
+        if chunk:
+            out.append((sum(x for x, _ in chunk) / len(chunk), sum(ys) / len(ys) if ys else None))
+    return out
+
+
 def svg_line_chart(
     series: Mapping[str, Sequence[tuple[float, float | None]]],
     x_label: str,
@@ -371,12 +516,17 @@ def svg_line_chart(
     height: int = 250,
     colours: Mapping[str, str] | None = None,
     y_range: tuple[float, float] | None = None,
+    log_x: bool = False,
+    markers: Sequence[tuple[float, str]] = (),
+    dots: bool | None = None,
+    step: bool = False,
+    show_legend: bool = True,
 ) -> str:
     """An inline SVG line chart of several series, with axis ticks and a legend below the plot.
 
     Args:
         series: label -> points ``(x, y)``, drawn in x order; a ``None`` (or non-finite) y
-            breaks the line. Each point is a dot with its value as a tooltip.
+            breaks the line. Each point is a dot with its value as a tooltip (see ``dots``).
         x_label: the x axis' title.
         y_label: the y axis' title.
         title: the chart's title, above the plot.
@@ -384,49 +534,65 @@ def svg_line_chart(
             rows below as it needs).
         colours: label -> CSS colour; the others take :data:`PALETTE` in order.
         y_range: the y axis' range; by default round ticks around the data.
+        log_x: a log-scale x axis (points with x <= 0 are left out).
+        markers: ``(x, label)`` of dashed vertical lines with their label at the top
+            (``class="marker"``, ``data-x``), e.g. the best checkpoint's step.
+        dots: a dot per point; by default when no series has more than 200 points.
+        step: draw each series as a step function (a cumulative curve such as R@K).
+        show_legend: the legend below the plot (a chart of one series may go without).
 
     Returns:
         The ``<svg>`` element as text.
     """
-    left, right, top, bottom = 52, 14, 26 if title else 10, 40
-    pw, ph = width - left - right, height - top - bottom
     clean = {
-        label: sorted(((float(x), _finite(y)) for x, y in points if _finite(x) is not None), key=lambda p: p[0])
+        label: sorted(((float(x), _finite(y)) for x, y in points if _finite(x) is not None and (not log_x or x > 0)), key=lambda p: p[0])
         for label, points in series.items()
     }
-    xs = [x for pts in clean.values() for x, _ in pts]
+    xs = [x for pts in clean.values() for x, _ in pts] + [float(x) for x, _ in markers if not log_x or x > 0]
     ys = [y for pts in clean.values() for _, y in pts if y is not None]
+    if dots is None:
+        dots = max((len(p) for p in clean.values()), default=0) <= 200
+    yt = (nice_ticks(*y_range) if y_range else nice_ticks(min(ys), max(ys))) if ys else [0.0, 1.0]
+    # The left margin fits the longest y tick label.
+    ystep = _step(yt)
+    left, right, top, bottom = max(52, 26 + _CHAR_W * max(len(_tick(y, ystep)) for y in yt)), 14, 26 if title else 10, 40
+    top += 14 if markers else 0
+    pw, ph = width - left - right, height - top - bottom
     palette = dict(colours or {})
     free = iter(PALETTE * (1 + len(clean) // len(PALETTE)))
     for label in clean:
         if label not in palette:
             palette[label] = next(free)
-    legend, legend_h = _legend([(label, palette[label]) for label in clean], left, height, pw)
+    legend, legend_h = _legend([(label, palette[label]) for label in clean], left, height, pw) if show_legend else ("", 0.0)
     total_h = height + legend_h + (6 if legend_h else 0)
     parts = [
         f'<svg width="{width}" height="{total_h:.0f}" viewBox="0 0 {width} {total_h:.0f}" role="img" '
         f'aria-label="{esc(title or y_label)}" style="background:#fff">',
-        f'<text x="{left}" y="16" font-size="13" font-weight="600">{esc(title)}</text>' if title else "",
+        f'<text x="8" y="16" font-size="13" font-weight="600">{esc(title)}</text>' if title else "",
     ]
     if not ys:
         parts.append(f'<text x="{left + pw / 2:.1f}" y="{top + ph / 2:.1f}" font-size="12" text-anchor="middle" fill="#888">no data</text></svg>')
         return "".join(parts)
-    xt = nice_ticks(min(xs), max(xs))
-    yt = nice_ticks(*y_range) if y_range else nice_ticks(min(ys), max(ys))
+    xt = log_ticks(min(xs), max(xs)) if log_x else nice_ticks(min(xs), max(xs))
     x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
+    fx = math.log10 if log_x else (lambda v: v)
 
     def px(x: float) -> float:
-        return left + pw * (x - x0) / ((x1 - x0) or 1.0)
+        return left + pw * (fx(x) - fx(x0)) / ((fx(x1) - fx(x0)) or 1.0)
 
     def py(y: float) -> float:
         return top + ph - ph * (y - y0) / ((y1 - y0) or 1.0)
 
     for y in yt:
         parts.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + pw}" y2="{py(y):.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{left - 5}" y="{py(y) + 3.5:.1f}" font-size="10" text-anchor="end">{esc(_tick(y))}</text>')
-    for x in xt:
+        parts.append(f'<text x="{left - 5}" y="{py(y) + 3.5:.1f}" font-size="10" text-anchor="end">{esc(_tick(y, ystep))}</text>')
+    xstep = None if log_x else _step(xt)
+    # At most one x tick label every ~40 px (a log axis over many decades, a long linear one).
+    every = max(1, math.ceil(len(xt) / max(1, pw // 40)))
+    for i, x in enumerate(xt):
         parts.append(f'<line x1="{px(x):.1f}" y1="{top + ph}" x2="{px(x):.1f}" y2="{top + ph + 4}" stroke="#888"/>')
-        parts.append(f'<text x="{px(x):.1f}" y="{top + ph + 15}" font-size="10" text-anchor="middle">{esc(_tick(x))}</text>')
+        if i % every == 0:
+            parts.append(f'<text x="{px(x):.1f}" y="{top + ph + 15}" font-size="10" text-anchor="middle">{esc(_tick(x, xstep))}</text>')
     parts += [
         f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#888"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#888"/>',
@@ -434,6 +600,16 @@ def svg_line_chart(
         f'<text x="12" y="{top + ph / 2:.1f}" font-size="11" text-anchor="middle" fill="#555" '
         f'transform="rotate(-90 12 {top + ph / 2:.1f})">{esc(y_label)}</text>',
     ]
+    for x, label in markers:
+        if log_x and x <= 0:
+            continue
+        anchor = "start" if px(x) < left + pw * 0.6 else "end"
+        parts.append(
+            f'<line class="marker" data-x="{float(x)!r}" x1="{px(x):.1f}" y1="{top - 4}" x2="{px(x):.1f}" y2="{top + ph}" '
+            f'stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="4,3"/>'
+            f'<text x="{px(x) + (3 if anchor == "start" else -3):.1f}" y="{top - 6}" font-size="10" fill="#1a7f37" '
+            f'text-anchor="{anchor}">{esc(label)}</text>'
+        )
     for label, points in clean.items():
         colour = esc(palette[label])
         run: list[str] = []
@@ -441,14 +617,21 @@ def svg_line_chart(
         for x, y in [*points, (math.nan, None)]:
             if y is None:
                 if len(run) > 1:
-                    parts.append(f'<polyline points="{" ".join(run)}" fill="none" stroke="{colour}" stroke-width="1.8"/>')
+                    parts.append(f'<polyline class="series" data-label="{esc(label)}" points="{" ".join(run)}" fill="none" '
+                                 f'stroke="{colour}" stroke-width="1.8"/>')
+                elif len(run) == 1 and not dots:
+                    head = run[0].split(",")
+                    parts.append(f'<circle cx="{head[0]}" cy="{head[1]}" r="2.6" fill="{colour}"/>')
                 run = []
                 continue
+            if step and run:
+                run.append(f"{px(x):.1f},{run[-1].split(',')[1]}")  # across at the old value, then up
             run.append(f"{px(x):.1f},{py(y):.1f}")
-            parts.append(
-                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.6" fill="{colour}">'
-                f"<title>{esc(label)}: {esc(x_label)} {esc(_tick(x))}, {esc(y_label)} {esc(_tick(y))}</title></circle>"
-            )
+            if dots:
+                parts.append(
+                    f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.6" fill="{colour}">'
+                    f"<title>{esc(label)}: {esc(x_label)} {esc(_tick(x))}, {esc(y_label)} {esc(_tick(y))}</title></circle>"
+                )
     parts.append(legend)
     parts.append("</svg>")
     return "".join(parts)

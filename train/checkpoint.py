@@ -25,7 +25,9 @@ from tbps.files import atomic_dir, is_temp, sweep_temps, write_text
 from tbps.models.adapters import ADAPTER_METHODS, apply_adapters, save_adapters
 from tbps.models.protocol import Encoder
 from tbps.models.itm import MatchingHead
-from tbps.models.runs import BEST, CHECKPOINT_FILES, CSV_LOG_FILE, LAST, LOG_FILE, RUN_MARKER, TENSORBOARD_DIR, TRAINER_FILE, load_base, save_head
+from tbps.models.runs import (
+    BEST, CHECKPOINT_FILES, CSV_LOG_FILE, LAST, LOG_FILE, REPORT_FILE, RUN_MARKER, TENSORBOARD_DIR, TRAINER_FILE, load_base, save_head,
+)
 
 
 def build_model(
@@ -182,7 +184,7 @@ def last_is_complete(run: Path) -> bool:
 
 
 # A run killed before its first last/ holds only these (its record, log lines, perhaps a best/ of its first validation).
-_UNSTARTED = {RUN_MARKER, LOG_FILE, BEST, CSV_LOG_FILE, TENSORBOARD_DIR}
+_UNSTARTED = {RUN_MARKER, LOG_FILE, BEST, CSV_LOG_FILE, TENSORBOARD_DIR, REPORT_FILE}
 
 
 def _writer_alive(run: Path) -> bool:
