@@ -8,6 +8,9 @@ Run once on a GPU machine. It measures, in one run:
 It prints each figure and writes them as JSON (``--json``) and as the ``score-gpu`` section of
 bench/RESULTS.md.
 
+bench/gpu.py supersedes it for issue #18 (profile, pipeline ratios, speed options, training);
+this script stays as the record of how the score-gpu figures were taken.
+
 Usage: python bench/score_gpu.py [--pairs 20000] [--batch-size 256] [--workers 12] [--json PATH]
 """
 

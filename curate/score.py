@@ -14,6 +14,12 @@ The engine:
 * DataLoader workers decode all images of this process's parts, while the main process runs the
   model on a GPU, or in windows between the forward passes when the model runs on the same CPU
   cores (see ``tbps.models.encode.iter_image_batches``); embeddings never accumulate beyond one part.
+* On a GPU nothing waits for the GPU between batches: image and caption embeddings stay on the
+  device until a part is complete, the bank rank runs there, and each part comes back in one copy.
+  The next part's captions are tokenised, and the last part's tables built and written, in
+  background threads while the model runs (:data:`BACKGROUND`; on a CPU, where those threads
+  would take the model's cores, the same steps run in order in the main thread). The tables are
+  the same bit for bit either way.
 * The bank rank is a chunked matrix product against the bank embeddings, compared in fp32.
 * Each part is written atomically (temporary file, then rename); a re-run skips the parts that
   exist, so a killed run resumes and ends with the table an uninterrupted run writes. A run with
@@ -32,7 +38,9 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -51,7 +59,8 @@ from tbps.errors import TbpsError, UsageError
 from tbps.files import atomic_write, content_hash, sweep_temps, write_json
 from tbps.models import load
 from tbps.models.device import autocast_dtype, barrier, check_precision, distributed
-from tbps.models.encode import TEXT_BATCH, embed_pixels, encode_texts, iter_image_batches, pair_scores
+from tbps.models.encode import TEXT_BATCH, Tokenized, embed_image_batch, encode_texts, encode_tokens, iter_image_batches, pair_scores
+from tbps.models.encode import tokenize_captions
 from tbps.models.encode import place as place_model
 from tbps.models.protocol import Encoder, pair_similarity, similarity
 from tbps.provenance import record
@@ -88,6 +97,8 @@ class ScoreConfig(ReaderOptions):
             every row.
         itm: when the model has an image-text matching head, also score every pair with it
             (``itm_score``); False skips that pass.
+        embeddings: a clip-retrieval embeddings directory to score from instead of the forward
+            pass (``tbps.curate.embeddings.score_from_embeddings`` runs such a config).
     """
 
     data: str
@@ -106,6 +117,7 @@ class ScoreConfig(ReaderOptions):
     shard: str | None = None
     max_pixels: int | None = None
     itm: bool = True
+    embeddings: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,7 +188,7 @@ def bank_rank(image_emb: torch.Tensor, own: torch.Tensor, bank_emb: torch.Tensor
         tie often and would make ranks coarse); "higher" means by more than ``TIE_EPS``.
     """
     bank_t = bank_emb.float().T.contiguous()
-    ranks = torch.empty(len(own), dtype=torch.int32)
+    ranks = torch.empty(len(own), dtype=torch.int32, device=own.device)
     for start in range(0, len(own), chunk):
         block = image_emb[start : start + chunk].float()
         sims = block @ bank_t if image_vectors == 1 else similarity(block, bank_t.T, image_vectors)
@@ -392,12 +404,12 @@ def _part_is_done(out: ScoreDir, k: int, span: tuple[int, int], metadata: dict[s
 
 def _part_tables(
     rows: pl.DataFrame,
-    image_emb: np.ndarray,
+    image_emb: np.ndarray | torch.Tensor,
     image_status: list[str],
     image_error: list[str | None],
     image_hash: list[str | None],
     image_of_row: np.ndarray,
-    text_emb: np.ndarray,
+    text_emb: np.ndarray | torch.Tensor,
     caption_of_row: np.ndarray,
     truncated: np.ndarray,
     bank_t: torch.Tensor,
@@ -409,6 +421,9 @@ def _part_tables(
     ``image_of_row`` / ``caption_of_row`` index each row's distinct image / caption (-1: none);
     ``image_vectors``: embeddings per image (BLIP-2); ``itm``: each row's ITM probability, or None
     when the model has no matching head (the table then has no ``itm_score`` column).
+    ``image_emb`` and ``text_emb`` are numpy arrays or tensors; with tensors on a GPU, the scores
+    and bank ranks are computed there (``bank_t`` is moved to their device) and only the results
+    come back.
     """
     n = rows.height
     status = rows[C.STATUS].to_list()
@@ -427,11 +442,15 @@ def _part_tables(
     score = np.full(n, np.nan, dtype=np.float32)
     rank = np.zeros(n, dtype=np.int32)
     trunc = np.zeros(n, dtype=bool)
-    img = torch.from_numpy(image_emb[image_of_row[ok_rows]])
-    txt = torch.from_numpy(text_emb[caption_of_row[ok_rows]])
+    image_emb, text_emb = torch.as_tensor(image_emb), torch.as_tensor(text_emb)
+    where = image_emb.device
+    img = image_emb[torch.from_numpy(image_of_row[ok_rows]).to(where)]
+    txt = text_emb[torch.from_numpy(caption_of_row[ok_rows]).to(where)]
     own = pair_similarity(img, txt, image_vectors)
-    score[ok_rows] = own.numpy()
-    rank[ok_rows] = bank_rank(img, own, bank_t, image_vectors=image_vectors).numpy()
+    ranks = bank_rank(img, own, bank_t.to(where), image_vectors=image_vectors)
+    # One copy back per part (on a GPU, the only synchronisation of the part).
+    score[ok_rows], rank[ok_rows] = own.cpu().numpy(), ranks.cpu().numpy()
+    img_rows, txt_rows = img.cpu().numpy(), txt.cpu().numpy()
     trunc[ok_rows] = truncated[caption_of_row[ok_rows]]
     bank_size = bank_t.shape[0]
     itm_column = {} if itm is None else {C.ITM_SCORE: pa.array(np.where(ok, itm, np.nan), pa.float32(), mask=~ok | np.isnan(itm))}
@@ -454,7 +473,7 @@ def _part_tables(
         },
         schema=C.score_schema(itm is not None),
     )
-    dim, image_dim = text_emb.shape[1], image_emb.shape[1]
+    dim, image_dim = txt_rows.shape[1], img_rows.shape[1]
 
     def as_list(a: np.ndarray, width: int) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(pa.array(a.astype(np.float16).ravel(), pa.float16()), width).cast(pa.list_(pa.float16(), width))
@@ -462,8 +481,8 @@ def _part_tables(
     emb = pa.table(
         {
             C.PAIR_ID: rows[C.PAIR_ID].to_arrow().take(pa.array(ok_rows)),
-            C.IMAGE_EMB: as_list(img.numpy(), image_dim),
-            C.TEXT_EMB: as_list(txt.numpy(), dim),
+            C.IMAGE_EMB: as_list(img_rows, image_dim),
+            C.TEXT_EMB: as_list(txt_rows, dim),
         },
         schema=C.embedding_schema(dim, image_dim),
     )
@@ -509,24 +528,28 @@ def _prepare_part(k: int, rows: pl.DataFrame) -> _Part:
 
 class _PairProgress:
     """``progress(done_pairs, total_pairs)`` per batch: a part's pairs are credited evenly over its
-    images and captions as they are embedded, and in full once the part is written."""
+    images and captions as they are embedded, and in full once the part is written.
+
+    A part may still be being written while the next one is embedded (:func:`_pipeline`); each
+    part in work keeps its own credit. Called from the main thread only.
+    """
 
     def __init__(self, parts: list[_Part], progress: Callable[[int, int], None] | None) -> None:
         self.progress = progress
         self.total = sum(p.rows.height for p in parts)
         self.written = 0  # pairs of the parts written
-        self.credit = 0.0  # pairs credited to the part in work
+        self.credit: dict[int, float] = {}  # part -> pairs credited to it, while it is in work
 
     def embedded(self, part: _Part, units: int) -> None:
         """``units`` images or captions of ``part`` were embedded."""
-        self.credit += part.rows.height * units / max(1, part.work)
-        self._report(min(self.written + int(self.credit), self.written + part.rows.height))
+        self.credit[part.k] = min(part.rows.height, self.credit.get(part.k, 0.0) + part.rows.height * units / max(1, part.work))
+        self._report(self.written + int(sum(self.credit.values())))
 
     def done(self, part: _Part) -> None:
         """``part`` was written."""
         self.written += part.rows.height
-        self.credit = 0.0
-        self._report(self.written)
+        self.credit.pop(part.k, None)
+        self._report(self.written + int(sum(self.credit.values())))
 
     def _report(self, done: int) -> None:
         if self.progress:
@@ -554,11 +577,13 @@ def _batch_itm(part: _Part, first: int, ok: np.ndarray, pixels: torch.Tensor, lo
 def _iter_part_images(
     parts: list[_Part], loaded: Encoder, config: ScoreConfig, device, dtype, on_batch: Callable[[_Part, int], None] | None = None,
     itm: bool = False,
-) -> Iterator[tuple[_Part, np.ndarray, list, list, list]]:
+) -> Iterator[tuple[_Part, torch.Tensor, list, list, list]]:
     """Yield each part with its image embeddings, from one DataLoader over all parts' images.
 
-    ``on_batch(part, images)`` is called after each batch is embedded (a batch never crosses parts).
-    With ``itm``, each part's rows also get their ITM match probability (``part.itm``).
+    The embeddings stay on ``device`` (a tensor; zero rows for images that did not decode): no
+    batch waits for the GPU to finish the one before it. ``on_batch(part, images)`` is called
+    after each batch is queued (a batch never crosses parts). With ``itm``, each part's rows also
+    get their ITM match probability (``part.itm``).
     """
     flat = [p for part in parts for p in part.images]
     # Batches never cross parts: a part's floats must not depend on which parts run beside it.
@@ -568,7 +593,7 @@ def _iter_part_images(
     )
     pending = iter(parts)
     width = loaded.embed_dim * loaded.image_vectors
-    buf_emb: list[np.ndarray] = []
+    buf_emb: list[torch.Tensor] = []
     buf_meta: tuple[list, list, list] = ([], [], [])
     have = 0
 
@@ -576,7 +601,7 @@ def _iter_part_images(
         nonlocal have, buf_emb, buf_meta
         while current[0] is not None and have >= len(current[0].images):
             need = len(current[0].images)
-            emb = np.concatenate(buf_emb) if buf_emb else np.zeros((0, width), np.float32)
+            emb = torch.cat(buf_emb) if buf_emb else torch.zeros((0, width), dtype=torch.float32, device=device)
             yield current[0], emb[:need], buf_meta[0][:need], buf_meta[1][:need], buf_meta[2][:need]
             buf_emb = [emb[need:]]
             buf_meta = tuple(m[need:] for m in buf_meta)
@@ -586,12 +611,17 @@ def _iter_part_images(
     current = [next(pending, None)]
     yield from flush_ready()
     for batch in batches:
-        emb = np.zeros((len(batch.status), width), np.float32)
-        if batch.ok.any():
-            pixels = batch.decoded_pixels()
-            emb[batch.ok.numpy()] = embed_pixels(loaded, pixels, device=device, dtype=dtype)
-            if itm:
-                _batch_itm(current[0], have, batch.ok.numpy(), pixels, loaded, config, device, dtype)
+        ok = batch.ok.numpy()
+        if ok.all():
+            emb = embed_image_batch(loaded, batch.pixels, device=device, dtype=dtype)
+        else:
+            emb = torch.zeros((len(batch.status), width), dtype=torch.float32, device=device)
+            if ok.any():
+                # Indices, not a bool mask: a mask on a GPU would make the copy wait for the GPU.
+                rows = torch.from_numpy(np.flatnonzero(ok)).to(device, non_blocking=True)
+                emb.index_copy_(0, rows, embed_image_batch(loaded, batch.decoded_pixels(), device=device, dtype=dtype))
+        if itm and ok.any():
+            _batch_itm(current[0], have, ok, batch.decoded_pixels(), loaded, config, device, dtype)
         buf_emb.append(emb)
         for m, v in zip(buf_meta, (batch.status, batch.error, batch.image_hash)):
             m.extend(v)
@@ -599,6 +629,42 @@ def _iter_part_images(
         if on_batch:
             on_batch(current[0], len(batch.status))  # the first part not yet complete: batches never cross parts
         yield from flush_ready()
+
+
+# Tokenising part k+1's captions and writing part k's tables happen in background threads while
+# the main thread embeds, where the model runs on a GPU: the forward passes then follow each other
+# without the CPU work between them. Where the model runs on the CPU, the threads would compete
+# with its intra-op threads for the same cores; there the stages run in the main thread, in the
+# same order (the tables are bit for bit the same either way; see tests/test_score_pipeline.py).
+# None: decided by the device; True / False force it (benchmarks and tests).
+BACKGROUND: bool | None = None
+
+
+class _Inline:
+    """An executor that runs each task at once, in the calling thread (the same interface)."""
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the result, as a thread pool does
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+def _executor(background: bool) -> ThreadPoolExecutor | _Inline:
+    return ThreadPoolExecutor(max_workers=1) if background else _Inline()
+
+
+def _write_part(part: _Part, out: ScoreDir, metadata: dict[str, str], tables: Callable[[], tuple[pa.Table, pa.Table]]) -> _Part:
+    """Build a part's tables and write them: embeddings first, so a score part on disk means its embeddings are there too."""
+    scores, emb = tables()
+    _write_parquet(emb, out.embedding_part(part.k), metadata)
+    _write_parquet(scores, out.score_part(part.k), metadata)
+    return part
 
 
 def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None) -> ScoreSummary:
@@ -613,6 +679,8 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
     Returns:
         A :class:`ScoreSummary`; ``complete`` when every part of the table exists.
     """
+    if config.embeddings is not None:  # stored embeddings: tbps.curate.embeddings (which imports this module) scores them
+        raise UsageError("run_score embeds images; score --embeddings with tbps.curate.embeddings.score_from_embeddings", field="--embeddings")
     log = log or (lambda _msg: None)
     t0 = time.perf_counter()
     place = distributed(config.device)
@@ -691,18 +759,35 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
     parts = [_prepare_part(k, pairs.slice(s, e - s)) for k in todo for s, e in [parts_plan[k]]]
     bar = _PairProgress(parts, progress)
     t_work = time.perf_counter()
-    for part, img_emb, img_status, img_error, img_hash in _iter_part_images(parts, loaded, config, device, dtype, on_batch=bar.embedded, itm=itm):
-        txt, truncated = encode_texts(loaded, part.captions, device=device, precision=config.precision, return_truncated=True,
-                                      on_batch=lambda n, part=part: bar.embedded(part, n))
-        scores, emb = _part_tables(
-            part.rows, img_emb, img_status, img_error, img_hash, part.image_of_row, txt, part.caption_of_row,
-            truncated, bank_emb, loaded.image_vectors,
-            (part.itm if part.itm is not None else np.full(part.rows.height, np.nan, np.float32)) if itm else None,
-        )
-        # Embeddings first: a score part on disk means its embeddings are there too.
-        _write_parquet(emb, out.embedding_part(part.k), metadata)
-        _write_parquet(scores, out.score_part(part.k), metadata)
-        bar.done(part)
+    background = BACKGROUND if BACKGROUND is not None else device.type != "cpu"
+    bank_emb = bank_emb.to(device)  # the bank rank runs where the embeddings are
+    tokenizer, writer = _executor(background), _executor(background)
+    try:
+        # Part k+1's captions are tokenised while part k is embedded; one part's tables are written while the next is embedded.
+        tokens = {p.k: tokenizer.submit(tokenize_captions, loaded, p.captions) for p in parts[:1]}
+        writing: Future | None = None
+        ahead = iter(parts[1:])
+        for part, img_emb, img_status, img_error, img_hash in _iter_part_images(parts, loaded, config, device, dtype, on_batch=bar.embedded, itm=itm):
+            following = next(ahead, None)
+            if following is not None:
+                tokens[following.k] = tokenizer.submit(tokenize_captions, loaded, following.captions)
+            tokenized: Tokenized = tokens.pop(part.k).result()
+            txt = encode_tokens(loaded, tokenized.tokens, device=device, dtype=dtype, on_batch=lambda n, part=part: bar.embedded(part, n))
+            itm_rows = (part.itm if part.itm is not None else np.full(part.rows.height, np.nan, np.float32)) if itm else None
+            tables = partial(_part_tables, part.rows, img_emb, img_status, img_error, img_hash, part.image_of_row, txt, part.caption_of_row,
+                             tokenized.truncated, bank_emb, loaded.image_vectors, itm_rows)
+            if writing is not None:
+                bar.done(writing.result())  # at most one part waits to be written: memory stays bounded
+            writing = writer.submit(_write_part, part, out, metadata, tables)
+            if writing.done():  # written in this thread (or already): the progress says so now
+                bar.done(writing.result())
+                writing = None
+        if writing is not None:
+            bar.done(writing.result())
+    finally:
+        # A failure (or a kill of the run's workers) lets the part being written finish: it is whole or absent.
+        tokenizer.shutdown(wait=True)
+        writer.shutdown(wait=True)
     done = bar.written
     elapsed = time.perf_counter() - t_work
 

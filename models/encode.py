@@ -210,14 +210,30 @@ def _loader_options(workers: int, pin_memory: bool) -> dict:
 
 
 @torch.no_grad()
-def embed_pixels(loaded: Encoder, pixels: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None) -> np.ndarray:
-    """Image embeddings (float32, L2-normalised) of a preprocessed batch (uint8 is normalised on ``device``)."""
+def embed_image_batch(loaded: Encoder, pixels: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """Image embeddings of a preprocessed batch, left on ``device`` (no synchronisation with it).
+
+    Args:
+        loaded: the model.
+        pixels: (n, 3, H, W) uint8 (normalised on ``device``) or normalised floats; a pinned CPU
+            batch is copied without blocking.
+        device: where the model runs.
+        dtype: the autocast dtype, or None for fp32.
+
+    Returns:
+        (n, D) float32, L2-normalised, on ``device``.
+    """
     pixels = pixels.to(device, non_blocking=True)
     if pixels.dtype == torch.uint8:
         pixels = loaded.preprocess.normalise(pixels)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         feats = loaded.encode_image(pixels)
-    return normalise_image_embeddings(feats.float(), loaded.image_vectors).cpu().numpy()
+    return normalise_image_embeddings(feats.float(), loaded.image_vectors)
+
+
+def embed_pixels(loaded: Encoder, pixels: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None) -> np.ndarray:
+    """Image embeddings (float32, L2-normalised, numpy) of a preprocessed batch (uint8 is normalised on ``device``)."""
+    return embed_image_batch(loaded, pixels, device=device, dtype=dtype).cpu().numpy()
 
 
 def normalise_image_embeddings(feats: torch.Tensor, image_vectors: int = 1) -> torch.Tensor:
@@ -319,23 +335,78 @@ def encode_texts(
         ``return_truncated``, a tuple of it and the bool flags.
     """
     device = place(loaded, device)
-    dtype = autocast_dtype(precision, device)
-    out = np.zeros((len(captions), loaded.embed_dim), dtype=np.float32)
+    tokenized = tokenize_captions(loaded, captions, truncated=return_truncated)
+    out = encode_tokens(loaded, tokenized.tokens, batch_size=batch_size, device=device, dtype=autocast_dtype(precision, device),
+                        on_batch=on_batch).cpu().numpy()
+    return (out, tokenized.truncated) if return_truncated else out
+
+
+@dataclass
+class Tokenized:
+    """Captions as token ids, with each caption's truncation flag (when asked for)."""
+
+    tokens: torch.Tensor  # (n, context) int64, on the CPU
+    truncated: np.ndarray | None  # (n,) bool: the caption is longer than the context
+
+
+def tokenize_captions(loaded: Encoder, captions: Sequence[str], *, truncated: bool = True) -> Tokenized:
+    """Tokenise captions (CPU work only: it can run ahead, in another thread, while the model runs).
+
+    Args:
+        loaded: the model whose tokenizer to use.
+        captions: the captions.
+        truncated: also compute :func:`caption_truncated`'s flags (from the same tokens).
+
+    Returns:
+        A :class:`Tokenized`.
+    """
     if not len(captions):
-        return (out, np.zeros(0, dtype=bool)) if return_truncated else out
+        return Tokenized(torch.zeros((0, 0), dtype=torch.long), np.zeros(0, dtype=bool) if truncated else None)
     tokens = loaded.tokenizer(list(captions))
+    return Tokenized(tokens, caption_truncated(loaded, captions, tokens) if truncated else None)
+
+
+@torch.no_grad()
+def encode_tokens(
+    loaded: Encoder,
+    tokens: torch.Tensor,
+    *,
+    batch_size: int = TEXT_BATCH,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Caption embeddings of tokenised captions, left on ``device`` (no synchronisation with it).
+
+    Captions are batched by token length when the model allows it (``Encoder.text_lengths``),
+    so a family can cut each batch after its longest caption; the order is restored.
+
+    Args:
+        loaded: the model (already on ``device``).
+        tokens: (n, context) token ids (:func:`tokenize_captions`).
+        batch_size: captions per forward pass.
+        device: where the model runs.
+        dtype: the autocast dtype, or None for fp32.
+        on_batch: called with the number of captions of each batch once it is queued (progress).
+
+    Returns:
+        (n, embed_dim) float32, L2-normalised, on ``device``, in the order of ``tokens``.
+    """
+    out = torch.zeros((len(tokens), loaded.embed_dim), dtype=torch.float32, device=device)
+    if not len(tokens):
+        return out
     lengths = loaded.text_lengths(tokens)
     # Similar lengths together, so each batch cut after its longest caption wastes little; the order is restored below.
-    order = torch.argsort(lengths, stable=True) if lengths is not None else torch.arange(len(captions))
-    for start in range(0, len(captions), batch_size):
+    order = torch.argsort(lengths, stable=True) if lengths is not None else torch.arange(len(tokens))
+    for start in range(0, len(tokens), batch_size):
         idx = order[start : start + batch_size]
-        batch = tokens[idx].to(device)
+        batch = tokens[idx].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             feats = loaded.encode_text(batch)
-        out[idx.numpy()] = torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+        out[idx.to(device, non_blocking=True)] = torch.nn.functional.normalize(feats.float(), dim=-1)
         if on_batch:
             on_batch(len(idx))
-    return (out, caption_truncated(loaded, captions, tokens)) if return_truncated else out
+    return out
 
 
 @dataclass
