@@ -70,10 +70,10 @@ from tbps.curate.score import (
     _write_parquet,
     check_images_exist,
     check_unique_ids,
-    frame_hash,
     keep_splits,
     order_pairs,
     plan_parts,
+    run_params,
     sample_bank,
 )
 from tbps.data import shards
@@ -83,7 +83,7 @@ from tbps.errors import TbpsError, UsageError
 from tbps.files import atomic_dir, atomic_write, content_hash, file_hash, is_temp, sweep_temps, write_json
 from tbps.models import load
 from tbps.models.device import autocast_dtype, check_device
-from tbps.models.encode import TEXT_BATCH, caption_truncated
+from tbps.models.encode import caption_truncated
 from tbps.provenance import record
 
 CLIP_RETRIEVAL = "clip-retrieval"
@@ -455,25 +455,7 @@ def score_from_embeddings(config: ScoreConfig, progress: Callable[[int, int], No
     bank_frame = pl.DataFrame({"bank_index": np.arange(len(bank), dtype=np.int32), C.CAPTION: bank})
     dtype = autocast_dtype(config.precision, device)
     params = {
-        "data": str(Path(config.data).resolve()),
-        "data_hash": frame_hash(pairs.drop(EMB_ROW)),
-        "rows": pairs.height,
-        "model": loaded.identity,
-        "bank": str(Path(config.bank).resolve()),
-        "bank_hash": frame_hash(bank_frame),
-        "bank_size": len(bank),
-        "bank_split": config.bank_split,
-        "seed": config.seed,
-        "chunk_size": config.chunk_size,
-        "parts": len(parts_plan),
-        "precision": "bf16" if dtype is not None else "fp32",
-        "embed_dim": loaded.embed_dim,
-        "text_batch": TEXT_BATCH,
-        "reader": config.reader_options(),
-        "image_root": dataset.image_root,
-        "split": config.splits(),
-        "itm": False,
-        "image_vectors": 1,
+        **run_params(config, loaded, pairs.drop(EMB_ROW), bank_frame, len(parts_plan), dtype, dataset.image_root, itm=False, image_vectors=1),
         "embeddings": {"path": str(store.root.resolve()), "hash": store.hash, "rows": store.rows, "match": store.match},
     }
     for directory in (out.root, out.scores, out.embeddings):

@@ -59,7 +59,9 @@ from tbps.errors import TbpsError, UsageError
 from tbps.files import atomic_write, content_hash, sweep_temps, write_json
 from tbps.models import load
 from tbps.models.device import autocast_dtype, barrier, check_precision, distributed
-from tbps.models.encode import TEXT_BATCH, Tokenized, embed_image_batch, encode_texts, encode_tokens, iter_image_batches, pair_scores
+from tbps.models.encode import (
+    TEXT_BATCH, Tokenized, embed_image_batch, embed_image_batch_with_state, encode_texts, encode_tokens, iter_image_batches, pair_scores,
+)
 from tbps.models.encode import tokenize_captions
 from tbps.models.encode import place as place_model
 from tbps.models.protocol import Encoder, pair_similarity, similarity
@@ -284,6 +286,32 @@ def frame_hash(frame: pl.DataFrame) -> str:
 
 # --------------------------------------------------------------------------------------------
 # The run: reading, parts, resume, distribution.
+
+
+def run_params(config: ScoreConfig, loaded: Encoder, pairs: pl.DataFrame, bank_frame: pl.DataFrame, parts: int, dtype,
+               image_root: str | None, *, itm: bool, image_vectors: int) -> dict:
+    """What makes a score directory's table (``params.json``): a resumed run must match it exactly."""
+    return {
+        "data": str(Path(config.data).resolve()),
+        "data_hash": frame_hash(pairs),
+        "rows": pairs.height,
+        "model": loaded.identity,
+        "bank": str(Path(config.bank).resolve()),
+        "bank_hash": frame_hash(bank_frame),
+        "bank_size": bank_frame.height,
+        "bank_split": config.bank_split,
+        "seed": config.seed,
+        "chunk_size": config.chunk_size,
+        "parts": parts,
+        "precision": "bf16" if dtype is not None else "fp32",
+        "embed_dim": loaded.embed_dim,
+        "text_batch": TEXT_BATCH,  # caption embeddings depend (in the last bits) on how they were batched
+        "reader": config.reader_options(),
+        "image_root": image_root,  # resolved: where manifest paths must lie (tbps train)
+        "split": config.splits(),
+        "itm": itm,  # the table has itm_score
+        "image_vectors": image_vectors,
+    }
 
 
 def _check_params(out: ScoreDir, params: dict) -> None:
@@ -556,11 +584,12 @@ class _PairProgress:
             self.progress(done, self.total)
 
 
-def _batch_itm(part: _Part, first: int, ok: np.ndarray, pixels: torch.Tensor, loaded: Encoder, config: ScoreConfig, device, dtype) -> None:
+def _batch_itm(part: _Part, first: int, ok: np.ndarray, pixels: torch.Tensor | None, loaded: Encoder, config: ScoreConfig, device, dtype,
+               state=None) -> None:
     """The ITM probability of every usable row whose image is in this batch (images ``first ..`` of the part).
 
-    The batch's decoded pixels are at hand, so each image runs through the matching head's image
-    side once for all of its captions.
+    The batch's decoded images are at hand (``state`` from the embedding pass, else ``pixels``),
+    so each image's side of the matching head is computed once for all of its captions.
     """
     if part.itm is None:
         part.itm = np.full(part.rows.height, np.nan, dtype=np.float32)
@@ -571,7 +600,8 @@ def _batch_itm(part: _Part, first: int, ok: np.ndarray, pixels: torch.Tensor, lo
         return
     compact = np.cumsum(ok) - 1  # the batch's decoded pixels hold only its ok images
     captions = [part.captions[c] for c in part.caption_of_row[rows]]
-    part.itm[rows] = pair_scores(loaded, pixels, captions, compact[local[rows]], device=device, dtype=dtype, batch_size=config.batch_size)
+    part.itm[rows] = pair_scores(loaded, pixels, captions, compact[local[rows]], device=device, dtype=dtype, batch_size=config.batch_size,
+                                 image_state=state)
 
 
 def _iter_part_images(
@@ -612,16 +642,23 @@ def _iter_part_images(
     yield from flush_ready()
     for batch in batches:
         ok = batch.ok.numpy()
+        ok_emb = state = decoded = None
+        if itm and ok.any():
+            # One pass of the image tower for the cosine and the matching head, where the family allows it.
+            decoded = batch.decoded_pixels()
+            ok_emb, state = embed_image_batch_with_state(loaded, decoded, device=device, dtype=dtype)
         if ok.all():
-            emb = embed_image_batch(loaded, batch.pixels, device=device, dtype=dtype)
+            emb = ok_emb if ok_emb is not None else embed_image_batch(loaded, batch.pixels, device=device, dtype=dtype)
         else:
             emb = torch.zeros((len(batch.status), width), dtype=torch.float32, device=device)
             if ok.any():
+                if ok_emb is None:
+                    ok_emb = embed_image_batch(loaded, batch.decoded_pixels(), device=device, dtype=dtype)
                 # Indices, not a bool mask: a mask on a GPU would make the copy wait for the GPU.
                 rows = torch.from_numpy(np.flatnonzero(ok)).to(device, non_blocking=True)
-                emb.index_copy_(0, rows, embed_image_batch(loaded, batch.decoded_pixels(), device=device, dtype=dtype))
+                emb.index_copy_(0, rows, ok_emb)
         if itm and ok.any():
-            _batch_itm(current[0], have, ok, batch.decoded_pixels(), loaded, config, device, dtype)
+            _batch_itm(current[0], have, ok, decoded, loaded, config, device, dtype, state=state)
         buf_emb.append(emb)
         for m, v in zip(buf_meta, (batch.status, batch.error, batch.image_hash)):
             m.extend(v)
@@ -715,27 +752,7 @@ def run_score(config: ScoreConfig, progress: Callable[[int, int], None] | None =
                 f"against {len(bank):,} captions, and tbps select scales the paper's rules to that size")
     bank_frame = pl.DataFrame({"bank_index": np.arange(len(bank), dtype=np.int32), C.CAPTION: bank})
 
-    params = {
-        "data": str(Path(config.data).resolve()),
-        "data_hash": frame_hash(pairs),
-        "rows": pairs.height,
-        "model": loaded.identity,
-        "bank": str(Path(config.bank).resolve()),
-        "bank_hash": frame_hash(bank_frame),
-        "bank_size": len(bank),
-        "bank_split": config.bank_split,
-        "seed": config.seed,
-        "chunk_size": config.chunk_size,
-        "parts": len(parts_plan),
-        "precision": "bf16" if dtype is not None else "fp32",
-        "embed_dim": loaded.embed_dim,
-        "text_batch": TEXT_BATCH,  # caption embeddings depend (in the last bits) on how they were batched
-        "reader": config.reader_options(),
-        "image_root": dataset.image_root,  # resolved: where manifest paths must lie (tbps train)
-        "split": config.splits(),
-        "itm": itm,  # the table has itm_score
-        "image_vectors": loaded.image_vectors,
-    }
+    params = run_params(config, loaded, pairs, bank_frame, len(parts_plan), dtype, dataset.image_root, itm=itm, image_vectors=loaded.image_vectors)
     if rank == 0:
         for directory in (out.root, out.scores, out.embeddings):
             directory.mkdir(parents=True, exist_ok=True)

@@ -231,6 +231,21 @@ def embed_image_batch(loaded: Encoder, pixels: torch.Tensor, *, device: torch.de
     return normalise_image_embeddings(feats.float(), loaded.image_vectors)
 
 
+@torch.no_grad()
+def embed_image_batch_with_state(loaded: Encoder, pixels: torch.Tensor, *, device: torch.device,
+                                 dtype: torch.dtype | None) -> tuple[torch.Tensor, object | None]:
+    """:func:`embed_image_batch` and, where the model can give it from the same pass
+    (``encode_image_state``), the images' state for :func:`pair_scores`; else None."""
+    if not hasattr(loaded, "encode_image_state"):  # families whose matching head reads the pixels itself
+        return embed_image_batch(loaded, pixels, device=device, dtype=dtype), None
+    pixels = pixels.to(device, non_blocking=True)
+    if pixels.dtype == torch.uint8:
+        pixels = loaded.preprocess.normalise(pixels)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        feats, state = loaded.encode_image_state(pixels)
+    return normalise_image_embeddings(feats.float(), loaded.image_vectors), state
+
+
 def embed_pixels(loaded: Encoder, pixels: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None) -> np.ndarray:
     """Image embeddings (float32, L2-normalised, numpy) of a preprocessed batch (uint8 is normalised on ``device``)."""
     return embed_image_batch(loaded, pixels, device=device, dtype=dtype).cpu().numpy()
@@ -245,17 +260,19 @@ def normalise_image_embeddings(feats: torch.Tensor, image_vectors: int = 1) -> t
 
 
 @torch.no_grad()
-def pair_scores(loaded: Encoder, pixels: torch.Tensor, captions: Sequence[str], image_index: np.ndarray, *, device: torch.device,
-                dtype: torch.dtype | None, batch_size: int = 256) -> np.ndarray:
+def pair_scores(loaded: Encoder, pixels: torch.Tensor | None, captions: Sequence[str], image_index: np.ndarray, *, device: torch.device,
+                dtype: torch.dtype | None, batch_size: int = 256, image_state: tuple[torch.Tensor, ...] | None = None) -> np.ndarray:
     """The ITM head's match probability of each caption with its image, in batches of captions.
 
     Args:
         loaded: a model with a matching head (``loaded.has_pair_score``).
-        pixels: (B, 3, H, W) decoded images (uint8 or normalised).
+        pixels: (B, 3, H, W) decoded images (uint8 or normalised); None with ``image_state``.
         captions: the M captions.
-        image_index: (M,) the row of ``pixels`` each caption pairs with.
+        image_index: (M,) the row of ``pixels`` (or of ``image_state``) each caption pairs with.
         device, dtype: where and in which autocast precision to run.
         batch_size: captions per forward pass.
+        image_state: the B images' state from :func:`embed_image_batch_with_state`: the image
+            tower is not run again.
 
     Returns:
         (M,) float32 probabilities.
@@ -263,9 +280,10 @@ def pair_scores(loaded: Encoder, pixels: torch.Tensor, captions: Sequence[str], 
     out = np.zeros(len(captions), dtype=np.float32)
     if not len(captions):
         return out
-    pixels = pixels.to(device, non_blocking=True)
-    if pixels.dtype == torch.uint8:
-        pixels = loaded.preprocess.normalise(pixels)
+    if image_state is None:
+        pixels = pixels.to(device, non_blocking=True)
+        if pixels.dtype == torch.uint8:
+            pixels = loaded.preprocess.normalise(pixels)
     index = torch.as_tensor(np.asarray(image_index), dtype=torch.long)
     for start in range(0, len(captions), batch_size):
         stop = min(start + batch_size, len(captions))
@@ -273,7 +291,10 @@ def pair_scores(loaded: Encoder, pixels: torch.Tensor, captions: Sequence[str], 
         used, local = torch.unique(rows, return_inverse=True)  # each image of the batch through the image tower once
         tokens = loaded.tokenizer(list(captions[start:stop])).to(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            probs = loaded.pair_score(pixels[used], tokens, local)
+            if image_state is None:
+                probs = loaded.pair_score(pixels[used], tokens, local)
+            else:
+                probs = loaded.pair_score(None, tokens, local, image_state=tuple(t[used] for t in image_state))
         out[start:stop] = probs.float().cpu().numpy()
     return out
 

@@ -25,6 +25,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+COSINE_SCALE = 10.0
+COSINE_OFFSET = 0.3
+# The head is new where the towers are trained: its parameters learn at this multiple of --lr.
+HEAD_LR_SCALE = 10.0
+
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -36,6 +41,9 @@ class HeadConfig:
         width: the head's own width.
         layers: cross-attention blocks.
         heads: attention heads per block.
+        cosine: the logit is ``a * cosine + b`` plus the cross-attention's own term, so a new
+            head starts as the dual encoder's cosine (``a``, ``b`` learned) and learns what the
+            cosine misses; new heads have it.
     """
 
     text_width: int
@@ -43,6 +51,7 @@ class HeadConfig:
     width: int = 128
     layers: int = 2
     heads: int = 4
+    cosine: bool = False  # the logit adds a learned affine map of the pair's cosine (heads saved before it have none)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -78,14 +87,22 @@ class MatchingHead(nn.Module):
         self.blocks = nn.ModuleList(_CrossBlock(config.width, config.heads) for _ in range(config.layers))
         self.ln_out = nn.LayerNorm(config.width)
         self.logit = nn.Linear(config.width, 1)
+        if config.cosine:
+            # Starts at 10 * (cosine - 0.3): a match above a cosine of 0.3, the cross-attention term at zero.
+            self.cosine_scale = nn.Parameter(torch.tensor(COSINE_SCALE))
+            self.cosine_bias = nn.Parameter(torch.tensor(-COSINE_SCALE * COSINE_OFFSET))
+            nn.init.zeros_(self.logit.weight)
+            nn.init.zeros_(self.logit.bias)
 
-    def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor,
+                cosine: torch.Tensor | None = None) -> torch.Tensor:
         """Match logits.
 
         Args:
             text_tokens: (N, L, text_width) caption token features.
             text_mask: (N, L) bool, True on the caption's own tokens (not padding).
             image_tokens: (N, P, image_width) image patch tokens of row ``i``'s image.
+            cosine: (N,) the dual encoder's cosine of each pair; required by a head with ``cosine``.
 
         Returns:
             (N,) logits: above 0 means "this caption describes this image".
@@ -96,7 +113,12 @@ class MatchingHead(nn.Module):
             x = block(x, y)
         weights = text_mask.to(x.dtype).unsqueeze(-1)
         pooled = (self.ln_out(x) * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-        return self.logit(pooled).squeeze(-1)
+        logit = self.logit(pooled).squeeze(-1)
+        if self.config.cosine:
+            if cosine is None:
+                raise ValueError("this matching head adds the pair's cosine to its logit: pass cosine")
+            logit = logit + self.cosine_scale * cosine.to(logit.dtype) + self.cosine_bias
+        return logit
 
 
 def count_head_parameters(head: MatchingHead) -> int:

@@ -24,7 +24,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import open_clip
 import torch
@@ -107,6 +107,7 @@ def text_token_features(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[t
 
 def head_config_for(model: torch.nn.Module, **shape: int) -> HeadConfig:
     """The matching head's config for an open_clip model: its text and image token widths."""
+    shape.setdefault("cosine", True)
     return HeadConfig(text_width=int(model.ln_final.normalized_shape[0]), image_width=int(model.visual.transformer.width), **shape)
 
 
@@ -129,21 +130,24 @@ class _MatchingForward(torch.nn.Module):
         text_pooled, text_feats, text_mask = text_token_features(clip, tokens)
         image = torch.nn.functional.normalize(image_pooled, dim=-1)
         text = torch.nn.functional.normalize(text_pooled, dim=-1)
-        text_for_image, image_for_text = hardest_negatives(image @ text.T, person_ids)
-        positive = self.head(text_feats, text_mask, image_tokens)
+        sims = image @ text.T
+        text_for_image, image_for_text = hardest_negatives(sims, person_ids)
+        positive = self.head(text_feats, text_mask, image_tokens, sims.diagonal())
         kinds = []
         rows = torch.nonzero(text_for_image >= 0).flatten()
         t = text_for_image[rows]
-        kinds.append(self.head(text_feats[t], text_mask[t], image_tokens[rows]))
+        kinds.append(self.head(text_feats[t], text_mask[t], image_tokens[rows], sims[rows, t]))
         cols = torch.nonzero(image_for_text >= 0).flatten()
-        kinds.append(self.head(text_feats[cols], text_mask[cols], image_tokens[image_for_text[cols]]))
+        i = image_for_text[cols]
+        kinds.append(self.head(text_feats[cols], text_mask[cols], image_tokens[i], sims[i, cols]))
         negative_text = None
         if negatives is not None and len(negatives):
             neg_pooled, neg_feats, neg_mask = text_token_features(clip, negatives)
             negative_text = torch.nn.functional.normalize(neg_pooled, dim=-1)
             valid = torch.ones(len(negatives), dtype=torch.bool, device=pixels.device) if negative_valid is None else negative_valid
             rows = torch.nonzero(valid).flatten()  # a row's own caption, perturbed, against its image
-            kinds.append(self.head(neg_feats[rows], neg_mask[rows], image_tokens[rows]))
+            cosine = (image[rows] * negative_text[rows]).sum(dim=-1)
+            kinds.append(self.head(neg_feats[rows], neg_mask[rows], image_tokens[rows], cosine))
         return image, text, clip.logit_scale.exp(), itm_loss(positive, kinds), negative_text
 
 
@@ -215,6 +219,17 @@ class OpenClipModel:
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)
 
+    def encode_image_state(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Image features (as :meth:`encode_image`) and what the matching head reads of each image,
+        from one pass of the image tower: scoring with ``itm_score`` then runs the tower once per
+        image, not once for the cosine and again for the head.
+
+        Returns:
+            (features, state): ``state`` rows follow ``pixels``; pass rows of it to :meth:`pair_score`.
+        """
+        pooled, tokens = image_token_features(self.model, pixels)
+        return pooled, (pooled, tokens)
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         # Cut after the batch's longest caption when the causal text tower allows it (same embeddings).
         return encode_text_trimmed(self.model, tokens) if _trimmable(self.model) else self.model.encode_text(tokens)
@@ -250,13 +265,16 @@ class OpenClipModel:
         self.itm_head = head.to(device).train(self.model.training)
         return self.itm_head
 
-    def pair_score(self, pixels: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+    def pair_score(self, pixels: torch.Tensor | None, tokens: torch.Tensor, image_index: torch.Tensor | None = None,
+                   image_state: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The matching head's probability that caption ``j`` describes image ``image_index[j]``.
 
         Args:
-            pixels: (B, 3, H, W) normalised images, each run through the image tower once.
+            pixels: (B, 3, H, W) normalised images, each run through the image tower once; None
+                with ``image_state``.
             tokens: (M, L) captions from :attr:`tokenizer`.
             image_index: (M,) the image of each caption (default: row ``j`` pairs with image ``j``).
+            image_state: the B images' state from :meth:`encode_image_state`, instead of ``pixels``.
 
         Returns:
             (M,) probabilities, float32.
@@ -264,10 +282,12 @@ class OpenClipModel:
         if self.itm_head is None:
             raise TbpsError(f"the open_clip model {self.name} has no image-text matching head", field="--model",
                             value=self.identity.get("spec"), hint="train one with tbps train --itm-head, or score with a blip / blip-2 model")
-        _, image_tokens = image_token_features(self.model, pixels)
-        _, text_feats, text_mask = text_token_features(self.model, tokens)
-        index = torch.arange(len(tokens), device=pixels.device) if image_index is None else image_index.to(pixels.device)
-        return torch.sigmoid(self.itm_head(text_feats, text_mask, image_tokens[index]).float())
+        image_pooled, image_tokens = image_token_features(self.model, pixels) if image_state is None else image_state
+        text_pooled, text_feats, text_mask = text_token_features(self.model, tokens)
+        index = torch.arange(len(tokens), device=tokens.device) if image_index is None else image_index.to(tokens.device)
+        normalize = torch.nn.functional.normalize
+        cosine = (normalize(image_pooled, dim=-1)[index] * normalize(text_pooled, dim=-1)).sum(dim=-1)
+        return torch.sigmoid(self.itm_head(text_feats, text_mask, image_tokens[index], cosine).float())
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write a plain open_clip state dict that names its own config, for ``tbps.models.load``.

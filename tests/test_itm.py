@@ -9,8 +9,10 @@ import torch
 
 from tbps.errors import TbpsError
 from tbps.models import load
-from tbps.models.itm import HeadConfig, MatchingHead, count_head_parameters, hardest_negatives, itm_loss
+from tbps.models.encode import embed_image_batch, embed_image_batch_with_state, pair_scores
+from tbps.models.itm import COSINE_OFFSET, COSINE_SCALE, HEAD_LR_SCALE, HeadConfig, MatchingHead, count_head_parameters, hardest_negatives, itm_loss
 from tbps.models.openclip import image_token_features, text_token_features
+from tbps.train.loop import TrainConfig, _optimizer
 
 CAPTIONS = ["a man in a red coat and black trousers", "a woman with a blue bag", "white shoes", "a person"]
 
@@ -93,6 +95,29 @@ def test_pair_scores_index_images_and_need_a_head(model):
     assert torch.allclose(indexed, expanded, atol=1e-6)
 
 
+def test_a_new_head_starts_as_the_cosine_and_learns_faster(model):
+    pixels, tokens = _pixels(model, 3), model.tokenizer(CAPTIONS[:3])
+    torch.manual_seed(0)
+    head = model.attach_itm_head().eval()
+    assert head.config.cosine
+    with torch.no_grad():
+        probs = model.pair_score(pixels, tokens)
+        image = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+        text = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
+    cosine = (image * text).sum(dim=-1)
+    assert torch.allclose(probs, torch.sigmoid(COSINE_SCALE * (cosine - COSINE_OFFSET)), atol=1e-5)
+    with pytest.raises(ValueError, match="pass cosine"):
+        head(torch.randn(1, 3, 128), torch.ones(1, 3, dtype=torch.bool), torch.randn(1, 4, 128))
+    # A head saved before the cosine term (no "cosine" in its config) rebuilds without it.
+    old = MatchingHead(HeadConfig(**{k: v for k, v in head.config.to_dict().items() if k != "cosine"}))
+    assert not hasattr(old, "cosine_scale") and old(torch.randn(1, 3, 128), torch.ones(1, 3, dtype=torch.bool), torch.randn(1, 4, 128)).shape == (1,)
+    optimizer = _optimizer(torch.nn.ModuleDict({"clip": model.model, "head": head}), TrainConfig(out="unused", model="tbps-tiny", data="unused", lr=1e-4), head=head)
+    in_head = {id(p) for p in head.parameters()}
+    for group in optimizer.param_groups:
+        fast = {id(p) in in_head for p in group["params"]}
+        assert len(fast) == 1 and group["lr"] == pytest.approx(1e-4 * (HEAD_LR_SCALE if fast.pop() else 1))
+
+
 def test_the_training_forward_trains_the_head_and_the_towers(model):
     torch.manual_seed(0)
     model.attach_itm_head()
@@ -118,3 +143,24 @@ def test_an_exported_model_keeps_its_head(model, tmp_path):
     pixels, tokens = _pixels(model, 2), model.tokenizer(CAPTIONS[:2])
     with torch.no_grad():
         assert torch.equal(again.pair_score(pixels, tokens), model.pair_score(pixels, tokens))
+
+
+def test_scoring_with_the_image_state_runs_the_image_tower_once(model):
+    """itm_score reuses the embedding pass's image tokens: the same probabilities, one image-tower pass."""
+    torch.manual_seed(0)
+    model.attach_itm_head().eval()
+    torch.nn.init.normal_(model.itm_head.logit.weight, std=0.3)
+    pixels, device = _pixels(model, 3), torch.device("cpu")
+    captions, index = CAPTIONS[:3] + CAPTIONS[:1], [0, 1, 2, 2]
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        emb, state = embed_image_batch_with_state(model, pixels, device=device, dtype=None)
+        reused = pair_scores(model, None, captions, index, device=device, dtype=None, image_state=state)
+        assert len(calls) == 1
+        again = pair_scores(model, pixels, captions, index, device=device, dtype=None)
+        assert len(calls) == 2
+    finally:
+        hook.remove()
+    assert torch.allclose(emb, embed_image_batch(model, pixels, device=device, dtype=None), atol=1e-6)
+    assert reused == pytest.approx(again, abs=1e-6) and len({round(float(p), 4) for p in reused}) > 1

@@ -33,7 +33,8 @@ def head_path(tmp_path_factory) -> str:
     """tbps-tiny with a seeded random matching head, saved (the checkpoint keeps the head)."""
     loaded = load("tbps-tiny", seed=0)
     torch.manual_seed(0)
-    loaded.attach_itm_head().eval()
+    head = loaded.attach_itm_head().eval()
+    torch.nn.init.normal_(head.logit.weight, std=0.3)  # a new head starts as the cosine: give its own term a say (no near-ties)
     return str(loaded.save(tmp_path_factory.mktemp("head") / "with-head.pt"))
 
 

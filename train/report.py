@@ -27,7 +27,7 @@ from typing import Any
 
 from tbps.eval.metrics import METRIC_KEYS
 from tbps.models.runs import LOG_FILE, REPORT_FILE, RUN_MARKER
-from tbps.report.html import Styled, esc, grid_table, page, svg_line_chart, thin, write_html
+from tbps.report.html import Styled, grid_table, page, svg_line_chart, thin, write_html
 
 MOST_POINTS = 1000  # points drawn per training curve; more are averaged in buckets
 VAL_ROWS_SHOWN = 200  # validations listed in the table (all are drawn)
