@@ -236,7 +236,7 @@ def embed_image_batch_with_state(loaded: Encoder, pixels: torch.Tensor, *, devic
                                  dtype: torch.dtype | None) -> tuple[torch.Tensor, object | None]:
     """:func:`embed_image_batch` and, where the model can give it from the same pass
     (``encode_image_state``), the images' state for :func:`pair_scores`; else None."""
-    if not hasattr(loaded, "encode_image_state"):  # families whose matching head reads the pixels itself
+    if not (loaded.has_pair_score and hasattr(loaded, "encode_image_state")):  # no head, or a head that reads the pixels itself
         return embed_image_batch(loaded, pixels, device=device, dtype=dtype), None
     pixels = pixels.to(device, non_blocking=True)
     if pixels.dtype == torch.uint8:
@@ -244,6 +244,11 @@ def embed_image_batch_with_state(loaded: Encoder, pixels: torch.Tensor, *, devic
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         feats, state = loaded.encode_image_state(pixels)
     return normalise_image_embeddings(feats.float(), loaded.image_vectors), state
+
+
+def _state_rows(state, rows: torch.Tensor):
+    """Rows of a family's image state: a tensor, or a tuple of tensors (open_clip: pooled and patch tokens)."""
+    return tuple(t[rows] for t in state) if isinstance(state, tuple) else state[rows]
 
 
 def embed_pixels(loaded: Encoder, pixels: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None) -> np.ndarray:
@@ -261,7 +266,7 @@ def normalise_image_embeddings(feats: torch.Tensor, image_vectors: int = 1) -> t
 
 @torch.no_grad()
 def pair_scores(loaded: Encoder, pixels: torch.Tensor | None, captions: Sequence[str], image_index: np.ndarray, *, device: torch.device,
-                dtype: torch.dtype | None, batch_size: int = 256, image_state: tuple[torch.Tensor, ...] | None = None) -> np.ndarray:
+                dtype: torch.dtype | None, batch_size: int = 256, image_state: object | None = None) -> np.ndarray:
     """The ITM head's match probability of each caption with its image, in batches of captions.
 
     Args:
@@ -294,7 +299,7 @@ def pair_scores(loaded: Encoder, pixels: torch.Tensor | None, captions: Sequence
             if image_state is None:
                 probs = loaded.pair_score(pixels[used], tokens, local)
             else:
-                probs = loaded.pair_score(None, tokens, local, image_state=tuple(t[used] for t in image_state))
+                probs = loaded.pair_score(None, tokens, local, image_state=_state_rows(image_state, used))
         out[start:stop] = probs.float().cpu().numpy()
     return out
 

@@ -187,8 +187,12 @@ class HfModel:
         m, kind = self.model, self.arch.model_type
         if kind in ("clip", "siglip"):
             return _features(m.get_image_features(pixel_values=pixels))
-        image_embeds = m.vision_model(pixel_values=pixels).last_hidden_state
-        if kind == "blip":
+        return self._image_features(m.vision_model(pixel_values=pixels).last_hidden_state)
+
+    def _image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """BLIP's and BLIP-2's ITC image features from the vision tower's hidden states."""
+        m = self.model
+        if self.arch.model_type == "blip":
             return m.vision_proj(image_embeds[:, 0, :])
         # BLIP-2: the Q-Former's query outputs, projected; flattened to (N, Q * D) for the core's tables.
         atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
@@ -196,6 +200,18 @@ class HfModel:
                           encoder_attention_mask=atts).last_hidden_state
         query = torch.nn.functional.normalize(m.vision_projection(query.to(m.vision_projection.weight.dtype)), dim=-1)
         return query.flatten(1)
+
+    def encode_image_state(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITC image features and the vision tower's hidden states (what the ITM head attends to), from one
+        pass of the vision tower: with ``itm_score``, BLIP-2's ViT-g runs once per image, not twice.
+
+        Raises:
+            TbpsError: a model without an ITM head (CLIP, SigLIP) has no state to keep.
+        """
+        if not self.arch.itm:
+            raise TbpsError(f"the {self.arch.model_type} model {self.name} has no image-text matching head", field="--model")
+        image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
+        return self._image_features(image_embeds), image_embeds
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         m, kind = self.model, self.arch.model_type
@@ -223,18 +239,35 @@ class HfModel:
                             field="--model", value=self.identity.get("spec"), hint="train a clip or siglip model, or an open_clip one")
         return _ContrastiveForward(self)
 
-    def pair_score(self, pixels: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
-        """The ITM head's match probability of caption ``j`` with image ``image_index[j]``: softmax(logits)[:, 1]."""
+    def pair_score(self, pixels: torch.Tensor | None, tokens: torch.Tensor, image_index: torch.Tensor | None = None,
+                   image_state: torch.Tensor | None = None) -> torch.Tensor:
+        """The ITM head's match probability of caption ``j`` with image ``image_index[j]``: softmax(logits)[:, 1].
+
+        The head's forward as transformers' ``BlipForImageTextRetrieval`` and
+        ``Blip2ForImageTextRetrieval`` run it with ``use_itm_head`` / ``use_image_text_matching_head``,
+        from the vision tower's hidden states: ``image_state`` (from :meth:`encode_image_state`)
+        or a pass over ``pixels``. tbps's token ids never carry BLIP-2's image placeholder tokens.
+        """
         if not self.arch.itm:
             raise TbpsError(f"the {self.arch.model_type} model {self.name} has no image-text matching head",
                             field="--model", value=self.identity.get("spec"), hint="use a blip or blip-2 model for itm_score")
+        m = self.model
+        image_embeds = m.vision_model(pixel_values=pixels).last_hidden_state if image_state is None else image_state
         if image_index is not None:
-            pixels = pixels[image_index.to(pixels.device)]
+            image_embeds = image_embeds[image_index.to(image_embeds.device)]
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         ids, mask = split_tokens(tokens, self._pad_id)
         if self.arch.model_type == "blip":
-            logits = self.model(input_ids=ids, pixel_values=pixels, attention_mask=mask, use_itm_head=True).itm_score
+            hidden = m.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image_embeds,
+                                    encoder_attention_mask=image_atts).last_hidden_state
+            logits = m.itm_head(hidden[:, 0, :])
         else:
-            logits = self.model(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True).logits_per_image
+            query = m.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            query_mask = torch.ones(query.shape[:-1], dtype=torch.long, device=query.device)
+            hidden = m.qformer(query_embeds=m.embeddings(input_ids=ids, query_embeds=query), query_length=query.shape[1],
+                               attention_mask=torch.cat([query_mask, mask], dim=1), encoder_hidden_states=image_embeds,
+                               encoder_attention_mask=image_atts).last_hidden_state
+            logits = m.itm_head(hidden[:, : query.shape[1], :].to(m.itm_head.weight.dtype)).mean(dim=1)
         return logits.float().softmax(dim=-1)[:, 1]
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:

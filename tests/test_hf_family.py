@@ -88,6 +88,14 @@ def test_itm_scores_equal_a_direct_transformers_forward(saved):
     ref = logits.softmax(dim=-1)[:, 1]
     assert ours.shape == (3,) and torch.allclose(ours, ref, atol=1e-4)
     assert ((0 <= ours) & (ours <= 1)).all()
+    # From the embedding pass's state (the vision tower run once): the same ITC features and probabilities.
+    index = torch.tensor([2, 0, 2])
+    with torch.no_grad():
+        features, state = loaded.encode_image_state(pixels)
+        assert torch.allclose(features, loaded.encode_image(pixels), atol=1e-6)
+        reused = loaded.pair_score(None, loaded.tokenizer(captions), index, image_state=state)
+        direct = loaded.pair_score(pixels[index], loaded.tokenizer(captions))
+    assert torch.allclose(reused, direct, atol=1e-5)
 
 
 def test_tokens_carry_the_mask_and_batch_by_length(saved):
