@@ -1,17 +1,24 @@
-"""bench/profile_score.py and bench/gpu.py: the stage timers attribute time rightly; the budget skips phases, and says so."""
+"""bench/profile_score.py, bench/gpu.py and bench/itm_gpu.py: the stage timers attribute time rightly; the budget skips phases, and says so."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from tbps import columns as C
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
 from gpu import Budget, render, spearman  # noqa: E402
 from profile_score import STAGES, Stages, profile_run  # noqa: E402
 
@@ -74,3 +81,17 @@ def test_the_results_section_shows_a_failed_option_and_the_skipped_phases():
                "skipped": ["training (needed ~120 s, 3 s left)"]}
     text = render(figures, A)
     assert "failed: RuntimeError: no compiler" in text and "| batch 64 | 10 | 1.50 | 0.9991 |" in text and "training (needed" in text
+
+
+@pytest.mark.slow  # a world and two score runs
+def test_the_blip2_itm_gpu_script_runs_on_a_cpu_with_a_tiny_config(tmp_path):
+    """bench/itm_gpu.py, prepared for a lent GPU, completes on the CPU: both runs score every pair, the second with itm_score."""
+    res = subprocess.run([sys.executable, str(BENCH / "itm_gpu.py"), "--device", "cpu", "--tiny", "--pairs", "30", "--bank-size", "100",
+                          "--workers", "0", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    figures = json.loads((tmp_path / "out" / "itm-gpu.json").read_text())
+    assert [r["status_counts"] for r in figures["runs"].values()] == [{"ok": 30}, {"ok": 30}]
+    with_itm = pl.read_parquet(tmp_path / "work" / "scores-True" / "scores")
+    assert C.ITM_SCORE in with_itm.columns and with_itm[C.ITM_SCORE].is_between(0, 1).all()
+    assert C.ITM_SCORE not in pl.read_parquet(tmp_path / "work" / "scores-False" / "scores").columns
