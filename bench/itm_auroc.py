@@ -64,6 +64,11 @@ def _pool_sample(demo: Path, pairs: int, out: Path) -> tuple[Path, Path]:
     return path, demo / "world" / "pool"
 
 
+def _slug(name: str) -> str:
+    """A scorer's directory name: 'itm (30 epochs)' -> 'itm-30-epochs'."""
+    return "-".join(name.replace("(", " ").replace(")", " ").split())
+
+
 def _aurocs(scores: pl.DataFrame, truth: pl.DataFrame, column: str) -> dict[str, float | None]:
     joined = scores.join(truth.select(C.PAIR_ID, C.DEFECT), on=C.PAIR_ID).filter(pl.col(C.STATUS) == C.STATUS_OK)
     value = joined.get_column(column).cast(pl.Float64).to_numpy()
@@ -142,6 +147,8 @@ def main() -> None:
     ap.add_argument("--scorers", default=",".join(SCORERS), help="which scorers to run (comma-separated); RESULTS.md is written only with all")
     ap.add_argument("--rewrites", type=int, default=8, help="perturbations per caption for the cosine scorer's self-margin")
     ap.add_argument("--timing-rounds", type=int, default=2, help="rounds of re-scoring every scorer, alternated, for the time per pair")
+    ap.add_argument("--itm-epochs", type=int, default=0,
+                    help="also train the itm scorer for this many epochs (a row of its own, labelled: trained longer than the others)")
     ap.add_argument("--reuse", action="store_true", help="keep scorers already trained and scored under --out (a re-run for timing)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -166,19 +173,20 @@ def main() -> None:
 
     earlier = out / "results.json"
     previous = json.loads(earlier.read_text())["timing"] if args.reuse and earlier.exists() else {}
+    scorers = {name: (flags, epochs) for name, flags in SCORERS.items() if name in chosen}
+    if args.itm_epochs:
+        scorers[f"itm ({args.itm_epochs} epochs)"] = (SCORERS["itm"], args.itm_epochs)
     rows, timing = {}, {}
-    for name, flags in SCORERS.items():
-        if name not in chosen:
-            continue
-        run = out / "runs" / name
-        scored = out / "scores" / name
+    for name, (flags, scorer_epochs) in scorers.items():
+        run = out / "runs" / _slug(name)
+        scored = out / "scores" / _slug(name)
         t0 = time.perf_counter()
         record = run / "run.json"
         if args.reuse and record.exists() and json.loads(record.read_text()).get("status") == "complete" and (scored / "score.json").exists():
             done = json.loads(record.read_text())
             val_r1, steps, train_s = done["best"]["metrics"]["R1"], done["step"], previous.get(name, {}).get("train_s", float("nan"))
         else:
-            res = train(TrainConfig(out=str(run), model=str(init), data=str(bench), val=str(bench), adapter="full", epochs=epochs,
+            res = train(TrainConfig(out=str(run), model=str(init), data=str(bench), val=str(bench), adapter="full", epochs=scorer_epochs,
                                     batch_size=32, lr=lr, warmup=0.1, precision="fp32", seed=0, val_every=10**9 if args.quick else 74,
                                     save_every=10**9, log_every=50, workers=0, device="cpu", **flags))
             val_r1, steps, train_s = res.best_metrics.get("R1"), res.steps, time.perf_counter() - t0
@@ -196,9 +204,9 @@ def main() -> None:
     # best round of each kept: the machine is shared, and the fastest round is the least disturbed.
     for round_ in range(args.timing_rounds):
         for name in rows:
-            scratch = out / "timing" / f"{name}-{round_}"
+            scratch = out / "timing" / f"{_slug(name)}-{round_}"
             shutil.rmtree(scratch, ignore_errors=True)
-            pps = run_score(score_config(out / "runs" / name, scratch)).pairs_per_second
+            pps = run_score(score_config(out / "runs" / _slug(name), scratch)).pairs_per_second
             timing[name]["pairs_per_s"] = max(timing[name].get("pairs_per_s", 0.0), pps)
             print(f"timing round {round_}: {name} {pps:.1f} pairs/s", flush=True)
             shutil.rmtree(scratch, ignore_errors=True)
@@ -221,10 +229,13 @@ def main() -> None:
         f"({pairs:,} ok pairs; `{demo}`), three scorers fine-tuned alike from the demo's stage-A model "
         f"(full FT, lr {lr:g}, {epochs} epochs of the benchmark's train split, checkpoint chosen on val R@1). "
         f"The self-margin row is the cosine scorer's cosine minus the best cosine of {args.rewrites} rewrites of the pair's own caption "
-        "(`tbps.data.perturb`) against its image; its bank_rank column repeats the cosine scorer's.",
+        "(`tbps.data.perturb`) against its image; its bank_rank column repeats the cosine scorer's."
+        + (f" The `itm ({args.itm_epochs} epochs)` row is the itm scorer trained {args.itm_epochs} epochs instead of {epochs}: "
+           "longer than the others, so not a like-for-like comparison (it asks whether the head needs more steps)." if args.itm_epochs else ""),
         "",
         f"Command: `.venv/bin/python bench/itm_auroc.py --demo {demo} --pairs {args.pairs} --timing-rounds {args.timing_rounds}"
-        + (" --quick" if args.quick else "") + (" --reuse` (the scorers trained and scored by the same command without --reuse)" if args.reuse else "`"),
+        + (f" --itm-epochs {args.itm_epochs}" if args.itm_epochs else "")
+        + (" --quick" if args.quick else "") + (" --reuse` (scorers already trained and scored under --out by an earlier run were kept; the others trained by this one)" if args.reuse else "`"),
         "",
         "| defect kind | " + " | ".join(f"{n} ({rows[n]['column']})" for n in rows) + " | " + " | ".join(f"{n} (bank_rank)" for n in rows) + " |",
         "| --- |" + " ---: |" * (2 * len(rows)),
