@@ -21,12 +21,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tbps import columns as C
-from tbps.errors import TbpsError, UsageError
+from tbps.errors import UsageError
 from tbps.models import load
 from tbps.models.adapters import WEIGHTS_FILE, adapter_state_dict
 from tbps.models.encode import encode_images, encode_texts
 from tbps.models.runs import load_run
-from tbps.train.checkpoint import append_log, build_model
+from tbps.train.checkpoint import build_model
 from tbps.train.data import GlobalBatches
 from tbps.train.loop import TrainConfig, freeze_scale, lr_factor, train
 from tbps.train.loss import clip_loss, sdm_loss
@@ -474,18 +474,3 @@ def test_a_run_of_undecodable_images_in_a_worker_is_one_line_and_the_run_restart
         path.write_bytes(data)
     res = cli(*args)  # the failed run held no checkpoint: it starts afresh
     assert res.exit_code == 0, res.output
-
-
-def test_the_training_log_is_appended_whole_and_never_through_a_link(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    append_log(run, {"step": 1, "loss": 2.0})
-    append_log(run, {"step": 2, "loss": 1.5})
-    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
-    elsewhere = tmp_path / "elsewhere.txt"
-    elsewhere.write_text("untouched\n")
-    (run / "log.jsonl").unlink()
-    (run / "log.jsonl").symlink_to(elsewhere)
-    with pytest.raises(TbpsError, match="symlink"):
-        append_log(run, {"step": 3})
-    assert elsewhere.read_text() == "untouched\n"

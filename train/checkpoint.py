@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tbps.errors import TbpsError
-from tbps.files import append_text, atomic_dir, is_temp, sweep_temps, write_text
+from tbps.files import atomic_dir, is_temp, sweep_temps, write_text
 from tbps.models.adapters import ADAPTER_METHODS, apply_adapters, save_adapters
 from tbps.models.protocol import Encoder
 from tbps.models.itm import MatchingHead
@@ -156,8 +156,9 @@ def read_resume_state(run: Path, config: dict[str, Any], free: set[str]) -> tupl
 
 
 def append_log(run: Path, line: dict[str, Any]) -> None:
-    """Append one JSON line to ``RUN/log.jsonl`` (whole lines only; never through a link)."""
-    append_text(run / LOG_FILE, json.dumps(line) + "\n")
+    """Append one JSON line to ``RUN/log.jsonl``."""
+    with open(run / LOG_FILE, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _log_line(text: str) -> dict[str, Any] | None:
