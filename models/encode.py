@@ -209,6 +209,12 @@ def _loader_options(workers: int, pin_memory: bool) -> dict:
     }
 
 
+def _model_input(loaded: Encoder, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``, uint8 pixels normalised there (a pinned CPU batch is copied without blocking)."""
+    pixels = pixels.to(device, non_blocking=True)
+    return loaded.preprocess.normalise(pixels) if pixels.dtype == torch.uint8 else pixels
+
+
 @torch.no_grad()
 def embed_image_batch(loaded: Encoder, pixels: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
     """Image embeddings of a preprocessed batch, left on ``device`` (no synchronisation with it).
@@ -223,9 +229,7 @@ def embed_image_batch(loaded: Encoder, pixels: torch.Tensor, *, device: torch.de
     Returns:
         (n, D) float32, L2-normalised, on ``device``.
     """
-    pixels = pixels.to(device, non_blocking=True)
-    if pixels.dtype == torch.uint8:
-        pixels = loaded.preprocess.normalise(pixels)
+    pixels = _model_input(loaded, pixels, device)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         feats = loaded.encode_image(pixels)
     return normalise_image_embeddings(feats.float(), loaded.image_vectors)
@@ -238,9 +242,7 @@ def embed_image_batch_with_state(loaded: Encoder, pixels: torch.Tensor, *, devic
     (``encode_image_state``), the images' state for :func:`pair_scores`; else None."""
     if not (loaded.has_pair_score and hasattr(loaded, "encode_image_state")):  # no head, or a head that reads the pixels itself
         return embed_image_batch(loaded, pixels, device=device, dtype=dtype), None
-    pixels = pixels.to(device, non_blocking=True)
-    if pixels.dtype == torch.uint8:
-        pixels = loaded.preprocess.normalise(pixels)
+    pixels = _model_input(loaded, pixels, device)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         feats, state = loaded.encode_image_state(pixels)
     return normalise_image_embeddings(feats.float(), loaded.image_vectors), state
@@ -286,9 +288,7 @@ def pair_scores(loaded: Encoder, pixels: torch.Tensor | None, captions: Sequence
     if not len(captions):
         return out
     if image_state is None:
-        pixels = pixels.to(device, non_blocking=True)
-        if pixels.dtype == torch.uint8:
-            pixels = loaded.preprocess.normalise(pixels)
+        pixels = _model_input(loaded, pixels, device)
     index = torch.as_tensor(np.asarray(image_index), dtype=torch.long)
     for start in range(0, len(captions), batch_size):
         stop = min(start + batch_size, len(captions))
